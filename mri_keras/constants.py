@@ -1,0 +1,37 @@
+"""Names every part of mri_keras keys off (heads, losses, metrics, CSV columns).
+
+Kept free of TensorFlow/tfrecords_tools imports so model code can use it on any backend;
+``tests/test_constants.py`` checks these agree with ``tfrecords_tools.schema``.
+"""
+
+# Output heads / label columns, always in this order.
+LABELS = ("left_benign", "left_malignant", "right_benign", "right_malignant")
+SIDES = ("left", "right")
+TASKS = ("benign", "malignant")
+PHASES = ("t0", "t1", "t2", "t3")
+
+# Input images of the paper's Table 1. A subtraction "tK-t0" is computed at read time in
+# float32 and never stored.
+INPUT_VARIANTS = ("t0", "t1", "t2", "t3", "t1-t0", "t2-t0", "t3-t0")
+# Flagfile-friendly aliases (configs/t2sub.flags uses --input=t2sub).
+INPUT_ALIASES = {"t1sub": "t1-t0", "t2sub": "t2-t0", "t3sub": "t3-t0"}
+
+
+def canonical_input(name: str) -> str:
+    """Maps an input variant or alias (``t2sub``) to its canonical name (``t2-t0``)."""
+    name = INPUT_ALIASES.get(name, name)
+    if name not in INPUT_VARIANTS:
+        raise ValueError(
+            f"Unknown input variant {name!r}; expected one of {INPUT_VARIANTS} "
+            f"or {tuple(INPUT_ALIASES)}."
+        )
+    return name
+
+
+def phases_needed(input_variant: str) -> tuple:
+    """The stored phases an input variant reads, e.g. ``t2-t0`` -> ``("t0", "t2")``."""
+    name = canonical_input(input_variant)
+    if "-" in name:
+        a, b = name.split("-")
+        return tuple(p for p in PHASES if p in (a, b))
+    return (name,)
