@@ -55,3 +55,206 @@ def exam_level_auc(labels, probs, task: str = "malignant") -> float:
     if len(np.unique(y)) < 2:
         return float("nan")
     return float(sk_metrics.roc_auc_score(y, s))
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals, resampled by patient.
+#
+# A patient often has several exams (and every exam two breasts); these are not independent
+# samples, so the bootstrap draws *patients* with replacement and every drawn patient brings
+# all of its exams (and both breasts of each) along. A resample is represented by integer
+# multiplicities per exam, which lets the AUC be computed on the original arrays with weights
+# instead of materialising the repeated arrays.
+
+DEFAULT_N_BOOTSTRAP = 2000
+DEFAULT_CONFIDENCE = 0.95
+
+
+def patient_bootstrap_weights(patient_ids, n_bootstrap: int = DEFAULT_N_BOOTSTRAP, seed: int = 0):
+    """Yields per-exam multiplicities of patient-level bootstrap resamples.
+
+    Each resample draws as many patients as there are distinct patients, uniformly with
+    replacement; an exam's multiplicity is the number of times its patient was drawn, so all
+    exams of a patient always move together.
+
+    Args:
+      patient_ids: sequence (N,) of patient ids, one per exam.
+      n_bootstrap: int. Number of resamples. Defaults to 2000.
+      seed: int. Seed of the numpy Generator; the same seed gives the same resamples.
+
+    Yields:
+      int64 arrays (N,): how many times each exam appears in the resample.
+    """
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1. Received: n_bootstrap={n_bootstrap}")
+    patient_ids = np.asarray(patient_ids)
+    if patient_ids.ndim != 1 or patient_ids.size == 0:
+        raise ValueError(
+            f"patient_ids must be a non-empty 1-D sequence. Received shape: {patient_ids.shape}"
+        )
+    _, exam_to_patient = np.unique(patient_ids, return_inverse=True)
+    num_patients = int(exam_to_patient.max()) + 1
+    rng = np.random.default_rng(seed)
+    for _ in range(n_bootstrap):
+        drawn = rng.integers(0, num_patients, size=num_patients)
+        per_patient = np.bincount(drawn, minlength=num_patients)
+        yield per_patient[exam_to_patient]
+
+
+def patient_bootstrap_indices(patient_ids, n_bootstrap: int = DEFAULT_N_BOOTSTRAP, seed: int = 0):
+    """Patient-level bootstrap resamples as exam index arrays.
+
+    Same resamples as `patient_bootstrap_weights` (same seed, same draws), expanded to indices:
+    exam ``i`` appears ``weights[i]`` times.
+
+    Args:
+      patient_ids: sequence (N,) of patient ids, one per exam.
+      n_bootstrap: int. Number of resamples. Defaults to 2000.
+      seed: int. Seed; the same seed gives the same resamples.
+
+    Returns:
+      list of ``n_bootstrap`` int64 index arrays into the exams.
+    """
+    n = len(patient_ids)
+    return [
+        np.repeat(np.arange(n), w) for w in patient_bootstrap_weights(patient_ids, n_bootstrap, seed)
+    ]
+
+
+class _WeightedAuc:
+    """AUC of fixed (y_true, y_score) under varying non-negative sample weights.
+
+    Scores are sorted once; each call is O(n). Ties count one half, so with unit weights the
+    result equals ``sklearn.metrics.roc_auc_score`` (the Mann-Whitney statistic).
+    """
+
+    def __init__(self, y_true, y_score):
+        y = np.asarray(y_true).astype(np.int64).reshape(-1)
+        s = np.asarray(y_score, dtype=np.float64).reshape(-1)
+        if y.shape != s.shape:
+            raise ValueError(f"y_true and y_score differ in length: {y.shape} vs {s.shape}")
+        if np.any((y != 0) & (y != 1)):
+            raise ValueError("y_true must be 0/1.")
+        if not np.all(np.isfinite(s)):
+            raise ValueError("y_score holds NaN or infinite values.")
+        self._pos = y.astype(np.float64)
+        self._neg = 1.0 - self._pos
+        _, self._inv = np.unique(s, return_inverse=True)
+        self._num_unique = int(self._inv.max()) + 1 if s.size else 0
+
+    def __call__(self, weights=None) -> float:
+        w = np.ones_like(self._pos) if weights is None else np.asarray(weights, np.float64)
+        pos = np.bincount(self._inv, weights=w * self._pos, minlength=self._num_unique)
+        neg = np.bincount(self._inv, weights=w * self._neg, minlength=self._num_unique)
+        total_pos, total_neg = pos.sum(), neg.sum()
+        if total_pos <= 0 or total_neg <= 0:
+            return float("nan")
+        neg_below = np.cumsum(neg) - neg
+        return float(np.sum(pos * (neg_below + 0.5 * neg)) / (total_pos * total_neg))
+
+
+def weighted_auc(y_true, y_score, weights=None) -> float:
+    """ROC AUC with optional per-sample weights (integer weights = repeated samples).
+
+    Args:
+      y_true: array-like (n,) of 0/1.
+      y_score: array-like (n,) of scores.
+      weights: optional array-like (n,) of non-negative weights. Defaults to all ones.
+
+    Returns:
+      The AUC, or NaN when the (weighted) sample lacks positives or negatives.
+    """
+    return _WeightedAuc(y_true, y_score)(weights)
+
+
+def _level_arrays(labels, probs, task: str, level: str):
+    """(y, s, exam_of_sample) for breast- or exam-level AUCs."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    n = labels.shape[0] if labels.ndim else 0
+    if level == "breast":
+        y, s = breast_level_arrays(labels, probs, task)
+        exam_of_sample = np.tile(np.arange(n), len(constants.SIDES))  # left block, right block
+    elif level == "exam":
+        cols = _columns(task)
+        y, s = labels[:, cols].max(axis=1), probs[:, cols].max(axis=1)
+        exam_of_sample = np.arange(n)
+    else:
+        raise ValueError(f"level must be 'breast' or 'exam'. Received: level={level!r}")
+    return y, s, exam_of_sample
+
+
+def auc_with_ci(
+    labels,
+    probs,
+    patient_ids,
+    task: str = "malignant",
+    level: str = "breast",
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+    seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict:
+    """AUC with a percentile bootstrap confidence interval, resampling patients.
+
+    Args:
+      labels: array-like (N, 4) of 0/1 in LABELS order, one row per exam.
+      probs: array-like (N, 4) of probabilities in LABELS order.
+      patient_ids: sequence (N,) of patient ids (pseudonyms), one per exam.
+      task: str. "malignant" or "benign". Defaults to "malignant".
+      level: str. "breast" (the paper's pooling, 2 scores per exam) or "exam" (max over the
+        breasts). Defaults to "breast".
+      n_bootstrap: int. Resamples. Defaults to 2000.
+      seed: int. Bootstrap seed. Defaults to 0.
+      confidence: float in (0, 1). Defaults to 0.95.
+
+    Returns:
+      dict with ``auc`` (point estimate on all data), ``ci_low``, ``ci_high``, ``std``
+      (bootstrap standard error), ``confidence``, ``n_bootstrap``, ``n_valid_resamples``
+      (resamples holding both classes; the others are skipped), ``seed``, ``positives`` and
+      ``negatives``. CI values are NaN when no resample is valid.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1). Received: confidence={confidence}")
+    y, s, exam_of_sample = _level_arrays(labels, probs, task, level)
+    patient_ids = np.asarray(patient_ids)
+    if patient_ids.shape != (np.asarray(labels).shape[0],):
+        raise ValueError(
+            f"patient_ids must have one entry per exam ({np.asarray(labels).shape[0]}). "
+            f"Received shape: {patient_ids.shape}"
+        )
+    auc_fn = _WeightedAuc(y, s)
+    point = auc_fn()
+    values = []
+    for exam_weights in patient_bootstrap_weights(patient_ids, n_bootstrap, seed):
+        value = auc_fn(exam_weights[exam_of_sample])
+        if not np.isnan(value):
+            values.append(value)
+    values = np.asarray(values)
+    if values.size:
+        tail = 100.0 * (1.0 - confidence) / 2.0
+        low, high = np.percentile(values, [tail, 100.0 - tail])
+        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    else:
+        low = high = std = float("nan")
+    return {
+        "auc": point,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "std": std,
+        "confidence": confidence,
+        "n_bootstrap": int(n_bootstrap),
+        "n_valid_resamples": int(values.size),
+        "seed": int(seed),
+        "positives": int(np.sum(y)),
+        "negatives": int(np.size(y) - np.sum(y)),
+    }
+
+
+def format_auc(result: dict, digits: int = 3) -> str:
+    """Formats an `auc_with_ci` result as ``0.912 (0.881-0.940)``."""
+    point, low, high = result["auc"], result["ci_low"], result["ci_high"]
+    if np.isnan(point):
+        return "n/a"
+    if np.isnan(low):
+        return f"{point:.{digits}f}"
+    return f"{point:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"

@@ -1,0 +1,127 @@
+"""Mean ensembles and Caruana ensemble selection over evaluate outputs."""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+
+from mri_keras import ensemble
+from mri_keras import metrics
+from mri_keras import predictions_io
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _split(seed, n=160):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 4)) < 0.35).astype(np.int64)
+    pids = [f"pat{i // 2:03d}" for i in range(n)]  # two exams per patient
+    exams = [f"{seed}-exam{i:03d}" for i in range(n)]
+    truth = 2.0 * labels - 1.0
+    members = {
+        "good_a": _sigmoid(truth + rng.normal(scale=1.2, size=(n, 4))),
+        "good_b": _sigmoid(truth + rng.normal(scale=1.2, size=(n, 4))),
+        "noise": rng.random((n, 4)),
+        "inverted": _sigmoid(-truth + rng.normal(scale=1.2, size=(n, 4))),
+    }
+    return exams, pids, labels, members
+
+
+def _write_eval_dirs(root, order=None):
+    """Writes ROOT/<member>/{val,test}/predictions.csv; test rows shuffled per member."""
+    dirs = {}
+    for split, seed in (("val", 1), ("test", 2)):
+        exams, pids, labels, members = _split(seed)
+        for k, (name, probs) in enumerate(members.items()):
+            perm = np.random.default_rng(k).permutation(len(exams))  # members differ in order
+            pred = predictions_io.Predictions(
+                tuple(exams[i] for i in perm), tuple(pids[i] for i in perm), labels[perm],
+                probs[perm])
+            d = os.path.join(root, name)
+            predictions_io.write_predictions(os.path.join(d, split, "predictions.csv"), pred)
+            dirs[name] = d
+    return dirs
+
+
+def test_caruana_picks_the_complementary_good_models():
+    _, _, labels, members = _split(1)
+    names = list(members)
+    probs = np.stack([members[n] for n in names])
+    counts, trace = ensemble.caruana_select(probs, labels, iterations=12)
+    chosen = dict(zip(names, counts))
+    assert chosen["noise"] == 0 and chosen["inverted"] == 0
+    assert chosen["good_a"] > 0 and chosen["good_b"] > 0
+    best_single = max(metrics.breast_level_auc(labels, members[n]) for n in names)
+    kept = metrics.breast_level_auc(labels, ensemble.combine(probs, counts))
+    assert kept > best_single
+    assert kept == pytest.approx(max(trace))
+    assert len(trace) == 12
+
+
+def test_caruana_keeps_a_perfect_model_alone():
+    _, _, labels, members = _split(1)
+    perfect = np.where(labels == 1, 0.9, 0.1)
+    probs = np.stack([members["noise"], perfect, members["good_a"]])
+    counts, trace = ensemble.caruana_select(probs, labels, iterations=5)
+    # Step 1 reaches AUC 1 with the perfect model; later steps cannot beat it, so step 1 is kept.
+    assert counts.tolist() == [0, 1, 0]
+    assert trace[0] == 1.0
+
+
+def test_mean_ensemble_averages_members(tmp_path):
+    dirs = _write_eval_dirs(str(tmp_path / "runs"))
+    names = ["good_a", "good_b"]
+    out = str(tmp_path / "mean")
+    desc = ensemble.run_ensemble(ensemble.EnsembleConfig(
+        test_predictions=tuple(os.path.join(dirs[n], "test") for n in names),
+        val_predictions=tuple(os.path.join(dirs[n], "val") for n in names),
+        method="mean", output_dir=out, n_bootstrap=50))
+    assert desc["chosen"] == {"good_a": 1, "good_b": 1}
+    a = predictions_io.read_predictions(os.path.join(dirs["good_a"], "test"))
+    b = predictions_io.read_predictions(os.path.join(dirs["good_b"], "test")).reindex(a.exam_ids)
+    got = predictions_io.read_predictions(os.path.join(out, "test")).reindex(a.exam_ids)
+    np.testing.assert_allclose(got.probs, (a.probs + b.probs) / 2, atol=1e-8)
+    np.testing.assert_array_equal(got.labels, a.labels)
+    m = json.load(open(os.path.join(out, "test", "metrics.json")))
+    assert m["ensemble"]["method"] == "mean"
+    assert m["breast_level"]["malignant"]["auc"] == pytest.approx(
+        metrics.breast_level_auc(got.labels, got.probs), abs=1e-9)
+    for split in ("val", "test"):
+        assert os.path.isfile(os.path.join(out, split, "roc.png"))
+
+
+def test_caruana_cli_config_and_outputs(tmp_path):
+    dirs = _write_eval_dirs(str(tmp_path / "runs"))
+    flags = types.SimpleNamespace(
+        eval_dirs=list(dirs.values()), val_predictions=[], test_predictions=[], names=[],
+        method="caruana", output_dir=str(tmp_path / "car"), caruana_iterations=15,
+        selection_metric="malignant", n_bootstrap=50, seed=0)
+    config = ensemble.config_from_flags(flags)
+    assert config.names == tuple(dirs)
+    desc = ensemble.run_ensemble(config)
+    assert desc["chosen"]["noise"] == 0 and desc["chosen"]["inverted"] == 0
+    assert desc["chosen"]["good_a"] > 0 and desc["chosen"]["good_b"] > 0
+    saved = json.load(open(tmp_path / "car" / "ensemble.json"))
+    assert saved["chosen"] == desc["chosen"]
+    assert sum(saved["weights"].values()) == pytest.approx(1.0)
+    test_metrics = json.load(open(tmp_path / "car" / "test" / "metrics.json"))
+    val_metrics = json.load(open(tmp_path / "car" / "val" / "metrics.json"))
+    assert "In-sample" in val_metrics["note"]
+    assert test_metrics["ensemble"]["selection_split"] == "val"
+
+
+def test_members_must_cover_the_same_exams(tmp_path):
+    dirs = _write_eval_dirs(str(tmp_path / "runs"))
+    short = predictions_io.read_predictions(os.path.join(dirs["good_b"], "test"))
+    keep = short.exam_ids[:-1]
+    predictions_io.write_predictions(str(tmp_path / "short.csv"), short.reindex(keep))
+    with pytest.raises(ValueError, match="covers other exams"):
+        ensemble.run_ensemble(ensemble.EnsembleConfig(
+            test_predictions=(os.path.join(dirs["good_a"], "test"), str(tmp_path / "short.csv")),
+            method="mean", output_dir=str(tmp_path / "x"), n_bootstrap=10))
+    with pytest.raises(ValueError, match="validation"):
+        ensemble.EnsembleConfig(test_predictions=("a",), method="caruana", output_dir="x")

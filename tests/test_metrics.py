@@ -1,0 +1,127 @@
+"""Breast-level AUCs and patient-level bootstrap confidence intervals."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as sk_metrics
+
+from mri_keras import constants
+from mri_keras import metrics
+
+
+def _cohort(num_patients, seed=0, exams_per_patient=(1, 3), signal=1.5):
+    """Random exams with some signal; returns labels (N,4), probs (N,4), patient ids."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(exams_per_patient[0], exams_per_patient[1] + 1, size=num_patients)
+    pids = np.repeat([f"p{i:04d}" for i in range(num_patients)], counts)
+    n = len(pids)
+    labels = (rng.random((n, 4)) < 0.3).astype(np.int64)
+    logits = signal * (2 * labels - 1) + rng.normal(size=(n, 4))
+    probs = 1 / (1 + np.exp(-logits))
+    return labels, probs, pids
+
+
+def test_breast_level_auc_equals_sklearn_on_pooled_breasts():
+    labels, probs, _ = _cohort(40, seed=1)
+    for task in constants.TASKS:
+        left = constants.LABELS.index(f"left_{task}")
+        right = constants.LABELS.index(f"right_{task}")
+        pooled_y = np.concatenate([labels[:, left], labels[:, right]])
+        pooled_s = np.concatenate([probs[:, left], probs[:, right]])
+        expected = sk_metrics.roc_auc_score(pooled_y, pooled_s)
+        assert metrics.breast_level_auc(labels, probs, task) == pytest.approx(expected, abs=1e-12)
+        assert metrics.auc_with_ci(labels, probs, [str(i) for i in range(len(labels))], task,
+                                   n_bootstrap=5)["auc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_weighted_auc_matches_sklearn_with_ties_and_repeats():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=200)
+    s = np.round(rng.random(200), 1)  # many ties
+    w = rng.integers(0, 4, size=200)
+    assert metrics.weighted_auc(y, s) == pytest.approx(sk_metrics.roc_auc_score(y, s), abs=1e-12)
+    idx = np.repeat(np.arange(200), w)
+    assert metrics.weighted_auc(y, s, w) == pytest.approx(
+        sk_metrics.roc_auc_score(y[idx], s[idx]), abs=1e-12)
+    assert np.isnan(metrics.weighted_auc([1, 1], [0.2, 0.3]))
+
+
+def test_exam_level_auc_uses_max_over_breasts():
+    labels = np.array([[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    probs = np.array([[0, 0.9, 0, 0.1], [0, 0.2, 0, 0.3], [0, 0.1, 0, 0.6], [0, 0.7, 0, 0.1]])
+    # exam scores (max) 0.9, 0.3, 0.6, 0.7 with labels 1, 0, 1, 0 -> 3 of 4 pairs ordered.
+    assert metrics.exam_level_auc(labels, probs) == pytest.approx(0.75)
+    result = metrics.auc_with_ci(labels, probs, ["a", "b", "c", "d"], level="exam", n_bootstrap=10)
+    assert result["auc"] == pytest.approx(0.75)
+
+
+def test_resampling_is_by_patient():
+    pids = np.array(["a", "a", "a", "b", "c", "c", "d", "e", "e", "e", "e"])
+    resamples = metrics.patient_bootstrap_indices(pids, n_bootstrap=300, seed=7)
+    exam_counts = {p: int((pids == p).sum()) for p in set(pids)}
+    saw_partial_cohort = False
+    for idx in resamples:
+        multiplicity = np.bincount(idx, minlength=len(pids))
+        for p in exam_counts:
+            m = multiplicity[pids == p]
+            # Every exam of a patient appears equally often: the patient moved as a whole.
+            assert np.all(m == m[0]), (p, m)
+        # As many patients drawn as exist (a patient with k exams adds k exams per draw).
+        drawn = sum(multiplicity[pids == p][0] for p in exam_counts)
+        assert drawn == len(exam_counts)
+        saw_partial_cohort |= len(set(pids[idx])) < len(exam_counts)
+    assert saw_partial_cohort  # it really resamples (some patients left out sometimes)
+
+
+def test_ci_reproducible_with_seed_and_contains_point_estimate():
+    labels, probs, pids = _cohort(60, seed=2)
+    a = metrics.auc_with_ci(labels, probs, pids, "malignant", n_bootstrap=500, seed=11)
+    b = metrics.auc_with_ci(labels, probs, pids, "malignant", n_bootstrap=500, seed=11)
+    c = metrics.auc_with_ci(labels, probs, pids, "malignant", n_bootstrap=500, seed=12)
+    assert a == b
+    assert (a["ci_low"], a["ci_high"]) != (c["ci_low"], c["ci_high"])
+    assert a["ci_low"] < a["auc"] < a["ci_high"]
+    assert a["n_valid_resamples"] == 500 and a["n_bootstrap"] == 500
+
+
+def test_ci_narrows_as_data_grows():
+    # Nested cohorts: the first 30, 120 and 480 patients of one population (AUC about 0.8).
+    labels, probs, pids = _cohort(480, seed=5, signal=0.6)
+    widths = []
+    for n in (30, 120, 480):
+        keep = np.isin(pids, [f"p{i:04d}" for i in range(n)])
+        r = metrics.auc_with_ci(labels[keep], probs[keep], pids[keep], "benign", n_bootstrap=400)
+        widths.append(r["ci_high"] - r["ci_low"])
+    assert widths[0] > widths[1] > widths[2]
+    # Roughly 1/sqrt(n): quadrupling the data about halves the width.
+    assert 1.4 < widths[0] / widths[1] < 2.9 and 1.4 < widths[1] / widths[2] < 2.9
+
+
+def test_patient_resampling_widens_ci_when_exams_are_correlated():
+    # Each patient has 6 identical exams: 6x the exams but no extra information. A naive
+    # exam-level bootstrap would shrink the CI by ~sqrt(6); resampling patients must not.
+    labels, probs, pids = _cohort(50, seed=9, exams_per_patient=(1, 1))
+    rep = 6
+    labels6, probs6 = np.repeat(labels, rep, axis=0), np.repeat(probs, rep, axis=0)
+    by_patient = metrics.auc_with_ci(labels6, probs6, np.repeat(pids, rep), n_bootstrap=400)
+    by_exam = metrics.auc_with_ci(labels6, probs6, np.arange(len(labels6)), n_bootstrap=400)
+    single = metrics.auc_with_ci(labels, probs, pids, n_bootstrap=400)
+    width = lambda r: r["ci_high"] - r["ci_low"]
+    assert width(by_patient) == pytest.approx(width(single), rel=0.25)
+    assert width(by_exam) < 0.6 * width(by_patient)
+
+
+def test_single_class_gives_nan_and_errors_are_clear():
+    labels = np.zeros((5, 4), np.int64)
+    probs = np.full((5, 4), 0.5)
+    r = metrics.auc_with_ci(labels, probs, list("abcde"), n_bootstrap=10)
+    assert np.isnan(r["auc"]) and np.isnan(r["ci_low"]) and r["n_valid_resamples"] == 0
+    assert metrics.format_auc(r) == "n/a"
+    with pytest.raises(ValueError, match="one entry per exam"):
+        metrics.auc_with_ci(labels, probs, list("abc"))
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        list(metrics.patient_bootstrap_weights(list("abc"), n_bootstrap=0))
+
+
+def test_format_auc():
+    assert metrics.format_auc({"auc": 0.91234, "ci_low": 0.88, "ci_high": 0.9401}) == (
+        "0.912 (0.880-0.940)")
