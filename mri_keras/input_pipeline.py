@@ -1,0 +1,484 @@
+"""tf.data input pipeline: converted TFRecords -> one preprocessed exam per batch.
+
+Order (Model Garden ``input_reader``): shard files from the manifest -> shard by input pipeline
+-> shuffle files (train) -> ``interleave(TFRecordDataset)`` -> keep ``exam_ids`` -> shuffle
+records (train) -> ``map(parse -> preprocess -> augment)`` -> ``batch(1)`` -> ``prefetch``.
+Everything after the file list is TF ops; nothing calls back into Python per exam.
+
+The ``exam_ids`` filter runs before the shuffle buffer and the full parse: it reads only the
+``exam_id`` feature, so dropped exams never occupy the buffer and their voxels are never decoded.
+
+:func:`preprocess` (input variant + per-exam normalisation) is the one function that turns
+stored phases into the model input; the SavedModel export and ``mri_keras.predict`` call it too,
+so training and serving cannot disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from mri_keras import constants
+from mri_keras.config import InputConfig
+from tfrecords_tools import schema
+
+# Read-ahead of each TFRecord file. Exams are megabytes each, so the 256 KiB default would turn
+# one record into dozens of small reads.
+_READ_BUFFER_BYTES = 8 << 20
+# Shard files read at once by the interleave.
+_MAX_CYCLE_LENGTH = 4
+# Independent streams folded out of an element's augmentation seed.
+_SEED_FLIP, _SEED_CROP_ROWS, _SEED_CROP_COLS, _SEED_CROP_SLICES = 0, 1, 2, 3
+
+
+def _mirrored_label_order() -> Tuple[int, ...]:
+    """Index of each label's mirror image: left_benign <-> right_benign, and so on."""
+    other = {"left": "right", "right": "left"}
+    order = []
+    for name in constants.LABELS:
+        side, task = name.split("_", 1)
+        order.append(constants.LABELS.index(f"{other[side]}_{task}"))
+    return tuple(order)
+
+
+MIRRORED_LABEL_ORDER = _mirrored_label_order()
+
+
+def labels_to_targets(labels) -> dict:
+    """Turns 0/1 labels into the model's targets.
+
+    Args:
+      labels: int tensor ``(..., 4)`` in ``constants.LABELS`` order.
+
+    Returns:
+      dict label name -> float32 ``(..., 2)`` one-hot ``[1 - y, y]``, keyed by
+      ``constants.LABELS`` (the model's output names).
+    """
+    y = tf.cast(labels, tf.float32)
+    return {
+        name: tf.stack([1.0 - y[..., i], y[..., i]], axis=-1)
+        for i, name in enumerate(constants.LABELS)
+    }
+
+
+def input_image(phases: Mapping[str, tf.Tensor], input_variant: str) -> tf.Tensor:
+    """Computes an input variant from stored phases, in float32.
+
+    Args:
+      phases: mapping phase name -> ``(S, H, W)`` tensor; must hold every phase the variant
+        reads (``constants.phases_needed``); other phases are ignored.
+      input_variant: str. One of ``constants.INPUT_VARIANTS`` or an alias (``t2sub``).
+
+    Returns:
+      float32 ``(S, H, W)``: the phase itself (``t0`` ... ``t3``) or the subtraction
+      ``tK - t0`` computed in float32.
+
+    Raises:
+      ValueError: a phase the variant needs is missing from ``phases``.
+    """
+    name = constants.canonical_input(input_variant)
+    missing = [p for p in constants.phases_needed(name) if p not in phases]
+    if missing:
+        raise ValueError(
+            f"Input variant {name!r} needs phases {list(constants.phases_needed(name))}; "
+            f"missing {missing}. Received phases: {sorted(phases)}"
+        )
+    if "-" in name:
+        post, pre = name.split("-")
+        return tf.cast(phases[post], tf.float32) - tf.cast(phases[pre], tf.float32)
+    return tf.cast(phases[name], tf.float32)
+
+
+def _zscore(x: tf.Tensor) -> tf.Tensor:
+    mean = tf.reduce_mean(x)
+    centred = x - mean
+    std = tf.sqrt(tf.reduce_mean(tf.square(centred)))
+    # A constant exam has no contrast to scale; leave it centred (all zeros).
+    return centred / tf.where(std > 0.0, std, tf.ones_like(std))
+
+
+def percentile(x: tf.Tensor, low: float, high: float) -> Tuple[tf.Tensor, tf.Tensor]:
+    """The ``low`` and ``high`` percentiles of all values of ``x``.
+
+    Linear interpolation between order statistics, as ``numpy.percentile``'s default. Only the
+    two tails are sorted (``tf.math.top_k``), which for the usual (0.5, 99.5) is a small
+    fraction of the cost of sorting the whole volume.
+
+    Args:
+      x: float32 tensor of any shape with at least one element.
+      low: float in [0, 100].
+      high: float in [low, 100].
+
+    Returns:
+      (low value, high value), float32 scalars.
+    """
+    flat = tf.reshape(x, [-1])
+    n = tf.size(flat, out_type=tf.int64)
+    last = tf.cast(n - 1, tf.float64)
+
+    def order_statistics(q, values):
+        # values sorted so that position `pos` counts from the end they start at.
+        pos = q / 100.0 * last
+        below = tf.floor(pos)
+        frac = tf.cast(pos - below, tf.float32)
+        i = tf.cast(below, tf.int64)
+        k = tf.minimum(i + 2, n)
+        top = tf.math.top_k(values, k=tf.cast(k, tf.int32), sorted=True).values
+        a = top[i]
+        b = top[tf.minimum(i + 1, k - 1)]
+        return a, b, frac
+
+    # Smallest values first: top_k of -x.
+    a, b, frac = order_statistics(tf.constant(low, tf.float64), -flat)
+    low_value = -a + (-b + a) * frac
+    # Largest values first, counted from the top.
+    a, b, frac = order_statistics(tf.constant(100.0 - high, tf.float64), flat)
+    high_value = a + (b - a) * frac
+    return low_value, high_value
+
+
+def _percentile_scale(x: tf.Tensor, low: float, high: float) -> tf.Tensor:
+    lo, hi = percentile(x, low, high)
+    span = hi - lo
+    clipped = tf.clip_by_value(x, lo, hi) - lo
+    # A constant exam (span 0) maps to zeros instead of NaN.
+    return clipped / tf.where(span > 0.0, span, tf.ones_like(span))
+
+
+def preprocess(phases: Mapping[str, tf.Tensor], config: InputConfig) -> tf.Tensor:
+    """Stored phases of one exam -> the model input (input variant + normalisation).
+
+    THE preprocessing of mri_keras: training, evaluation, the SavedModel's serving signature
+    and ``mri_keras.predict`` all call this, so they cannot disagree. TF ops only; works on one
+    unbatched exam inside a ``tf.function`` whose S, H, W are unknown.
+
+    Args:
+      phases: mapping phase name -> ``(S, H, W)`` tensor (any real dtype; computed in float32)
+        in canonical orientation. Must hold the phases ``config.input_variant`` reads.
+      config: InputConfig. Uses ``input_variant``, ``normalization`` and ``percentiles``.
+
+    Returns:
+      float32 ``(S, H, W, 1)``. ``zscore``: ``(x - mean) / std`` over the whole exam (a
+      constant exam gives zeros). ``percentile``: ``x`` clipped to its exam's
+      ``[percentiles[0], percentiles[1]]`` percentiles and scaled to ``[0, 1]``.
+    """
+    x = input_image(phases, config.input_variant)
+    if config.normalization == "zscore":
+        x = _zscore(x)
+    elif config.normalization == "percentile":
+        low, high = (float(v) for v in config.percentiles)
+        if not 0.0 <= low <= high <= 100.0:
+            raise ValueError(
+                "percentiles must satisfy 0 <= low <= high <= 100. "
+                f"Received: percentiles={config.percentiles!r}"
+            )
+        x = _percentile_scale(x, low, high)
+    else:
+        raise ValueError(
+            "normalization must be 'zscore' or 'percentile'. "
+            f"Received: normalization={config.normalization!r}"
+        )
+    return x[..., tf.newaxis]
+
+
+def crop_spec(crop) -> Optional[Tuple[str, object]]:
+    """Validates ``InputConfig.crop``.
+
+    Args:
+      crop: None, a fraction in (0, 1], an int ``n`` (an ``n x n`` crop) or a pair of positive
+        ints ``(h, w)``.
+
+    Returns:
+      None, ``("fraction", f)`` or ``("size", (h, w))``.
+
+    Raises:
+      ValueError: anything else.
+    """
+    if crop is None:
+        return None
+    if isinstance(crop, bool):
+        raise ValueError(f"crop must be None, a fraction or (h, w). Received: crop={crop!r}")
+    if isinstance(crop, int):
+        crop = (crop, crop)
+    if isinstance(crop, float):
+        if not 0.0 < crop <= 1.0:
+            raise ValueError(f"A crop fraction must be in (0, 1]. Received: crop={crop!r}")
+        return ("fraction", crop)
+    if (
+        isinstance(crop, (tuple, list))
+        and len(crop) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop)
+    ):
+        return ("size", (int(crop[0]), int(crop[1])))
+    raise ValueError(
+        "crop must be None, a fraction in (0, 1], an int or a pair of positive ints (h, w). "
+        f"Received: crop={crop!r}"
+    )
+
+
+def _random_offset(room: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    return tf.random.stateless_uniform([], seed, minval=0, maxval=room + 1, dtype=tf.int32)
+
+
+def augment(
+    volume: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, config: InputConfig
+) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Train-time augmentation of one preprocessed exam, a pure function of ``seed``.
+
+    Crops first, then the left-right flip. Each random draw uses its own stream folded out of
+    ``seed``, so turning one augmentation off does not change the others.
+
+    Args:
+      volume: float32 ``(S, H, W, 1)``.
+      labels: int ``(4,)`` in ``constants.LABELS`` order.
+      seed: int32/int64 ``(2,)`` stateless seed of this exam.
+      config: InputConfig. Uses ``flip``, ``crop`` and ``crop_slices``.
+
+    Returns:
+      ``(volume, labels)``. Crop: a random in-plane window of ``config.crop`` (size ``(h, w)``,
+      or that fraction of each side, rounded, at least 1 voxel) and, if ``crop_slices > 0``, a
+      random run of ``crop_slices`` slices. A crop never exceeds the volume: a side smaller than
+      the crop is kept whole (an exam of 20 slices with ``crop_slices=32`` keeps its 20). Flip
+      (``config.flip``, p=0.5): mirrors the col axis (patient left <-> right) and swaps the
+      left and right labels (``left_benign`` <-> ``right_benign``, ``left_malignant`` <->
+      ``right_malignant``).
+    """
+    seed = tf.cast(seed, tf.int64)
+
+    def stream(index):
+        return tf.random.experimental.stateless_fold_in(seed, index)
+
+    shape = tf.shape(volume)
+    spec = crop_spec(config.crop)
+    if spec is not None:
+        rows, cols = shape[1], shape[2]
+        if spec[0] == "fraction":
+            frac = spec[1]
+
+            def side(n):
+                size = tf.cast(tf.round(frac * tf.cast(n, tf.float32)), tf.int32)
+                return tf.clip_by_value(size, 1, n)
+
+            crop_rows, crop_cols = side(rows), side(cols)
+        else:
+            crop_rows = tf.minimum(spec[1][0], rows)
+            crop_cols = tf.minimum(spec[1][1], cols)
+        r0 = _random_offset(rows - crop_rows, stream(_SEED_CROP_ROWS))
+        c0 = _random_offset(cols - crop_cols, stream(_SEED_CROP_COLS))
+        volume = volume[:, r0 : r0 + crop_rows, c0 : c0 + crop_cols, :]
+    if config.crop_slices:
+        if config.crop_slices < 0:
+            raise ValueError(f"crop_slices must be >= 0. Received: {config.crop_slices}")
+        slices = shape[0]
+        crop_slices = tf.minimum(int(config.crop_slices), slices)
+        s0 = _random_offset(slices - crop_slices, stream(_SEED_CROP_SLICES))
+        volume = volume[s0 : s0 + crop_slices]
+    if config.flip:
+        flip = tf.random.stateless_uniform([], stream(_SEED_FLIP)) < 0.5
+        volume = tf.cond(flip, lambda: tf.reverse(volume, axis=[2]), lambda: volume)
+        labels = tf.cond(
+            flip, lambda: tf.gather(labels, MIRRORED_LABEL_ORDER), lambda: labels
+        )
+    return volume, labels
+
+
+def shard_files(records_dir: str, split: str, input_variant: str) -> Tuple[list, dict]:
+    """Lists a split's shard files and checks the records can feed ``input_variant``.
+
+    Args:
+      records_dir: str. Directory written by ``python -m tfrecords_tools.convert``.
+      split: str. One of ``schema.SPLITS``.
+      input_variant: str. The input variant (or alias) that will be read.
+
+    Returns:
+      (paths of the split's shard files in manifest order, the manifest dict).
+
+    Raises:
+      FileNotFoundError: no manifest, or a listed shard file is missing.
+      ValueError: wrong schema version, unknown/empty split, or the records lack a phase the
+        input variant needs.
+    """
+    records_dir = os.fspath(records_dir)
+    manifest = schema.read_manifest(records_dir)
+    variant = constants.canonical_input(input_variant)
+    stored = manifest.get("phases")
+    if stored is None:
+        raise ValueError(
+            f"{os.path.join(records_dir, schema.MANIFEST_NAME)} has no 'phases' entry; "
+            "cannot tell which phases the records hold."
+        )
+    missing = [p for p in constants.phases_needed(variant) if p not in stored]
+    if missing:
+        raise ValueError(
+            f"Input variant {variant!r} needs phases {list(constants.phases_needed(variant))} "
+            f"but the records in {records_dir!r} lack {missing} (they hold {list(stored)})."
+        )
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ValueError(
+            f"Split {split!r} is not in {records_dir!r} (manifest has splits "
+            f"{sorted(splits)})."
+        )
+    names = splits[split].get("shards") or []
+    if not names:
+        raise ValueError(f"Split {split!r} of {records_dir!r} has no shard files (0 exams).")
+    paths = [os.path.join(records_dir, name) for name in names]
+    for path in paths:
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(
+                f"{path} is listed in the manifest of {records_dir!r} (split {split!r}) "
+                "but does not exist."
+            )
+    return paths, manifest
+
+
+def _checked_exam_ids(exam_ids: Iterable[str], manifest: dict, records_dir: str, split: str):
+    ids = sorted({str(e) for e in exam_ids})
+    if not ids:
+        raise ValueError(f"exam_ids is empty: no exam of split {split!r} would be read.")
+    listed = manifest["splits"][split].get("exams")
+    if listed is not None:
+        known = {e["exam_id"] for e in listed}
+        unknown = [e for e in ids if e not in known]
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} of exam_ids are not in split {split!r} of {records_dir!r}: "
+                f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+            )
+    return ids
+
+
+def make_dataset(
+    records_dir: str,
+    split: str,
+    config: InputConfig,
+    training: bool,
+    *,
+    exam_ids: Optional[Sequence[str]] = None,
+    input_context: Optional[tf.distribute.InputContext] = None,
+    repeat: bool = False,
+    with_ids: bool = False,
+) -> tf.data.Dataset:
+    """The dataset of one split: one preprocessed exam per batch.
+
+    Args:
+      records_dir: str. Directory written by ``python -m tfrecords_tools.convert``.
+      split: str. ``train``, ``val`` or ``test``.
+      config: InputConfig. Input variant, normalisation, augmentation, shuffle buffer, seed.
+      training: bool. Shuffle files and records and augment (flip/crop). Evaluation
+        (``False``) reads the shards in manifest order, interleaved deterministically.
+      exam_ids: optional exam ids (pseudonyms, as in the manifest) to keep; the others are
+        skipped without decoding their voxels. Each must be in the split. Defaults to all.
+      input_context: optional ``tf.distribute.InputContext`` (from
+        ``strategy.distribute_datasets_from_function``). Each input pipeline reads a disjoint
+        part: whole shard files when there are at least as many files as pipelines, else every
+        n-th record. Batches stay one whole exam per replica.
+      repeat: bool. Repeat forever, epoch after epoch (each epoch holds every exam exactly
+        once); a training stream reshuffles and re-draws augmentations every epoch. Defaults
+        to False (one pass).
+      with_ids: bool. Add a third element ``{"exam_id": (1,), "patient_id": (1,)}`` strings.
+        Defaults to False.
+
+    Returns:
+      ``tf.data.Dataset`` of ``(volume, targets)`` or ``(volume, targets, ids)``: volume
+      float32 ``(1, S, H, W, 1)`` with each exam's own S, H, W (never padded), targets a dict
+      label -> float32 ``(1, 2)`` one-hot (``labels_to_targets``). With a seed (the default),
+      the stream is the same on every run: same exams in the same order with the same
+      augmentations. The train shuffle buffer holds ``config.shuffle_buffer`` serialized
+      records, so its memory is that many exams' record size.
+
+    Raises:
+      FileNotFoundError, ValueError: see ``shard_files``; also a bad ``crop``/``exam_ids``.
+    """
+    files, manifest = shard_files(records_dir, split, config.input_variant)
+    keep = None
+    if exam_ids is not None:
+        keep = _checked_exam_ids(exam_ids, manifest, records_dir, split)
+    crop_spec(config.crop)  # Fail here, not inside the graph.
+    if config.crop_slices < 0:
+        raise ValueError(f"crop_slices must be >= 0. Received: {config.crop_slices}")
+    phases = constants.phases_needed(config.input_variant)
+    seed = config.seed
+    seeded = seed is not None
+
+    num_pipelines, pipeline_id = 1, 0
+    if input_context is not None:
+        num_pipelines = input_context.num_input_pipelines
+        pipeline_id = input_context.input_pipeline_id
+    shard_by_file = num_pipelines > 1 and len(files) >= num_pipelines
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shard_by_file:
+        ds = ds.shard(num_pipelines, pipeline_id)
+    if training:
+        # Same seed in every pipeline: sharding by record below needs one common file order.
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES).map(
+            lambda record: (record, path)
+        ),
+        cycle_length=min(len(files), _MAX_CYCLE_LENGTH),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=seeded or not training,
+    )
+    if num_pipelines > 1 and not shard_by_file:
+        ds = ds.shard(num_pipelines, pipeline_id)
+    if keep is not None:
+        keep_ids = tf.constant(keep, tf.string)
+        exam_id_spec = {schema.KEY_EXAM_ID: tf.io.FixedLenFeature([], tf.string)}
+
+        def wanted(record, path):
+            exam_id = tf.io.parse_single_example(record, exam_id_spec)[schema.KEY_EXAM_ID]
+            return tf.reduce_any(tf.equal(exam_id, keep_ids))
+
+        ds = ds.filter(wanted)
+    if training:
+        ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        # Two int64 per exam seed its augmentation; the stream is re-drawn each pass and
+        # differs between input pipelines.
+        aug_seed = None if not seeded else seed * 1_000_003 + pipeline_id
+        seeds = tf.data.Dataset.random(seed=aug_seed, rerandomize_each_iteration=True).batch(
+            2, drop_remainder=True
+        )
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda pair, element_seed: (pair[0], pair[1], element_seed)
+        )
+    if repeat:
+        # After the shuffle, so an epoch is every exam exactly once; each pass re-iterates
+        # everything above: new file order, new record order, new augmentation seeds.
+        ds = ds.repeat()
+
+    def to_example(record, path, element_seed=None):
+        parsed = schema.decode_example(record, phases)
+        version_ok = tf.debugging.Assert(
+            tf.equal(parsed[schema.KEY_SCHEMA_VERSION], schema.SCHEMA_VERSION),
+            [
+                f"Record schema version is not {schema.SCHEMA_VERSION} (the version this code "
+                "reads); convert the archive again. File, exam, version:",
+                path,
+                parsed[schema.KEY_EXAM_ID],
+                parsed[schema.KEY_SCHEMA_VERSION],
+            ],
+        )
+        with tf.control_dependencies([version_ok]):
+            volume = preprocess({p: parsed[p] for p in phases}, config)
+        labels = parsed[schema.KEY_LABELS]
+        if element_seed is not None:
+            volume, labels = augment(volume, labels, element_seed, config)
+        out = (volume, labels_to_targets(labels))
+        if with_ids:
+            out += (
+                {
+                    "exam_id": parsed[schema.KEY_EXAM_ID],
+                    "patient_id": parsed[schema.KEY_PATIENT_ID],
+                },
+            )
+        return out
+
+    ds = ds.map(
+        to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seeded or not training
+    )
+    ds = ds.batch(1, drop_remainder=True)  # Never drops; makes the batch dim static.
+    return ds.prefetch(tf.data.AUTOTUNE)
