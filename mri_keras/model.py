@@ -1,0 +1,314 @@
+"""The Doubly Deep CNN (Gong et al.): a 2D ResNet-18-like trunk per slice, then a 3D block.
+
+Written with ``keras.layers`` / ``keras.ops`` only, so it builds and runs on any Keras 3
+backend. The one backend-specific piece, slice-chunked recomputation of the trunk in the
+backward pass (``ModelConfig.remat_chunk > 0``), lives in ``mri_keras.remat_tf`` and is only
+available on the TensorFlow backend.
+
+Shapes (default config, an exam of S slices of H x W):
+
+    volume                      (batch, S, H, W, 1)
+    fold slices into the batch  (batch*S, H, W, 1)
+    stem conv 5x5/2 + ReLU      (batch*S, H/2, W/2, 64)
+    max-pool 3x3/2              (batch*S, H/4, W/4, 64)
+    stage 1..4 (2 blocks each)  (batch*S, H/32, W/32, 512)
+    collapse conv 1x1           (batch*S, H/32, W/32, 1)
+    unfold                      (batch, S, H/32, W/32, 1)
+    3D residual block           (batch, S, H/32, W/32, 128)
+    global max pool             (batch, 128)
+    4 heads, softmax            {label: (batch, 2)} float32
+
+All convolutions use "same" padding, so any H and W work (odd sizes round up at each stride).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+from mri_keras import constants
+from mri_keras import remat_tf
+from mri_keras.config import ModelConfig
+
+SLICE_MODES = ("fold", "time_distributed")
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+STAGE_MULTIPLIERS = (1, 2, 4, 8)
+
+
+@keras.saving.register_keras_serializable(package="mri_keras")
+class FoldSlices(layers.Layer):
+    """Folds the slice axis into the batch axis: (batch, S, H, W, C) -> (batch*S, H, W, C).
+
+    A plain reshape of a channels-last tensor: no transpose, no copy on most backends.
+    """
+
+    def call(self, volume):
+        shape = ops.shape(volume)
+        return ops.reshape(volume, (-1, shape[2], shape[3], shape[4]))
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 5:
+            raise ValueError(
+                f"FoldSlices expects a 5D (batch, slices, h, w, c) input. "
+                f"Received: input_shape={input_shape}"
+            )
+        b, s = input_shape[0], input_shape[1]
+        folded = b * s if b is not None and s is not None else None
+        return (folded,) + tuple(input_shape[2:])
+
+
+@keras.saving.register_keras_serializable(package="mri_keras")
+class UnfoldSlices(layers.Layer):
+    """Inverse of FoldSlices: ``[maps (batch*S, h, w, C), volume (batch, S, ...)]`` ->
+    ``(batch, S, h, w, C)``; the volume only supplies batch and S."""
+
+    def call(self, inputs):
+        maps, volume = inputs
+        vshape = ops.shape(volume)
+        mshape = ops.shape(maps)
+        return ops.reshape(maps, (vshape[0], vshape[1], mshape[1], mshape[2], mshape[3]))
+
+    def compute_output_shape(self, input_shape):
+        maps_shape, volume_shape = input_shape
+        return (volume_shape[0], volume_shape[1]) + tuple(maps_shape[1:])
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
+
+
+def validate_config(config: ModelConfig) -> None:
+    """Raises ValueError naming the first invalid ModelConfig field."""
+    _check_positive_int("width", config.width)
+    _check_positive_int("stem_kernel", config.stem_kernel)
+    _check_positive_int("channels_3d", config.channels_3d)
+    blocks = tuple(config.blocks_per_stage)
+    if len(blocks) != len(STAGE_MULTIPLIERS) or any(
+        not isinstance(b, int) or b < 1 for b in blocks
+    ):
+        raise ValueError(
+            "blocks_per_stage must be 4 positive ints. "
+            f"Received: blocks_per_stage={config.blocks_per_stage!r}"
+        )
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1). Received: dropout={config.dropout!r}")
+    if config.slice_mode not in SLICE_MODES:
+        raise ValueError(
+            f"slice_mode must be one of {SLICE_MODES}. Received: slice_mode={config.slice_mode!r}"
+        )
+    if not isinstance(config.remat_chunk, int) or config.remat_chunk < 0:
+        raise ValueError(
+            f"remat_chunk must be an int >= 0. Received: remat_chunk={config.remat_chunk!r}"
+        )
+    if config.remat_chunk and config.slice_mode != "fold":
+        raise ValueError(
+            "remat_chunk > 0 recomputes the folded trunk and needs slice_mode='fold'. "
+            f"Received: slice_mode={config.slice_mode!r}, remat_chunk={config.remat_chunk}"
+        )
+    if config.remat_chunk and keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "Slice-chunked recomputation (remat_chunk > 0) is implemented for the TensorFlow "
+            "backend only; set KERAS_BACKEND=tensorflow or remat_chunk=0. "
+            f"Received: backend={keras.backend.backend()!r}, remat_chunk={config.remat_chunk}"
+        )
+    if config.dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(
+            f"dtype_policy must be one of {DTYPE_POLICIES}. "
+            f"Received: dtype_policy={config.dtype_policy!r}"
+        )
+
+
+def apply_basic_block(x, filters, stride, name, dtype=None):
+    """A ResNet basic block without batch norm: two 3x3 convs and a residual connection.
+
+    Args:
+      x: tensor (n, h, w, c). Input feature maps.
+      filters: int. Output channels.
+      stride: int. 1 or 2; stride of the first conv (and of the shortcut).
+      name: str. Prefix of every layer name.
+      dtype: str or None. Keras dtype policy of the block's layers. Defaults to None (global).
+
+    Returns:
+      Tensor (n, ceil(h/stride), ceil(w/stride), filters).
+    """
+    _check_positive_int("filters", filters)
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2. Received: stride={stride!r}")
+    shortcut = x
+    y = layers.Conv2D(
+        filters, 3, strides=stride, padding="same", activation="relu",
+        name=f"{name}_conv1", dtype=dtype,
+    )(x)
+    y = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv2", dtype=dtype)(y)
+    if stride != 1 or x.shape[-1] != filters:
+        # Projection shortcut where the shape changes (first block of stages 2-4).
+        shortcut = layers.Conv2D(
+            filters, 1, strides=stride, padding="same", name=f"{name}_proj", dtype=dtype
+        )(x)
+    y = layers.Add(name=f"{name}_add", dtype=dtype)([y, shortcut])
+    return layers.ReLU(name=f"{name}_out", dtype=dtype)(y)
+
+
+def apply_residual_block_3d(x, filters, name, dtype=None):
+    """The 3D residual block: two 3x3x3 convs, 1x1x1 projection shortcut, ReLU.
+
+    Args:
+      x: tensor (batch, S, h, w, c).
+      filters: int. Output channels.
+      name: str. Prefix of every layer name.
+      dtype: str or None. Keras dtype policy. Defaults to None (global).
+
+    Returns:
+      Tensor (batch, S, h, w, filters).
+    """
+    _check_positive_int("filters", filters)
+    y = layers.Conv3D(
+        filters, 3, padding="same", activation="relu", name=f"{name}_conv1", dtype=dtype
+    )(x)
+    y = layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv2", dtype=dtype)(y)
+    shortcut = x
+    if x.shape[-1] != filters:
+        shortcut = layers.Conv3D(filters, 1, padding="same", name=f"{name}_proj", dtype=dtype)(x)
+    y = layers.Add(name=f"{name}_add", dtype=dtype)([y, shortcut])
+    return layers.ReLU(name=f"{name}_out", dtype=dtype)(y)
+
+
+def build_trunk(config: ModelConfig) -> keras.Model:
+    """The per-slice 2D trunk, ending in the 1x1 collapse conv.
+
+    Args:
+      config: ModelConfig.
+
+    Returns:
+      keras.Model named "trunk": (n, H, W, 1) -> (n, ceil(H/32), ceil(W/32), 1).
+    """
+    validate_config(config)
+    dtype = config.dtype_policy
+    image = keras.Input(shape=(None, None, 1), name="slice")  # (n, H, W, 1)
+    x = layers.Conv2D(
+        config.width, config.stem_kernel, strides=2, padding="same", activation="relu",
+        name="stem_conv", dtype=dtype,
+    )(image)  # (n, H/2, W/2, width)
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool", dtype=dtype)(x)
+    for stage, (mult, blocks) in enumerate(zip(STAGE_MULTIPLIERS, config.blocks_per_stage)):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            x = apply_basic_block(
+                x, config.width * mult, stride, f"stage{stage + 1}_block{block + 1}", dtype=dtype
+            )
+    # x: (n, H/32, W/32, 8*width)
+    x = layers.Conv2D(1, 1, name="collapse_conv", dtype=dtype)(x)  # (n, H/32, W/32, 1)
+    return keras.Model(image, x, name="trunk")
+
+
+def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
+    """Builds the Doubly Deep CNN.
+
+    Args:
+      config: ModelConfig. Defaults to the paper's model (11,611,785 parameters).
+
+    Returns:
+      keras.Model with input "volume" (batch, S, H, W, 1) float32 and a dict of outputs
+      {label: (batch, 2) float32 softmax} keyed by constants.LABELS.
+
+    Raises:
+      ValueError: an invalid config field, or remat_chunk > 0 on a non-TensorFlow backend.
+    """
+    validate_config(config)
+    dtype = config.dtype_policy
+    trunk = build_trunk(config)
+    volume = keras.Input(shape=(None, None, None, 1), name="volume")  # (batch, S, H, W, 1)
+    if config.slice_mode == "time_distributed":
+        maps = layers.TimeDistributed(trunk, name="trunk_td")(volume)  # (batch, S, h, w, 1)
+    else:
+        folded = FoldSlices(name="fold_slices")(volume)  # (batch*S, H, W, 1)
+        if config.remat_chunk:
+            # Same weights as `trunk`; recomputed chunk by chunk in the backward pass.
+            trunk_layer = remat_tf.SliceChunkedTrunk(
+                trunk, chunk=config.remat_chunk, name="trunk_remat"
+            )
+        else:
+            trunk_layer = trunk
+        maps = trunk_layer(folded)  # (batch*S, h, w, 1)
+        maps = UnfoldSlices(name="unfold_slices", dtype=dtype)([maps, volume])
+        # maps: (batch, S, h, w, 1)
+    x = apply_residual_block_3d(maps, config.channels_3d, "block3d", dtype=dtype)
+    x = layers.GlobalMaxPooling3D(name="global_max_pool", dtype=dtype)(x)  # (batch, channels_3d)
+    if config.dropout:
+        x = layers.Dropout(config.dropout, name="dropout", dtype=dtype)(x)
+    # Heads compute in float32 whatever the policy, so probabilities and the loss stay exact.
+    outputs = {
+        label: layers.Dense(2, activation="softmax", name=label, dtype="float32")(x)
+        for label in constants.LABELS
+    }
+    return keras.Model(volume, outputs, name="doubly_deep_cnn")
+
+
+def compute_loss(y_true: dict, y_pred: dict):
+    """Sum over the four heads of categorical cross-entropy, per exam.
+
+    Args:
+      y_true: dict {label: (batch, 2)} one-hot targets.
+      y_pred: dict {label: (batch, 2)} softmax probabilities.
+
+    Returns:
+      Tensor (batch,) float32. Mean it over exams for the training loss.
+    """
+    missing = [k for k in constants.LABELS if k not in y_true or k not in y_pred]
+    if missing:
+        raise ValueError(
+            f"y_true and y_pred need every head {constants.LABELS}. "
+            f"Received: y_true keys={sorted(y_true)}, y_pred keys={sorted(y_pred)}"
+        )
+    total = 0.0
+    for label in constants.LABELS:
+        true = ops.cast(y_true[label], "float32")
+        pred = ops.cast(y_pred[label], "float32")
+        total = total + keras.losses.categorical_crossentropy(true, pred)
+    return total
+
+
+def _conv_out(n, stride):
+    return -(-n // stride)  # "same" padding: ceil(n / stride)
+
+
+def count_flops(config: ModelConfig, slices: int, height: int, width: int) -> int:
+    """Analytic forward FLOPs of one exam: 2 x multiply-accumulates of every conv and dense.
+
+    Bias adds, ReLUs, residual adds, pooling and softmax are not counted (< 1% at the
+    defaults). A training step costs about 3x this (backward: input and weight gradients).
+
+    Args:
+      config: ModelConfig.
+      slices: int. S.
+      height: int. H.
+      width: int. W.
+
+    Returns:
+      int FLOPs for one exam (batch 1).
+    """
+    validate_config(config)
+    for name, value in (("slices", slices), ("height", height), ("width", width)):
+        _check_positive_int(name, value)
+    macs = 0
+    h, w, c = _conv_out(height, 2), _conv_out(width, 2), config.width
+    macs += h * w * c * config.stem_kernel**2 * 1  # stem
+    h, w = _conv_out(h, 2), _conv_out(w, 2)  # max-pool
+    for stage, (mult, blocks) in enumerate(zip(STAGE_MULTIPLIERS, config.blocks_per_stage)):
+        filters = config.width * mult
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            h, w = _conv_out(h, stride), _conv_out(w, stride)
+            macs += h * w * filters * 9 * c  # conv1
+            macs += h * w * filters * 9 * filters  # conv2
+            if stride != 1 or c != filters:
+                macs += h * w * filters * c  # projection
+            c = filters
+    macs += h * w * c  # collapse conv to 1 channel
+    macs *= slices
+    voxels = slices * h * w
+    c3 = config.channels_3d
+    macs += voxels * c3 * 27 * 1 + voxels * c3 * 27 * c3 + voxels * c3 * 1  # 3D block
+    macs += len(constants.LABELS) * c3 * 2  # heads
+    return 2 * macs
