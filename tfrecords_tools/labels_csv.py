@@ -1,0 +1,205 @@
+"""Reads and checks the labels CSV, the phase map CSV and the exam folders they name.
+
+Every problem of the inputs is collected and reported in one message before any exam is read,
+naming the file, the line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import posixpath
+from typing import Sequence
+
+from tfrecords_tools import schema
+
+EXAM_COLUMN = "exam"
+SPLIT_COLUMN = "split"
+PHASE_MAP_COLUMNS = ("exam", "series_instance_uid", "phase")
+_MAX_LISTED = 50
+
+
+class InputError(ValueError):
+    """The labels CSV, the phase map or the DICOM root is not usable as given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRow:
+    exam: str  # Normalised folder path relative to the DICOM root ("/"-separated).
+    labels: tuple
+    split: str | None
+    line: int
+
+
+def normalise_exam(value: str) -> str:
+    """Normalises an exam folder path from the CSV ("./P1\\E2/" -> "P1/E2")."""
+    value = value.strip().replace("\\", "/")
+    norm = posixpath.normpath(value) if value else ""
+    return "" if norm == "." else norm
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = list(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown.append(f"... and {len(items) - _MAX_LISTED} more")
+    return "".join(f"\n    {s}" for s in shown)
+
+
+def _read_csv(path: str):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found.")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        rows = []
+        for row in reader:
+            rows.append(
+                (reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in row.items()})
+            )
+    return header, rows
+
+
+def read_labels(path: str, dicom_root: str) -> list:
+    """Reads the labels CSV and checks it against the folders under ``dicom_root``.
+
+    Args:
+      path: str. CSV with ``exam`` and the four label columns (0/1), optional ``split``.
+      dicom_root: str. Folder holding the exam folders.
+
+    Returns:
+      LabelRow per exam, in file order.
+
+    Raises:
+      InputError: listing every problem (missing columns, values other than 0/1, duplicate
+        exams, exams with no folder, unknown split values, DICOM folders with no labels).
+    """
+    if not os.path.isdir(dicom_root):
+        raise InputError(f"--dicom_root={dicom_root}: not a directory.")
+    header, rows = _read_csv(path)
+    missing = [c for c in (EXAM_COLUMN,) + schema.LABELS if c not in header]
+    if missing:
+        raise InputError(
+            f"{path}: missing column(s) {', '.join(missing)}; the header must be "
+            f"{','.join((EXAM_COLUMN,) + schema.LABELS)}[,{SPLIT_COLUMN}]. "
+            f"Found: {','.join(header)}"
+        )
+    if not rows:
+        raise InputError(f"{path}: no exams listed.")
+    has_split = SPLIT_COLUMN in header
+    problems: dict = {}
+
+    def problem(kind, text):
+        problems.setdefault(kind, []).append(text)
+
+    out, seen = [], {}
+    for line, row in rows:
+        exam = normalise_exam(row.get(EXAM_COLUMN, ""))
+        where = f"line {line} (exam {row.get(EXAM_COLUMN, '')!r})"
+        if not exam:
+            problem("empty exam", f"line {line}")
+            continue
+        if exam.startswith("../") or exam == ".." or posixpath.isabs(exam):
+            problem("exam outside --dicom_root", where)
+            continue
+        bad = [f"{c}={row.get(c, '')!r}" for c in schema.LABELS if row.get(c, "") not in ("0", "1")]
+        if bad:
+            problem("label values other than 0/1", f"{where}: {', '.join(bad)}")
+        split = row.get(SPLIT_COLUMN, "") if has_split else None
+        if has_split and split not in schema.SPLITS:
+            problem(
+                f"split values other than {'/'.join(schema.SPLITS)}", f"{where}: split={split!r}"
+            )
+        if exam in seen:
+            problem("duplicate exams", f"{where} repeats line {seen[exam]}")
+            continue
+        seen[exam] = line
+        if not os.path.isdir(os.path.join(dicom_root, *exam.split("/"))):
+            problem(f"exams with no folder under {dicom_root}", where)
+        if not bad:
+            labels = tuple(int(row[c]) for c in schema.LABELS)
+            out.append(LabelRow(exam, labels, split or None, line))
+    unlabelled = find_unlabelled_folders(dicom_root, seen)
+    if unlabelled:
+        problems[f"folders with DICOM files and no labels in {path}"] = unlabelled
+    if problems:
+        raise InputError(
+            f"{path}: the labels do not match the exams; fix these and run again:"
+            + "".join(f"\n  {kind}:{_listing(items)}" for kind, items in problems.items())
+        )
+    return out
+
+
+def _looks_like_dicom(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def find_unlabelled_folders(dicom_root: str, labelled: Sequence[str]) -> list:
+    """Folders holding DICOM files that are neither a labelled exam nor inside one.
+
+    Labelled exam folders are not descended into. Each unlabelled finding is reported as the
+    highest folder whose subtree holds no labelled exam (that is how a user names an exam).
+    """
+    labelled = set(labelled)
+    # Every ancestor of a labelled exam ("P1" for "P1/E2").
+    ancestors = {"/".join(e.split("/")[:i]) for e in labelled for i in range(1, e.count("/") + 1)}
+    found = set()
+    for root, dirs, files in os.walk(dicom_root):
+        rel = normalise_exam(os.path.relpath(root, dicom_root).replace(os.sep, "/"))
+        dirs[:] = sorted(
+            d for d in dirs if normalise_exam(posixpath.join(rel, d)) not in labelled
+        )
+        if rel in ancestors or rel == "":
+            continue  # Files next to exam folders (notes, DICOMDIR) are not exams.
+        if any(_looks_like_dicom(os.path.join(root, n)) for n in sorted(files)):
+            parts = rel.split("/")
+            top = next(
+                "/".join(parts[:i]) for i in range(1, len(parts) + 1)
+                if "/".join(parts[:i]) not in ancestors
+            )
+            found.add(top)
+    return sorted(found)
+
+
+def read_phase_map(path: str, exams: Sequence[str]) -> dict:
+    """Reads the ``exam,series_instance_uid,phase`` CSV into {exam: {uid: phase}}.
+
+    Raises:
+      InputError: listing missing columns, unknown exams or phases and repeated series.
+    """
+    header, rows = _read_csv(path)
+    missing = [c for c in PHASE_MAP_COLUMNS if c not in header]
+    if missing:
+        raise InputError(
+            f"{path}: missing column(s) {', '.join(missing)}; the header must be "
+            f"{','.join(PHASE_MAP_COLUMNS)}."
+        )
+    known = set(exams)
+    problems, out = [], {}
+    for line, row in rows:
+        exam = normalise_exam(row["exam"])
+        uid, phase = row["series_instance_uid"], row["phase"]
+        if exam not in known:
+            problems.append(f"line {line}: exam {row['exam']!r} is not in the labels CSV")
+        elif phase not in schema.PHASES:
+            problems.append(f"line {line}: phase {phase!r} is not one of {schema.PHASES}")
+        elif not uid:
+            problems.append(f"line {line}: empty series_instance_uid")
+        elif uid in out.get(exam, {}):
+            problems.append(f"line {line}: series repeated for exam {row['exam']!r}")
+        else:
+            out.setdefault(exam, {})[uid] = phase
+    for exam, mapping in out.items():
+        if sorted(mapping.values()) != sorted(schema.PHASES):
+            problems.append(
+                f"exam {exam!r}: phases {sorted(mapping.values())}, need each of "
+                f"{', '.join(schema.PHASES)} exactly once"
+            )
+    if problems:
+        raise InputError(f"{path}: phase map problems:{_listing(problems)}")
+    return out
