@@ -1,0 +1,154 @@
+"""Hyper-parameter search: ``python -m mri_keras.tune --flagfile=configs/tune.flags``.
+
+Takes every training flag (``mri_keras/flags.py``; ``--model_dir`` holds the whole sweep) plus
+the search flags below. The searched settings and their ranges come from ``--search_space``
+(JSON, see ``mri_keras/tune_space.py``). Rerunning the same command resumes the sweep.
+Distributed: set ``KERASTUNER_TUNER_ID`` (``chief`` / ``tuner0``, ``tuner1``, ...),
+``KERASTUNER_ORACLE_IP`` and ``KERASTUNER_ORACLE_PORT`` (see ``scripts/tune_distributed.sh``).
+The work is in ``mri_keras.tune_lib``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags as absl_flags
+
+from mri_keras import flags as flags_lib
+
+TUNERS = ("hyperband", "bayesian", "random")
+
+
+def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
+    """Defines the training flags and the search flags on ``flag_values`` (idempotent)."""
+    flags_lib.define_flags(flag_values)
+    if "tuner" in flag_values:
+        return
+    fv = dict(flag_values=flag_values)
+    absl_flags.DEFINE_enum(
+        "tuner", "hyperband", list(TUNERS),
+        "Search algorithm: hyperband (successive halving over epochs), bayesian (Gaussian "
+        "process) or random.", **fv,
+    )
+    absl_flags.DEFINE_integer(
+        "max_trials", 20,
+        "Trials in the sweep (a rerun with a larger number extends it). 0 with "
+        "--tuner=hyperband runs Hyperband's whole schedule.", lower_bound=0, **fv,
+    )
+    absl_flags.DEFINE_integer(
+        "max_epochs", None,
+        "Epochs of the longest trial: Hyperband's maximum, every trial's epochs for "
+        "random/bayesian. Defaults to --epochs.", lower_bound=1, **fv,
+    )
+    absl_flags.DEFINE_string(
+        "search_space", "",
+        "JSON file of the searched settings and their ranges (configs/tune_space.json); empty "
+        "for the built-in default (the same as that file).", **fv,
+    )
+    absl_flags.DEFINE_integer(
+        "hyperband_factor", 3, "Hyperband's reduction factor.", lower_bound=2, **fv
+    )
+    absl_flags.DEFINE_integer(
+        "hyperband_iterations", 1, "Hyperband sweeps over all its brackets.", lower_bound=1, **fv
+    )
+    absl_flags.DEFINE_integer(
+        "num_initial_points", 0,
+        "Bayesian: random trials before the Gaussian process (0: 3 x searched settings).",
+        lower_bound=0, **fv,
+    )
+    absl_flags.DEFINE_integer(
+        "max_retries_per_trial", 0, "Reruns of a trial that crashed.", lower_bound=0, **fv
+    )
+    absl_flags.DEFINE_integer(
+        "max_consecutive_failed_trials", 3,
+        "Stop the sweep after this many failed trials in a row.", lower_bound=1, **fv,
+    )
+    absl_flags.DEFINE_integer(
+        "top_trials", 10, "Trials listed in summary.csv and printed.", lower_bound=1, **fv
+    )
+
+
+def tune_config_from_flags(fv: absl_flags.FlagValues = absl_flags.FLAGS):
+    """Converts parsed flags into a ``tune_lib.TuneConfig`` (the only place they are read).
+
+    Raises:
+      ValueError: a bad flag value or search space, naming it.
+    """
+    from mri_keras import tune_lib  # Deferred: --help stays fast.
+    from mri_keras import tune_space
+
+    train = flags_lib.train_config_from_flags(fv)
+    return tune_lib.TuneConfig(
+        train=train,
+        search_space=tune_space.load_search_space(fv.search_space),
+        tuner=fv.tuner,
+        max_trials=fv.max_trials,
+        max_epochs=fv.max_epochs or train.epochs,
+        hyperband_factor=fv.hyperband_factor,
+        hyperband_iterations=fv.hyperband_iterations,
+        num_initial_points=fv.num_initial_points,
+        max_retries_per_trial=fv.max_retries_per_trial,
+        max_consecutive_failed_trials=fv.max_consecutive_failed_trials,
+        seed=fv.seed,
+        overwrite=fv.overwrite,
+        top_trials=fv.top_trials,
+        verbose=1 if fv.progress else 0,
+    )
+
+
+def _tune(flag_values):
+    from mri_keras import tune_lib
+
+    try:
+        config = tune_config_from_flags(flag_values)
+    except ValueError as e:  # Includes tune_space.SearchSpaceError.
+        sys.exit(f"mri_keras.tune: error: {e}")
+    try:
+        result = tune_lib.run_search(config)
+    except ValueError as e:  # A sweep started with other settings; bad data (SetupError).
+        sys.exit(f"mri_keras.tune: error: {e}")
+    if result.role == "worker":
+        print("mri_keras.tune: worker finished: the oracle has no more trials.", flush=True)
+        return result
+    print(f"\nTop trials ({tune_lib.OBJECTIVE}, max):\n{result.table}", flush=True)
+    print(f"\nSummary:            {result.summary_path}")
+    if result.best_flags_path:
+        print(f"Best-trial flags:   {result.best_flags_path}")
+        print(f"Retrain the best:   python -m mri_keras.train --flagfile={result.best_flags_path}")
+    return result
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected command-line arguments: {list(argv[1:])}")
+    _tune(absl_flags.FLAGS)
+
+
+def run(argv: Sequence[str]):
+    """Parses ``argv`` (flags and ``--flagfile``s, without the program name) into fresh flag
+    values and runs the sweep; returns the ``tune_lib.SweepResult``.
+
+    For in-process use (tests, notebooks): the global ``absl.flags.FLAGS`` is not touched.
+    Exits (``SystemExit``) on bad flags or settings, with the command line's message.
+    """
+    fv = absl_flags.FlagValues()
+    define_tune_flags(fv)
+    try:
+        rest = fv(["mri_keras.tune", *argv])
+    except absl_flags.Error as e:
+        sys.exit(f"mri_keras.tune: error: {e}")
+    if len(rest) > 1:
+        sys.exit(f"mri_keras.tune: error: unexpected command-line arguments: {rest[1:]}")
+    return _tune(fv)
+
+
+def entry(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point."""
+    define_tune_flags()
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,698 @@
+"""Hyper-parameter search over the training config with keras-tuner.
+
+Every trial is an ordinary training run: ``DoublyDeepHyperModel.build(hp)`` maps the trial's
+hyper-parameters onto the ``train_lib.TrainConfig`` the training flags give (no second model
+definition), and ``DoublyDeepHyperModel.fit`` calls ``train_lib.train`` on it in the trial's
+own directory and reports the best validation breast-level malignant AUC, computed exactly as
+training computes it for model selection.
+
+Layout of a sweep directory (``TuneConfig.train.model_dir``)::
+
+    oracle.json, tuner0.json      keras-tuner state (a rerun resumes from it)
+    sweep.json                    tuner, search space and fixed settings of the sweep
+    trial_<id>/trial.json         keras-tuner's record of the trial
+    trial_<id>/model/             the trial's training run (train_lib's model_dir layout)
+    trial_<id>/runs.jsonl         one line per run of the trial (tuner id, host, pid, times)
+    summary.csv                   the top trials: hyper-parameters, val AUC, epochs
+    best_trial.flags              the best trial as a flagfile for ``mri_keras.train``
+
+Distributed search uses keras-tuner's chief/worker mode: the process whose
+``KERASTUNER_TUNER_ID`` contains "chief" runs the oracle behind a gRPC server at
+``KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT``; every other process with those variables
+set is a worker that asks it for trials. All of them must see the same sweep directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import datetime
+import gc
+import io
+import json
+import math
+import os
+import shutil
+import socket
+from typing import Any, List, Mapping, Optional, Sequence
+
+import keras
+import keras_tuner as kt
+from absl import logging
+
+from mri_keras import train_lib
+from mri_keras import tune_space
+
+OBJECTIVE = "val_malignant_auc"
+TUNERS = ("hyperband", "bayesian", "random")
+TRIAL_MODEL_DIR = "model"
+RUNS_LOG = "runs.jsonl"
+SUMMARY_NAME = "summary.csv"
+BEST_FLAGS_NAME = "best_trial.flags"
+SWEEP_RECORD_NAME = "sweep.json"
+# Settings a resumed sweep must share with the run that started it (others, e.g. the strategy
+# or the number of trials, may change between runs).
+_RESUME_KEYS = ("tuner", "search_space", "max_epochs", "hyperband_factor",
+                "hyperband_iterations", "fixed_training_settings")
+# TrainConfig fields that say how or where a run trains, not what it trains.
+_RUNTIME_FIELDS = ("model_dir", "strategy", "cpu_replicas", "jit_compile", "overwrite",
+                   "verbose", "epochs")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """A hyper-parameter sweep.
+
+    Attributes:
+      train: train_lib.TrainConfig. The settings every trial starts from (the training flags);
+        its ``model_dir`` is the sweep directory. Searched settings are replaced per trial.
+      search_space: tune_space.SearchSpace. What is searched and how.
+      tuner: str. "hyperband", "bayesian" or "random". Defaults to "hyperband".
+      max_trials: int. Trials in the sweep; 0 lets Hyperband run its full schedule (random and
+        Bayesian search need a positive number). Defaults to 20.
+      max_epochs: int. Epochs of the longest trial: Hyperband's max_epochs, and the epochs of
+        every random/Bayesian trial. Defaults to 10.
+      hyperband_factor: int. Hyperband's reduction factor. Defaults to 3.
+      hyperband_iterations: int. Hyperband sweeps over all brackets. Defaults to 1.
+      num_initial_points: int. Random trials before Bayesian optimisation models the objective;
+        0 uses keras-tuner's default (3 x the number of hyper-parameters). Defaults to 0.
+      max_retries_per_trial: int. Reruns of a crashed trial. Defaults to 0.
+      max_consecutive_failed_trials: int. The sweep stops after this many failed trials in a
+        row. Defaults to 3.
+      seed: int. Seed of the search (keras-tuner seeds its oracle with ``seed + 1`` because it
+        treats 0 as "pick one at random"). Defaults to 0.
+      overwrite: bool. Delete the sweep in the directory and start over instead of resuming
+        (only a local or chief process may). Defaults to False.
+      top_trials: int. Rows of the summary. Defaults to 10.
+      verbose: int. keras-tuner's per-trial display (0 silent). Defaults to 1.
+    """
+
+    train: Any
+    search_space: tune_space.SearchSpace
+    tuner: str = "hyperband"
+    max_trials: int = 20
+    max_epochs: int = 10
+    hyperband_factor: int = 3
+    hyperband_iterations: int = 1
+    num_initial_points: int = 0
+    max_retries_per_trial: int = 0
+    max_consecutive_failed_trials: int = 3
+    seed: int = 0
+    overwrite: bool = False
+    top_trials: int = 10
+    verbose: int = 1
+
+    def __post_init__(self):
+        if self.tuner not in TUNERS:
+            raise ValueError(f"tuner must be one of {TUNERS}. Received: tuner={self.tuner!r}")
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1. Received: max_epochs={self.max_epochs}")
+        if self.max_trials < 0 or (self.max_trials == 0 and self.tuner != "hyperband"):
+            raise ValueError(
+                f"max_trials must be >= 1 for tuner={self.tuner!r} (0, meaning Hyperband's own "
+                f"schedule, only works with hyperband). Received: max_trials={self.max_trials}"
+            )
+        if self.hyperband_factor < 2:
+            raise ValueError(
+                f"hyperband_factor must be >= 2. Received: hyperband_factor={self.hyperband_factor}"
+            )
+        if self.hyperband_iterations < 1:
+            raise ValueError(
+                "hyperband_iterations must be >= 1. "
+                f"Received: hyperband_iterations={self.hyperband_iterations}"
+            )
+        if self.top_trials < 1:
+            raise ValueError(f"top_trials must be >= 1. Received: top_trials={self.top_trials}")
+        if not self.train.model_dir:
+            raise ValueError("The sweep needs a model_dir (the directory holding every trial).")
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed roles.
+
+
+def tuner_role() -> str:
+    """"local", "chief" or "worker", from keras-tuner's ``KERASTUNER_*`` environment variables.
+
+    Raises:
+      ValueError: ``KERASTUNER_ORACLE_IP`` is set without the port or the tuner id.
+    """
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return "local"
+    missing = [v for v in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if not os.environ.get(v)]
+    if missing:
+        raise ValueError(
+            f"Distributed tuning: KERASTUNER_ORACLE_IP is set but {missing} are not. Set "
+            "KERASTUNER_TUNER_ID=chief on the oracle process and a unique id (e.g. tuner0) on "
+            "every worker, and the same KERASTUNER_ORACLE_IP/KERASTUNER_ORACLE_PORT on all."
+        )
+    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+def release_memory() -> None:
+    """Drops Keras' global state and collects garbage (between trials)."""
+    keras.backend.clear_session()
+    gc.collect()
+
+
+# --------------------------------------------------------------------------------------------
+# HyperModel and tuners.
+
+
+def trial_model_dir(sweep_dir: str, trial_id: str) -> str:
+    """The training run directory of one trial."""
+    return os.path.join(sweep_dir, f"trial_{trial_id}", TRIAL_MODEL_DIR)
+
+
+def metrics_from_history(history: Mapping[str, Any]) -> dict:
+    """The values a trial reports, from ``train_lib.train``'s history.
+
+    Args:
+      history: dict. Per-epoch lists (``val_malignant_auc``, ``val_benign_auc``, ...) over
+        every epoch of the run (including epochs of a resumed run) and ``best_epoch``.
+
+    Returns:
+      {"val_malignant_auc": best value, "val_benign_auc": its value at that epoch,
+       "best_epoch": 1-based epoch, "epochs": epochs trained}.
+
+    Raises:
+      keras_tuner.errors.FatalValueError: the validation AUC was never defined (a validation
+        split without both malignant and non-malignant breasts), which no trial can fix.
+    """
+    aucs = [float(v) for v in history.get(OBJECTIVE, [])]
+    finite = [(v, i) for i, v in enumerate(aucs) if math.isfinite(v)]
+    if not finite:
+        raise kt.errors.FatalValueError(
+            f"Training reported no finite {OBJECTIVE} (per epoch: {aucs}). The validation split "
+            "needs breasts with and without malignancy for the AUC to exist; check the "
+            "converter's manifest.json label_counts for 'val'."
+        )
+    # Training's own model selection (first epoch of the highest AUC) when it reports it.
+    best_index = int(history.get("best_epoch") or 0) - 1
+    if not (0 <= best_index < len(aucs) and math.isfinite(aucs[best_index])):
+        best_index = max(finite, key=lambda t: (t[0], -t[1]))[1]
+    best_value = aucs[best_index]
+    benign = list(history.get("val_benign_auc", []))
+    return {
+        OBJECTIVE: best_value,
+        "val_benign_auc": float(benign[best_index]) if best_index < len(benign) else float("nan"),
+        "best_epoch": best_index + 1,
+        "epochs": len(aucs),
+    }
+
+
+class DoublyDeepHyperModel(kt.HyperModel):
+    """Maps hyper-parameters onto the training config; trains with ``train_lib.train``.
+
+    ``build(hp)`` returns the trial's ``TrainConfig`` (not a Keras model: the training code
+    builds the model itself, inside its distribution strategy), so building the search space
+    costs nothing. The tuners of this module pass that config to ``fit``.
+
+    Args:
+      base_config: train_lib.TrainConfig. Settings every trial starts from.
+      search_space: tune_space.SearchSpace. The searched settings.
+    """
+
+    def __init__(self, base_config, search_space: tune_space.SearchSpace):
+        super().__init__(name="doubly_deep_cnn", tunable=True)
+        self.base_config = base_config
+        self.search_space = search_space
+
+    def build(self, hp):
+        return tune_space.apply_values(self.base_config, self.search_space.declare(hp))
+
+    def fit(self, hp, model, *, trial_dir, epochs, warm_start_dir=None, callbacks=None,
+            tuner_id="tuner0", **kwargs):
+        """Trains one trial.
+
+        Args:
+          hp: keras_tuner.HyperParameters. The trial's values (already applied to ``model``).
+          model: train_lib.TrainConfig. What ``build(hp)`` returned.
+          trial_dir: str. The trial's directory; training writes ``trial_dir/model``.
+          epochs: int. Total epochs of this trial.
+          warm_start_dir: str or None. A finished trial's run directory to continue from
+            (Hyperband's later rounds); copied into this trial's run directory, whose training
+            then resumes from the copied checkpoint. Defaults to None.
+          callbacks: list of keras Callbacks driven by the training loop. Defaults to None.
+          tuner_id: str. Recorded in the trial's run log. Defaults to "tuner0".
+          **kwargs: ignored (keras-tuner passes the arguments of ``search``).
+
+        Returns:
+          metrics_from_history(...) of the run.
+        """
+        del hp, kwargs
+        run_dir = os.path.join(trial_dir, TRIAL_MODEL_DIR)
+        if warm_start_dir and not os.path.exists(run_dir):
+            # Copy first, rename after: a crash mid-copy leaves no half run to resume from.
+            partial = run_dir + ".copying"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(warm_start_dir, partial)
+            _retarget_run(partial, run_dir)
+            os.replace(partial, run_dir)
+        config = dataclasses.replace(model, model_dir=run_dir, epochs=int(epochs), overwrite=False)
+        entry = {
+            "tuner_id": tuner_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "epochs": int(epochs),
+            "warm_start_dir": warm_start_dir,
+            "start": _now(),
+        }
+        try:
+            history = train_lib.train(config, extra_callbacks=list(callbacks or []))
+            results = metrics_from_history(history)
+        except BaseException as e:
+            logging.exception("Trial in %s failed.", trial_dir)
+            _append_jsonl(os.path.join(trial_dir, RUNS_LOG),
+                          dict(entry, end=_now(), status=f"error: {type(e).__name__}: {e}"))
+            raise
+        _append_jsonl(os.path.join(trial_dir, RUNS_LOG),
+                      dict(entry, end=_now(), status="completed", **results))
+        return results
+
+
+def _retarget_run(copy_dir: str, run_dir: str) -> None:
+    """Points a copied run's config.json at its new directory so training resumes it.
+
+    ``train_lib`` refuses to resume a run whose recorded settings differ from the current ones,
+    and the run directory is one of them.
+    """
+    path = os.path.join(copy_dir, train_lib.CONFIG_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        saved["model_dir"] = run_dir
+        _write_atomic(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class _TrainLibTrials:
+    """Tuner mixin: a trial is a ``train_lib.train`` run, not keras-tuner's ``Model.fit``.
+
+    keras-tuner's ``Tuner.run_trial`` expects ``build`` to return a compiled Keras model and
+    adds callbacks that save its weights; training here owns its model, strategy, checkpoints
+    and best model, so this replaces ``run_trial`` (and reads Hyperband's ``tuner/epochs`` and
+    ``tuner/trial_id`` itself) and ``load_model``.
+    """
+
+    def run_trial(self, trial, *args, **kwargs):
+        hp = trial.hyperparameters
+        epochs = int(hp.values.get("tuner/epochs", kwargs.pop("epochs", 1)))
+        kwargs.pop("epochs", None)
+        warm_start_dir = None
+        if hp.values.get("tuner/trial_id"):
+            warm_start_dir = trial_model_dir(self.project_dir, hp.values["tuner/trial_id"])
+        callbacks = self._deepcopy_callbacks(kwargs.pop("callbacks", []))
+        release_memory()
+        try:
+            config = self.hypermodel.build(hp)
+            return self.hypermodel.fit(
+                hp,
+                config,
+                *args,
+                trial_dir=self.get_trial_dir(trial.trial_id),
+                epochs=epochs,
+                warm_start_dir=warm_start_dir,
+                callbacks=callbacks,
+                tuner_id=self.tuner_id,
+                **kwargs,
+            )
+        finally:
+            release_memory()
+
+    def load_model(self, trial):
+        """The best model of a finished trial (its ``best.keras``)."""
+        path = os.path.join(trial_model_dir(self.project_dir, trial.trial_id), "best.keras")
+        return keras.saving.load_model(path, compile=False)
+
+
+class HyperbandTuner(_TrainLibTrials, kt.Hyperband):
+    """keras-tuner's Hyperband, each trial a training run."""
+
+
+class BayesianTuner(_TrainLibTrials, kt.BayesianOptimization):
+    """keras-tuner's Bayesian optimisation (Gaussian process), each trial a training run."""
+
+
+class RandomTuner(_TrainLibTrials, kt.RandomSearch):
+    """keras-tuner's random search, each trial a training run."""
+
+
+def _sweep_record(config: TuneConfig) -> dict:
+    fixed = dataclasses.asdict(config.train)
+    for name in _RUNTIME_FIELDS:
+        fixed.pop(name, None)
+    for name in config.search_space.names:
+        setting = tune_space.SETTINGS[name]
+        (fixed if setting.section is None else fixed.get(setting.section, {})).pop(
+            setting.field, None
+        )
+    record = {
+        "tuner": config.tuner,
+        "objective": OBJECTIVE,
+        "search_space": config.search_space.to_json(),
+        "max_epochs": config.max_epochs,
+        "hyperband_factor": config.hyperband_factor if config.tuner == "hyperband" else None,
+        "hyperband_iterations": (
+            config.hyperband_iterations if config.tuner == "hyperband" else None
+        ),
+        "fixed_training_settings": fixed,
+    }
+    # Through JSON once so tuples and lists compare equal with a reloaded record.
+    return json.loads(json.dumps(record, default=str))
+
+
+def _check_or_write_sweep_record(config: TuneConfig, resuming: bool) -> None:
+    path = os.path.join(config.train.model_dir, SWEEP_RECORD_NAME)
+    record = _sweep_record(config)
+    if resuming and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [k for k in _RESUME_KEYS if old.get(k) != record.get(k)]
+        if changed:
+            details = "; ".join(f"{k}: was {json.dumps(old.get(k))}, now "
+                                f"{json.dumps(record.get(k))}" for k in changed)
+            raise ValueError(
+                f"{config.train.model_dir} holds a sweep started with different settings "
+                f"({details}). Rerun with the original settings to resume it, or use a new "
+                "--model_dir (or --overwrite to discard it)."
+            )
+        return
+    os.makedirs(config.train.model_dir, exist_ok=True)
+    _write_atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def build_tuner(config: TuneConfig, *, hypermodel: Optional[kt.HyperModel] = None):
+    """The keras-tuner Tuner of a sweep (resuming the sweep in the directory unless overwrite).
+
+    Args:
+      config: TuneConfig.
+      hypermodel: keras_tuner.HyperModel. Defaults to a DoublyDeepHyperModel of the config.
+
+    Returns:
+      A HyperbandTuner, BayesianTuner or RandomTuner whose project directory is the sweep
+      directory.
+    """
+    role = tuner_role()
+    sweep_dir = os.path.abspath(config.train.model_dir)
+    overwrite = config.overwrite and role != "worker"  # A worker never deletes the chief's sweep.
+    resuming = not overwrite and os.path.exists(os.path.join(sweep_dir, "oracle.json"))
+    if overwrite and os.path.isdir(sweep_dir):
+        shutil.rmtree(sweep_dir)
+    if role != "worker":
+        _check_or_write_sweep_record(dataclasses.replace(config, train=dataclasses.replace(
+            config.train, model_dir=sweep_dir)), resuming)
+    hypermodel = hypermodel or DoublyDeepHyperModel(config.train, config.search_space)
+    common = dict(
+        hypermodel=hypermodel,
+        objective=kt.Objective(OBJECTIVE, direction="max"),
+        seed=config.seed + 1,
+        max_retries_per_trial=config.max_retries_per_trial,
+        max_consecutive_failed_trials=config.max_consecutive_failed_trials,
+        directory=os.path.dirname(sweep_dir),
+        project_name=os.path.basename(sweep_dir),
+        overwrite=False,
+    )
+    if config.tuner == "hyperband":
+        tuner = HyperbandTuner(
+            max_epochs=config.max_epochs,
+            factor=config.hyperband_factor,
+            hyperband_iterations=config.hyperband_iterations,
+            **common,
+        )
+        # Hyperband has no trial budget of its own; the base Oracle stops at max_trials.
+        if config.max_trials and role != "worker":
+            tuner.oracle.max_trials = config.max_trials
+    elif config.tuner == "bayesian":
+        tuner = BayesianTuner(
+            max_trials=config.max_trials,
+            num_initial_points=config.num_initial_points or None,
+            **common,
+        )
+    else:
+        tuner = RandomTuner(max_trials=config.max_trials, **common)
+    if role != "worker":
+        tuner.oracle.verbose = config.verbose
+    return tuner
+
+
+# --------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResult:
+    """One finished trial as the summary shows it."""
+
+    trial_id: str
+    status: str
+    values: Mapping[str, Any]  # {setting: config value} of the searched settings.
+    metrics: Mapping[str, float]
+    continued_from: Optional[str]
+    model_dir: str
+
+
+def trial_results(tuner, search_space: tune_space.SearchSpace) -> List[TrialResult]:
+    """Every trial of the sweep, completed ones first, best first."""
+    oracle = tuner.oracle
+    completed, other = [], []
+    for trial in oracle.trials.values():
+        metrics = {}
+        for name in (OBJECTIVE, "val_benign_auc", "best_epoch", "epochs"):
+            if trial.metrics.exists(name):
+                metrics[name] = trial.metrics.get_last_value(name)
+        result = TrialResult(
+            trial_id=trial.trial_id,
+            status=str(trial.status),
+            values=search_space.decode_values(trial.hyperparameters.values),
+            metrics=metrics,
+            continued_from=trial.hyperparameters.values.get("tuner/trial_id"),
+            model_dir=trial_model_dir(tuner.project_dir, trial.trial_id),
+        )
+        done = str(trial.status) == "COMPLETED" and OBJECTIVE in metrics
+        (completed if done else other).append(result)
+    completed.sort(key=lambda r: (-r.metrics[OBJECTIVE], r.trial_id))
+    other.sort(key=lambda r: r.trial_id)
+    return completed + other
+
+
+def _format_value(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def summary_rows(results: Sequence[TrialResult], names: Sequence[str], top: int) -> List[dict]:
+    """CSV rows of the top completed trials."""
+    rows = []
+    for rank, r in enumerate(
+        [r for r in results if r.status == "COMPLETED" and OBJECTIVE in r.metrics][:top], 1
+    ):
+        row = {
+            "rank": rank,
+            "trial_id": r.trial_id,
+            OBJECTIVE: f"{r.metrics[OBJECTIVE]:.6f}",
+            "val_benign_auc": f"{r.metrics.get('val_benign_auc', float('nan')):.6f}",
+            "best_epoch": int(r.metrics.get("best_epoch", 0)),
+            "epochs": int(r.metrics.get("epochs", 0)),
+        }
+        row.update({name: _format_value(r.values.get(name)) for name in names})
+        row["continued_from"] = r.continued_from or ""
+        row["model_dir"] = r.model_dir
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A fixed-width text table of summary rows (without the model_dir column)."""
+    if not rows:
+        return "No completed trials yet."
+    columns = [c for c in rows[0] if c != "model_dir"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).rjust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_summary_csv(path: str, rows: Sequence[dict], names: Sequence[str]) -> None:
+    columns = (["rank", "trial_id", OBJECTIVE, "val_benign_auc", "best_epoch", "epochs"]
+               + list(names) + ["continued_from", "model_dir"])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, buf.getvalue())
+
+
+def train_flag_lines(config) -> List[str]:
+    """``--flag=value`` lines that make ``mri_keras.train`` build exactly ``config``.
+
+    The inverse of ``mri_keras.flags.train_config_from_flags``; ``write_best_flagfile``
+    checks the round trip.
+    """
+    m, i = config.model, config.input
+    crop = i.crop
+    if crop is None:
+        crop_text = ""
+    elif isinstance(crop, (tuple, list)):
+        crop_text = f"{int(crop[0])},{int(crop[1])}"
+    else:
+        crop_text = repr(float(crop))
+    precision = m.dtype_policy[len("mixed_"):] if m.dtype_policy.startswith("mixed_") else (
+        m.dtype_policy)
+
+    def b(name, value):
+        return f"--{name}" if value else f"--no{name}"
+
+    lines = [
+        f"--data_dir={config.data_dir}",
+        f"--model_dir={config.model_dir}",
+        f"--epochs={config.epochs}",
+        f"--learning_rate={config.learning_rate!r}",
+        f"--train_fraction={config.train_fraction!r}",
+        f"--seed={config.seed}",
+        f"--input={i.input_variant}",
+        f"--normalization={i.normalization}",
+        f"--percentiles={i.percentiles[0]!r},{i.percentiles[1]!r}",
+        b("flip", i.flip),
+        f"--crop={crop_text}",
+        f"--crop_slices={i.crop_slices}",
+        f"--shuffle_buffer={i.shuffle_buffer}",
+        f"--width={m.width}",
+        f"--blocks={','.join(str(v) for v in m.blocks_per_stage)}",
+        f"--stem_kernel={m.stem_kernel}",
+        f"--channels_3d={m.channels_3d}",
+        f"--dropout={m.dropout!r}",
+        f"--slice_mode={m.slice_mode}",
+        f"--mixed_precision={precision}",
+        f"--remat={m.remat_chunk}",
+        b("jit_compile", config.jit_compile),
+        f"--strategy={config.strategy}",
+        f"--cpu_replicas={config.cpu_replicas}",
+    ]
+    if getattr(config, "init_weights", ""):
+        lines.append(f"--init_weights={config.init_weights}")
+    if hasattr(config, "verbose"):
+        lines.append(b("progress", config.verbose))
+    return lines
+
+
+def _config_from_flag_lines(lines: Sequence[str]):
+    """Parses flag lines the way ``mri_keras.train`` does (on a private FlagValues)."""
+    from absl import flags as absl_flags
+
+    from mri_keras import flags as train_flags
+
+    fv = absl_flags.FlagValues()
+    train_flags.define_flags(fv)
+    fv(["mri_keras.train"] + list(lines))
+    return train_flags.train_config_from_flags(fv)
+
+
+def best_trial_config(results: Sequence[TrialResult], base_config, model_dir: str):
+    """The TrainConfig that retrains the best trial in ``model_dir``, and that trial."""
+    best = next((r for r in results if r.status == "COMPLETED" and OBJECTIVE in r.metrics), None)
+    if best is None:
+        return None, None
+    config = tune_space.apply_values(base_config, best.values)
+    epochs = int(best.metrics.get("epochs") or base_config.epochs)
+    config = dataclasses.replace(config, model_dir=model_dir, epochs=epochs, overwrite=False)
+    return config, best
+
+
+def write_best_flagfile(path: str, config, best: TrialResult, sweep_dir: str) -> None:
+    """Writes ``config`` as a flagfile for ``python -m mri_keras.train --flagfile=path``.
+
+    Raises:
+      RuntimeError: the flagfile would not rebuild ``config`` (a flag out of step with
+        ``mri_keras.flags``).
+    """
+    lines = train_flag_lines(config)
+    rebuilt = _config_from_flag_lines(lines)
+    if rebuilt != config:
+        diff = {f.name: (getattr(config, f.name), getattr(rebuilt, f.name))
+                for f in dataclasses.fields(config)
+                if getattr(config, f.name) != getattr(rebuilt, f.name)}
+        raise RuntimeError(f"best_trial.flags would not rebuild the trial's config: {diff}")
+    m = best.metrics
+    header = [
+        f"# Best trial of the sweep in {sweep_dir}: trial {best.trial_id}, "
+        f"{OBJECTIVE}={m[OBJECTIVE]:.6f} at epoch {int(m.get('best_epoch', 0))} of "
+        f"{int(m.get('epochs', 0))}.",
+        f"# The trial's own run (best.keras, export/): {best.model_dir}",
+        "# Retrain it with: python -m mri_keras.train --flagfile=" + path,
+    ]
+    _write_atomic(path, "\n".join(header + lines) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """What a search produced (for the chief/local process; workers get ``rows=[]``)."""
+
+    role: str
+    results: Sequence[TrialResult]
+    rows: Sequence[dict]
+    table: str
+    summary_path: Optional[str]
+    best_flags_path: Optional[str]
+
+
+def summarize(tuner, config: TuneConfig) -> SweepResult:
+    """Writes ``summary.csv`` and ``best_trial.flags`` for the sweep so far."""
+    sweep_dir = tuner.project_dir
+    names = config.search_space.names
+    results = trial_results(tuner, config.search_space)
+    rows = summary_rows(results, names, config.top_trials)
+    summary_path = os.path.join(sweep_dir, SUMMARY_NAME)
+    write_summary_csv(summary_path, rows, names)
+    best_config, best = best_trial_config(
+        results, config.train, os.path.join(sweep_dir, "best_trial")
+    )
+    flags_path = None
+    if best is not None:
+        flags_path = os.path.join(sweep_dir, BEST_FLAGS_NAME)
+        write_best_flagfile(flags_path, best_config, best, sweep_dir)
+    return SweepResult(tuner_role(), results, rows, format_table(rows), summary_path, flags_path)
+
+
+def run_search(config: TuneConfig, *, callbacks: Optional[list] = None) -> SweepResult:
+    """Runs (or resumes, or joins as a worker) a sweep.
+
+    Args:
+      config: TuneConfig.
+      callbacks: list of keras Callbacks given to every trial's training loop (deep-copied
+        per trial). Defaults to None.
+
+    Returns:
+      SweepResult. A local or chief process returns the summary of the whole sweep (and has
+      written summary.csv and best_trial.flags); a worker returns once the oracle has no more
+      trials for it, with an empty summary.
+    """
+    tuner = build_tuner(config)
+    tuner.search(epochs=config.max_epochs, callbacks=copy.copy(callbacks or []))
+    role = tuner_role()
+    if role == "worker":
+        return SweepResult(role, [], [], "", None, None)
+    return summarize(tuner, config)
