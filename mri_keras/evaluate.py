@@ -1,0 +1,319 @@
+"""Evaluates a trained model on one split of a converted archive.
+
+Writes to ``--output_dir``:
+
+- ``predictions.csv``: one row per breast (see `mri_keras.predictions_io`).
+- ``metrics.json``: breast-level malignant and benign AUC (the paper's pooling: both breasts of
+  every exam scored independently, in one AUC) with percentile bootstrap confidence intervals
+  that resample patients, exam-level AUCs, and counts.
+- ``roc.png``: breast-level ROC curves of both tasks, CIs in the legend.
+
+Usage::
+
+    python -m mri_keras.evaluate --model=MODEL_DIR --data_dir=RECORDS --split=test \
+        --output_dir=OUT [--n_bootstrap=2000] [--seed=0]
+
+``--model`` is a training MODEL_DIR (its ``export/`` SavedModel is used, else ``best.keras``),
+an export directory, or a ``.keras`` file. The preprocessing is the model's own (see
+`mri_keras.inference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+
+from mri_keras import constants
+from mri_keras import metrics as metrics_lib
+from mri_keras import predictions_io
+
+METRICS_FILENAME = "metrics.json"
+ROC_FILENAME = "roc.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What `evaluate` runs.
+
+    Attributes:
+      model: str. MODEL_DIR, export directory or ``.keras`` file.
+      data_dir: str. Converted records directory (with manifest.json).
+      split: str. "train", "val" or "test". Defaults to "test".
+      output_dir: str. Where the outputs go (created).
+      n_bootstrap: int. Bootstrap resamples for the CIs. Defaults to 2000.
+      seed: int. Bootstrap seed. Defaults to 0.
+      confidence: float. CI level. Defaults to 0.95.
+      model_format: str. "auto" (export if present, else best.keras), "export" or "keras".
+      name: Optional[str]. Label of the model in metrics.json and the plot. Defaults to the
+        model directory's name.
+    """
+
+    model: str
+    data_dir: str
+    output_dir: str
+    split: str = "test"
+    n_bootstrap: int = metrics_lib.DEFAULT_N_BOOTSTRAP
+    seed: int = 0
+    confidence: float = metrics_lib.DEFAULT_CONFIDENCE
+    model_format: str = "auto"
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test. Received: split={self.split!r}")
+        if self.n_bootstrap < 1:
+            raise ValueError(f"n_bootstrap must be >= 1. Received: {self.n_bootstrap}")
+
+
+def iterate_split(data_dir: str, split: str, phases) -> Iterator[dict]:
+    """Yields every exam of ``split`` as numpy arrays, in shard order.
+
+    Args:
+      data_dir: str. Records directory written by `tfrecords_tools.convert`.
+      split: str. Split name.
+      phases: phases to decode.
+
+    Yields:
+      dict with ``exam_id``, ``patient_id`` (str), ``labels`` (int64[4]) and one float32
+      ``(S, H, W)`` array per phase.
+    """
+    import tensorflow as tf
+
+    from tfrecords_tools import schema
+
+    manifest = schema.read_manifest(data_dir)
+    info = manifest.get("splits", {}).get(split)
+    if not info or not info.get("shards"):
+        raise ValueError(f"{data_dir}: manifest.json lists no shards for split {split!r}")
+    files = [os.path.join(data_dir, name) for name in info["shards"]]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"{data_dir}: shard(s) listed in manifest.json are missing: {missing}")
+    stored = manifest.get("phases", list(constants.PHASES))
+    absent = [p for p in phases if p not in stored]
+    if absent:
+        raise ValueError(f"{data_dir}: records hold phases {stored}; the model needs {absent} too")
+    dataset = tf.data.TFRecordDataset(files).map(
+        lambda s: schema.decode_example(s, tuple(phases)), num_parallel_calls=tf.data.AUTOTUNE
+    ).prefetch(2)
+    for record in dataset.as_numpy_iterator():
+        out = {
+            "exam_id": record[schema.KEY_EXAM_ID].decode(),
+            "patient_id": record[schema.KEY_PATIENT_ID].decode(),
+            "labels": np.asarray(record[schema.KEY_LABELS], np.int64),
+        }
+        for p in phases:
+            out[p] = record[p]
+        yield out
+
+
+def predict_split(predictor, data_dir: str, split: str) -> predictions_io.Predictions:
+    """Runs ``predictor`` (an `inference.Predictor`) over every exam of a split."""
+    exam_ids, patient_ids, labels, probs = [], [], [], []
+    for exam in iterate_split(data_dir, split, predictor.phases):
+        exam_ids.append(exam["exam_id"])
+        patient_ids.append(exam["patient_id"])
+        labels.append(exam["labels"])
+        probs.append(predictor({p: exam[p] for p in predictor.phases}))
+    if not exam_ids:
+        raise ValueError(f"{data_dir}: split {split!r} holds no exams")
+    return predictions_io.Predictions(tuple(exam_ids), tuple(patient_ids), np.stack(labels),
+                                      np.stack(probs))
+
+
+def summarize(
+    predictions: predictions_io.Predictions,
+    n_bootstrap: int = metrics_lib.DEFAULT_N_BOOTSTRAP,
+    seed: int = 0,
+    confidence: float = metrics_lib.DEFAULT_CONFIDENCE,
+) -> dict:
+    """AUCs with patient-bootstrap CIs and counts for one set of predictions.
+
+    Returns:
+      dict with ``breast_level`` and ``exam_level`` (each ``{task: metrics.auc_with_ci(...)}``),
+      ``counts`` and ``bootstrap`` (settings). Breast and exam level use the same resamples.
+    """
+    labels, probs, pids = predictions.labels, predictions.probs, predictions.patient_ids
+    out = {"breast_level": {}, "exam_level": {}}
+    for level in ("breast", "exam"):
+        for task in ("malignant", "benign"):
+            out[f"{level}_level"][task] = metrics_lib.auc_with_ci(
+                labels, probs, pids, task=task, level=level, n_bootstrap=n_bootstrap,
+                seed=seed, confidence=confidence,
+            )
+    counts = {
+        "exams": len(predictions),
+        "patients": len(set(pids)),
+        "breasts": len(predictions) * len(constants.SIDES),
+    }
+    for task in constants.TASKS:
+        y, _ = metrics_lib.breast_level_arrays(labels, probs, task)
+        counts[f"{task}_breasts"] = int(y.sum())
+        cols = [constants.LABELS.index(f"{s}_{task}") for s in constants.SIDES]
+        counts[f"{task}_exams"] = int(labels[:, cols].max(axis=1).sum())
+    out["counts"] = counts
+    out["bootstrap"] = {
+        "n_bootstrap": int(n_bootstrap),
+        "seed": int(seed),
+        "confidence": float(confidence),
+        "resample_unit": "patient",
+        "method": "percentile",
+    }
+    return out
+
+
+def plot_roc(predictions: predictions_io.Predictions, summary: dict, path: str, title: str = ""):
+    """Draws breast-level ROC curves of both tasks with their CIs in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn import metrics as sk_metrics
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+    level = int(round(100 * summary["bootstrap"]["confidence"]))
+    for task, color in (("malignant", "tab:red"), ("benign", "tab:blue")):
+        y, s = metrics_lib.breast_level_arrays(predictions.labels, predictions.probs, task)
+        result = summary["breast_level"][task]
+        if len(np.unique(y)) < 2:
+            ax.plot([], [], color=color, label=f"{task}: AUC n/a (one class only)")
+            continue
+        fpr, tpr, _ = sk_metrics.roc_curve(y, s)
+        ci = ""
+        if not np.isnan(result["ci_low"]):
+            ci = f" ({level}% CI {result['ci_low']:.3f}-{result['ci_high']:.3f})"
+        ax.plot(fpr, tpr, color=color, linewidth=1.5,
+                label=f"{task}: AUC {result['auc']:.3f}{ci}")
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_title(title or "Breast-level ROC", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def json_safe(obj):
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None  # JSON has no NaN; null means "undefined" (e.g. one class only)
+    return obj
+
+
+def write_report(output_dir: str, predictions: predictions_io.Predictions, summary: dict,
+                 title: str = "") -> dict:
+    """Writes predictions.csv, metrics.json and roc.png; returns the paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {
+        "predictions": os.path.join(output_dir, predictions_io.FILENAME),
+        "metrics": os.path.join(output_dir, METRICS_FILENAME),
+        "roc": os.path.join(output_dir, ROC_FILENAME),
+    }
+    predictions_io.write_predictions(paths["predictions"], predictions)
+    tmp = paths["metrics"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(json_safe(summary), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, paths["metrics"])
+    plot_roc(predictions, summary, paths["roc"], title=title)
+    return paths
+
+
+def read_metrics(path: str) -> dict:
+    """Reads a metrics.json (file or directory holding one); nulls become NaN."""
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILENAME)
+    with open(path) as f:
+        data = json.load(f)
+
+    def _nan(obj):
+        if isinstance(obj, dict):
+            return {k: _nan(v) for k, v in obj.items()}
+        return float("nan") if obj is None else obj
+
+    for level in ("breast_level", "exam_level"):
+        if level in data:
+            data[level] = _nan(data[level])
+    return data
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Predicts one split and writes the report; returns the metrics dict."""
+    from mri_keras import inference
+
+    start = time.time()
+    predictor = inference.load_predictor(config.model, config.model_format)
+    predictions = predict_split(predictor, config.data_dir, config.split)
+    summary = summarize(predictions, config.n_bootstrap, config.seed, config.confidence)
+    name = config.name or os.path.basename(
+        (predictor.location.model_dir or predictor.location.export_dir or config.model).rstrip("/")
+    )
+    summary = {
+        "name": name,
+        "split": config.split,
+        "model": os.path.abspath(config.model),
+        "model_format": predictor.source,
+        "input_variant": predictor.input_config.input_variant,
+        "normalization": predictor.input_config.normalization,
+        "data_dir": os.path.abspath(config.data_dir),
+        **summary,
+        "seconds": round(time.time() - start, 2),
+    }
+    write_report(config.output_dir, predictions, summary, title=f"{name} ({config.split})")
+    return summary
+
+
+def define_flags():
+    """Defines this entry point's flags."""
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "MODEL_DIR, its export/ SavedModel, or a .keras file.")
+    flags.DEFINE_string("data_dir", None, "Converted records directory (with manifest.json).")
+    flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
+    flags.DEFINE_string("output_dir", None, "Where predictions.csv, metrics.json, roc.png go.")
+    flags.DEFINE_integer("n_bootstrap", metrics_lib.DEFAULT_N_BOOTSTRAP,
+                         "Bootstrap resamples (patients drawn with replacement).")
+    flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+    flags.DEFINE_float("confidence", metrics_lib.DEFAULT_CONFIDENCE, "Confidence level of CIs.")
+    flags.DEFINE_enum("model_format", "auto", ["auto", "export", "keras"],
+                      "auto: export/ SavedModel if present, else best.keras.")
+    flags.DEFINE_string("name", None, "Name of the model in the report (default: its dir name).")
+    flags.mark_flags_as_required(["model", "data_dir", "output_dir"])
+
+
+def main(argv):
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    config = EvalConfig(
+        model=f.model, data_dir=f.data_dir, output_dir=f.output_dir, split=f.split,
+        n_bootstrap=f.n_bootstrap, seed=f.seed, confidence=f.confidence,
+        model_format=f.model_format, name=f.name,
+    )
+    summary = evaluate(config)
+    for task in ("malignant", "benign"):
+        print(f"{summary['name']} {config.split} breast-level {task} AUC: "
+              f"{metrics_lib.format_auc(summary['breast_level'][task])}")
+    print(f"exam-level malignant AUC: {metrics_lib.format_auc(summary['exam_level']['malignant'])}")
+    print(f"wrote {config.output_dir}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

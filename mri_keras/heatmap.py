@@ -1,0 +1,216 @@
+"""Where the model looked: gradient-based saliency volumes for one exam.
+
+Two methods, both returning a float32 ``(S, H, W)`` map in [0, 1] on the exam's own grid and
+in canonical orientation (slice toward Superior, row toward Posterior, col toward the
+patient's Left, exactly the axes of the volumes `tfrecords_tools.dicom_reader.load_exam`
+returns and the TFRecords store):
+
+- ``gradcam`` (default): Grad-CAM (Selvaraju et al., 2017) on the output of the 3D residual
+  block (layer ``block3d_out``, ``(S, H/32, W/32, C)``). Channel weights are the mean gradient
+  of the target over slices and positions; the ReLU of the weighted channel sum is a per-slice
+  map on the 3D block's grid, upsampled bilinearly in-plane (and along slices if the grid
+  differs) to ``(S, H, W)``. Coarse (one cell per 32x32 pixels) but tied to the features the
+  heads read.
+- ``gradient``: the absolute gradient of the target with respect to the input volume (full
+  resolution, noisier).
+
+The target is the log-odds ``log p(positive) - log p(negative)`` of the chosen heads
+(the 2-way softmax's logit difference), summed: ``malignant`` (both malignant heads, the
+default), ``benign`` (both benign heads), or one label such as ``left_malignant``.
+
+Saliency needs the Keras model's intermediate layers, which a SavedModel does not expose:
+it is computed with ``best.keras`` (``MODEL_DIR/best.keras``, next to ``MODEL_DIR/export``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence, Tuple
+
+import numpy as np
+
+from mri_keras import constants
+
+METHODS = ("gradcam", "gradient")
+TARGETS = ("malignant", "benign") + constants.LABELS
+GRADCAM_LAYER = "block3d_out"
+NPY_FILENAME = "heatmap.npy"
+
+
+def target_labels(target: str) -> Tuple[str, ...]:
+    """Heads whose log-odds are summed for ``target`` (e.g. "malignant" -> both sides)."""
+    if target in constants.TASKS:
+        return tuple(f"{side}_{target}" for side in constants.SIDES)
+    if target in constants.LABELS:
+        return (target,)
+    raise ValueError(f"target must be one of {TARGETS}. Received: target={target!r}")
+
+
+def _gradcam_layer(model, layer_name: str):
+    """The 3D block's output layer, or the last 5-D layer before global pooling."""
+    try:
+        return model.get_layer(layer_name)
+    except ValueError:
+        pass
+    candidates = []
+    for layer in model.layers[1:]:
+        try:
+            rank = len(layer.output.shape)
+        except (AttributeError, ValueError):  # shared layers have no single output
+            continue
+        if rank == 5:
+            candidates.append(layer)
+    if not candidates:
+        raise ValueError(f"Model {model.name!r} has no layer {layer_name!r} and no 5-D feature "
+                         "map to compute Grad-CAM on.")
+    return candidates[-1]
+
+
+def _log_odds(outputs: Mapping, labels: Sequence[str]):
+    import tensorflow as tf
+
+    eps = 1e-7
+    total = 0.0
+    for label in labels:
+        p = tf.clip_by_value(tf.cast(outputs[label], tf.float32), eps, 1.0 - eps)  # (1, 2)
+        total += tf.reduce_sum(tf.math.log(p[:, 1]) - tf.math.log(p[:, 0]))
+    return total
+
+
+def _upsample(cam, shape):
+    """(s, h, w) -> (S, H, W) bilinear (half-pixel centres)."""
+    import tensorflow as tf
+
+    s_out, h_out, w_out = (int(v) for v in shape)
+    x = tf.image.resize(cam[..., tf.newaxis], (h_out, w_out), method="bilinear")  # (s, H, W, 1)
+    if x.shape[0] != s_out:
+        # Resize along slices: treat (s, H*W) as an image of one column per pixel.
+        flat = tf.reshape(x, (1, x.shape[0], h_out * w_out, 1))
+        flat = tf.image.resize(flat, (s_out, h_out * w_out), method="bilinear")
+        x = tf.reshape(flat, (s_out, h_out, w_out, 1))
+    return x[..., 0]
+
+
+def _normalise(volume: np.ndarray) -> np.ndarray:
+    volume = np.maximum(np.asarray(volume, np.float32), 0.0)
+    peak = float(volume.max()) if volume.size else 0.0
+    return volume / peak if peak > 0 else volume
+
+
+def saliency(model, volume, target: str = "malignant", method: str = "gradcam",
+             layer_name: str = GRADCAM_LAYER) -> np.ndarray:
+    """Saliency of one preprocessed exam.
+
+    Args:
+      model: keras.Model (the Doubly Deep CNN, or any functional model with a 5-D feature map
+        and heads keyed by LABELS).
+      volume: float32 ``(S, H, W, 1)`` preprocessed input (`input_pipeline.preprocess`).
+      target: str. See `target_labels`. Defaults to "malignant".
+      method: str. "gradcam" or "gradient". Defaults to "gradcam".
+      layer_name: str. Grad-CAM feature layer. Defaults to "block3d_out".
+
+    Returns:
+      float32 ``(S, H, W)`` in [0, 1] (all zeros if nothing pushes the target up).
+    """
+    import keras
+    import tensorflow as tf
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}. Received: method={method!r}")
+    labels = target_labels(target)
+    x = tf.convert_to_tensor(volume, tf.float32)
+    if x.shape.rank != 4 or x.shape[-1] != 1:
+        raise ValueError(f"volume must be (S, H, W, 1). Received shape: {x.shape}")
+    x = x[tf.newaxis]  # (1, S, H, W, 1)
+    shape = tuple(int(v) for v in volume.shape[:3])
+    if method == "gradient":
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            score = _log_odds(model(x, training=False), labels)
+        grad = tape.gradient(score, x)  # (1, S, H, W, 1)
+        return _normalise(tf.abs(grad[0, ..., 0]).numpy())
+    layer = _gradcam_layer(model, layer_name)
+    grad_model = keras.Model(model.inputs, [layer.output, model.output])
+    with tf.GradientTape() as tape:
+        features, outputs = grad_model(x, training=False)  # features: (1, s, h, w, C)
+        score = _log_odds(outputs, labels)
+    grads = tape.gradient(score, features)
+    if grads is None:
+        raise ValueError(f"The target does not depend on layer {layer.name!r}.")
+    weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(0, 1, 2, 3))  # (C,)
+    cam = tf.nn.relu(tf.einsum("shwc,c->shw", tf.cast(features[0], tf.float32), weights))
+    return _normalise(_upsample(cam, shape).numpy())
+
+
+def exam_saliency(model, phases: Mapping[str, np.ndarray], input_config, target="malignant",
+                  method="gradcam") -> Tuple[np.ndarray, np.ndarray]:
+    """Preprocesses raw phases with the model's input config and computes the saliency.
+
+    Returns:
+      (heatmap (S, H, W) float32 in [0, 1], image (S, H, W) float32: the model's input).
+    """
+    from mri_keras import inference
+
+    volume = inference.preprocess_phases(phases, input_config)  # (S, H, W, 1)
+    heat = saliency(model, volume, target=target, method=method)
+    return heat, np.asarray(volume)[..., 0]
+
+
+def most_salient_slices(heatmap: np.ndarray, k: int) -> list:
+    """Indices of the ``k`` slices with the highest peak saliency (descending)."""
+    peaks = heatmap.reshape(heatmap.shape[0], -1).max(axis=1)
+    order = np.argsort(-peaks, kind="stable")
+    return [int(i) for i in order[: max(0, min(k, len(order)))]]
+
+
+def write_heatmaps(output_dir: str, heatmap: np.ndarray, image: np.ndarray,
+                   top_slices: int = 4, title: str = "", spacing=None) -> dict:
+    """Writes ``heatmap.npy`` and PNG overlays of the most salient slices.
+
+    Each PNG shows one axial slice in radiological view (row 0 at the top, the patient's
+    right on the image's left) with the heatmap over it, and marks R/L.
+
+    Args:
+      output_dir: str. Created if needed.
+      heatmap: (S, H, W) in [0, 1], canonical orientation.
+      image: (S, H, W) model input, same grid.
+      top_slices: int. How many PNGs. Defaults to 4.
+      title: str. Prefix of each PNG's title.
+      spacing: optional (3,) mm spacing, for the in-plane aspect ratio.
+
+    Returns:
+      dict ``{"npy": path, "png": [paths], "slices": [indices]}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if heatmap.shape != image.shape:
+        raise ValueError(f"heatmap {heatmap.shape} and image {image.shape} differ in shape")
+    os.makedirs(output_dir, exist_ok=True)
+    npy = os.path.join(output_dir, NPY_FILENAME)
+    np.save(npy, heatmap.astype(np.float32))
+    aspect = float(spacing[1]) / float(spacing[2]) if spacing is not None else 1.0
+    slices = most_salient_slices(heatmap, top_slices)
+    pngs = []
+    lo, hi = np.percentile(image, [1, 99]) if image.size else (0, 1)
+    for rank, s in enumerate(slices):
+        fig, ax = plt.subplots(figsize=(5, 5 * heatmap.shape[1] / heatmap.shape[2] * aspect),
+                               dpi=100)
+        ax.imshow(image[s], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect)
+        ax.imshow(heatmap[s], cmap="jet", alpha=0.4 * (heatmap[s] > 0.05), vmin=0, vmax=1,
+                  aspect=aspect)
+        ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, fontsize=12,
+                fontweight="bold", va="center")
+        ax.text(0.95, 0.5, "L", color="yellow", transform=ax.transAxes, fontsize=12,
+                fontweight="bold", va="center")
+        ax.set_title(f"{title} slice {s} (rank {rank + 1}, peak {heatmap[s].max():.2f})",
+                     fontsize=9)
+        ax.axis("off")
+        path = os.path.join(output_dir, f"slice_{s:03d}.png")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        pngs.append(path)
+    return {"npy": npy, "png": pngs, "slices": slices}

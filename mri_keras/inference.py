@@ -1,0 +1,257 @@
+"""Loading a trained model for inference: from a MODEL_DIR, its export/ SavedModel, or best.keras.
+
+Both evaluation (`mri_keras.evaluate`, over TFRecords) and prediction on a new DICOM exam
+(`mri_keras.predict`) go through a `Predictor`, which maps the raw canonical phases of one exam
+(float32 ``(S, H, W)`` each, as `tfrecords_tools.dicom_reader.load_exam` and
+`tfrecords_tools.schema.decode_example` return them) to four probabilities in
+``constants.LABELS`` order. Preprocessing (input variant and normalisation) is the model's own:
+inside the SavedModel's ``serving_default``, or `input_pipeline.preprocess` with the input
+config the model was trained with (MODEL_DIR/config.json) for a Keras model. Both paths give
+the same numbers for the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Mapping, Optional
+
+import numpy as np
+
+from mri_keras import config as config_lib
+from mri_keras import constants
+
+SAVED_MODEL_PB = "saved_model.pb"
+EXPORT_DIRNAME = "export"
+KERAS_FILENAME = "best.keras"
+CONFIG_FILENAME = "config.json"
+# Files an export may carry to describe its input; checked in this order.
+EXPORT_METADATA_FILES = ("mri_keras.json", "input_config.json", "metadata.json", "config.json")
+MODEL_FORMATS = ("auto", "export", "keras")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLocation:
+    """Where a model's pieces live.
+
+    Attributes:
+      export_dir: Optional[str]. SavedModel directory, if any.
+      keras_path: Optional[str]. ``.keras`` file, if any.
+      model_dir: Optional[str]. The training run's directory (holds config.json), if known.
+    """
+
+    export_dir: Optional[str]
+    keras_path: Optional[str]
+    model_dir: Optional[str]
+
+
+def locate_model(path: str) -> ModelLocation:
+    """Resolves ``--model``: a MODEL_DIR, its ``export/`` SavedModel, or a ``.keras`` file.
+
+    A SavedModel has no intermediate layers, so saliency maps need the Keras model; it is found
+    next to the export (``MODEL_DIR/best.keras`` when ``path`` is ``MODEL_DIR/export``).
+
+    Raises:
+      FileNotFoundError: ``path`` holds neither a SavedModel nor a ``.keras`` model.
+    """
+    path = os.path.abspath(path.rstrip("/") or "/")
+    if os.path.isfile(path) and path.endswith(".keras"):
+        model_dir = os.path.dirname(path)
+        export = os.path.join(model_dir, EXPORT_DIRNAME)
+        return ModelLocation(
+            export_dir=export if os.path.isfile(os.path.join(export, SAVED_MODEL_PB)) else None,
+            keras_path=path,
+            model_dir=model_dir,
+        )
+    if os.path.isfile(os.path.join(path, SAVED_MODEL_PB)):
+        parent = os.path.dirname(path)
+        keras_path = os.path.join(parent, KERAS_FILENAME)
+        has_run = os.path.isfile(os.path.join(parent, CONFIG_FILENAME)) or os.path.isfile(keras_path)
+        return ModelLocation(
+            export_dir=path,
+            keras_path=keras_path if os.path.isfile(keras_path) else None,
+            model_dir=parent if has_run else None,
+        )
+    export = os.path.join(path, EXPORT_DIRNAME)
+    keras_path = os.path.join(path, KERAS_FILENAME)
+    has_export = os.path.isfile(os.path.join(export, SAVED_MODEL_PB))
+    has_keras = os.path.isfile(keras_path)
+    if has_export or has_keras:
+        return ModelLocation(
+            export_dir=export if has_export else None,
+            keras_path=keras_path if has_keras else None,
+            model_dir=path,
+        )
+    raise FileNotFoundError(
+        f"No model at {path!r}: expected a training MODEL_DIR (with {EXPORT_DIRNAME}/ or "
+        f"{KERAS_FILENAME}), an exported SavedModel directory (with {SAVED_MODEL_PB}) or a "
+        ".keras file."
+    )
+
+
+def _input_config_from_dict(d: Mapping) -> config_lib.InputConfig:
+    """Builds an InputConfig from a saved dict, ignoring keys this version does not know."""
+    fields = {f.name for f in dataclasses.fields(config_lib.InputConfig)}
+    kwargs = {k: v for k, v in d.items() if k in fields}
+    for key in ("percentiles", "crop"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    return config_lib.InputConfig(**kwargs)
+
+
+def _find_input_dict(obj) -> Optional[Mapping]:
+    """Finds the input-config dict in a saved config (``{"input": {...}}`` or flat)."""
+    if not isinstance(obj, Mapping):
+        return None
+    for key in ("input", "input_config"):
+        if isinstance(obj.get(key), Mapping) and "input_variant" in obj[key]:
+            return obj[key]
+    if "input_variant" in obj:
+        return obj
+    for value in obj.values():
+        found = _find_input_dict(value) if isinstance(value, Mapping) else None
+        if found is not None:
+            return found
+    return None
+
+
+def load_input_config(location: ModelLocation) -> config_lib.InputConfig:
+    """The input config a model was trained with.
+
+    Looked up in the export's metadata files (``assets.extra/`` or the export root), then in
+    MODEL_DIR/config.json.
+
+    Raises:
+      FileNotFoundError: no saved config names the model's input variant.
+    """
+    candidates = []
+    if location.export_dir:
+        for sub in ("assets.extra", "assets", ""):
+            for name in EXPORT_METADATA_FILES:
+                candidates.append(os.path.join(location.export_dir, sub, name))
+    if location.model_dir:
+        candidates.append(os.path.join(location.model_dir, CONFIG_FILENAME))
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            try:
+                saved = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        found = _find_input_dict(saved)
+        if found is not None:
+            return _input_config_from_dict(found)
+    raise FileNotFoundError(
+        "Cannot tell which input variant / preprocessing the model expects: none of "
+        f"{[c for c in candidates]} exists or names an input_variant."
+    )
+
+
+def _positive_probs(outputs: Mapping) -> np.ndarray:
+    """(4,) p(positive) in LABELS order from a dict of per-head outputs."""
+    probs = np.zeros(len(constants.LABELS), np.float64)
+    for i, label in enumerate(constants.LABELS):
+        if label not in outputs:
+            raise KeyError(f"Model output lacks head {label!r}; it has {sorted(outputs)}")
+        value = np.asarray(outputs[label], np.float64).reshape(-1)
+        if value.size == 2:  # softmax over (negative, positive)
+            probs[i] = value[1]
+        elif value.size == 1:  # already p(positive)
+            probs[i] = value[0]
+        else:
+            raise ValueError(f"Head {label!r} returned shape {np.shape(outputs[label])}; "
+                             "expected one exam's 2-way softmax.")
+    return probs
+
+
+class Predictor:
+    """Maps raw phases of one exam to p(positive) per label.
+
+    Attributes:
+      input_config: InputConfig the model was trained with.
+      phases: tuple of phase names the model reads.
+      source: str. "export" or "keras".
+      location: ModelLocation.
+    """
+
+    def __init__(self, location: ModelLocation, model_format: str = "auto"):
+        if model_format not in MODEL_FORMATS:
+            raise ValueError(f"model_format must be one of {MODEL_FORMATS}. "
+                             f"Received: model_format={model_format!r}")
+        self.location = location
+        self.input_config = load_input_config(location)
+        self.phases = constants.phases_needed(self.input_config.input_variant)
+        use_export = location.export_dir is not None and model_format in ("auto", "export")
+        if model_format == "export" and location.export_dir is None:
+            raise FileNotFoundError(f"No exported SavedModel found for {location}")
+        if model_format == "keras" and location.keras_path is None:
+            raise FileNotFoundError(f"No {KERAS_FILENAME} found for {location}")
+        self.source = "export" if use_export else "keras"
+        if use_export:
+            self._init_export(location.export_dir)
+        else:
+            self._keras_model = load_keras_model(location.keras_path)
+            self._keras_fn = None
+
+    def _init_export(self, export_dir: str):
+        import tensorflow as tf
+
+        self._saved = tf.saved_model.load(export_dir)
+        if "serving_default" not in self._saved.signatures:
+            raise ValueError(f"{export_dir} has no serving_default signature "
+                             f"(has {list(self._saved.signatures)})")
+        self._serving = self._saved.signatures["serving_default"]
+        _, kwargs = self._serving.structured_input_signature
+        self._serving_inputs = tuple(kwargs)
+        unknown = [k for k in self._serving_inputs if k not in constants.PHASES]
+        if unknown:
+            raise ValueError(f"{export_dir}: serving_default inputs {self._serving_inputs} are not "
+                             f"phase names {constants.PHASES}")
+        # An export's own signature is the truth about which phases it reads.
+        self.phases = tuple(p for p in constants.PHASES if p in self._serving_inputs)
+
+    def __call__(self, phases: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Returns float64 (4,) probabilities for one exam's raw phases ``{phase: (S,H,W)}``."""
+        import tensorflow as tf
+
+        missing = [p for p in self.phases if p not in phases]
+        if missing:
+            raise KeyError(f"The model needs phase(s) {missing}; got {sorted(phases)}")
+        if self.source == "export":
+            feed = {p: tf.convert_to_tensor(phases[p], tf.float32) for p in self.phases}
+            return _positive_probs(self._serving(**feed))
+        volume = preprocess_phases(phases, self.input_config)[tf.newaxis]  # (1, S, H, W, 1)
+        if self._keras_fn is None:
+            model = self._keras_model
+            self._keras_fn = tf.function(lambda x: model(x, training=False),
+                                         reduce_retracing=True)
+        return _positive_probs(self._keras_fn(volume))
+
+
+def preprocess_phases(phases: Mapping[str, np.ndarray], input_config) :
+    """`input_pipeline.preprocess` on numpy/tensor phases; returns a (S, H, W, 1) tensor."""
+    import tensorflow as tf
+
+    from mri_keras import input_pipeline
+
+    tensors = {
+        p: tf.convert_to_tensor(phases[p], tf.float32)
+        for p in constants.phases_needed(input_config.input_variant)
+    }
+    return input_pipeline.preprocess(tensors, input_config)
+
+
+def load_keras_model(path: str):
+    """Loads a ``.keras`` model written by training (registers mri_keras layers first)."""
+    import keras
+
+    from mri_keras import model as _model_lib  # noqa: F401  (registers custom layers)
+
+    return keras.saving.load_model(path, compile=False)
+
+
+def load_predictor(path: str, model_format: str = "auto") -> Predictor:
+    """Resolves ``path`` (see `locate_model`) and returns a `Predictor`."""
+    return Predictor(locate_model(path), model_format)

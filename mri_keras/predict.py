@@ -1,0 +1,177 @@
+"""Runs a trained model on one new DICOM exam folder (no TFRecords needed).
+
+Usage::
+
+    python -m mri_keras.predict --model=MODEL_DIR/export --exam_dir=DICOM_EXAM \
+        [--heatmap_dir=DIR] [--heatmap_target=malignant] [--heatmap_method=gradcam]
+
+The folder is read by `tfrecords_tools.dicom_reader.load_exam`, the converter's own reader
+(series grouping, phase order, canonical orientation, rescale), and scored by the SavedModel's
+``serving_default`` (which carries the model's preprocessing). Prints one JSON object::
+
+    {"left": {"benign": 0.02, "malignant": 0.91}, "right": {"benign": 0.01, "malignant": 0.03},
+     "input": "t2-t0", "slices": 60, "shape": [60, 256, 256], "model_format": "export"}
+
+No DICOM header value (names, ids, dates, UIDs) is printed; the patient id the reader
+returns is not used. A folder that is not a usable exam exits with status 2 and the reader's
+reason on stderr.
+
+``--heatmap_dir`` also writes a saliency volume (``heatmap.npy``, float32 ``(S, H, W)`` in
+[0, 1], canonical orientation: slice toward Superior, row toward Posterior, col toward the
+patient's Left) and PNG overlays of the most salient slices; see `mri_keras.heatmap`. Saliency
+needs the Keras model (``MODEL_DIR/best.keras``, next to ``export/``), since a SavedModel has no
+intermediate layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Optional
+
+import numpy as np
+
+from mri_keras import constants
+from mri_keras import heatmap as heatmap_lib
+from mri_keras import inference
+
+EXIT_BAD_EXAM = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """What `predict_exam` runs.
+
+    Attributes:
+      model: str. MODEL_DIR, its export/ directory, or a .keras file.
+      exam_dir: str. One exam's DICOM folder.
+      heatmap_dir: Optional[str]. Where saliency outputs go; None skips them.
+      heatmap_target: str. "malignant", "benign" or one label. Defaults to "malignant".
+      heatmap_method: str. "gradcam" or "gradient". Defaults to "gradcam".
+      top_slices: int. PNG overlays written. Defaults to 4.
+      model_format: str. "auto", "export" or "keras". Defaults to "auto".
+    """
+
+    model: str
+    exam_dir: str
+    heatmap_dir: Optional[str] = None
+    heatmap_target: str = "malignant"
+    heatmap_method: str = "gradcam"
+    top_slices: int = 4
+    model_format: str = "auto"
+
+    def __post_init__(self):
+        heatmap_lib.target_labels(self.heatmap_target)
+        if self.heatmap_method not in heatmap_lib.METHODS:
+            raise ValueError(f"heatmap_method must be one of {heatmap_lib.METHODS}. "
+                             f"Received: {self.heatmap_method!r}")
+        if self.top_slices < 0:
+            raise ValueError(f"top_slices must be >= 0. Received: {self.top_slices}")
+
+
+def probabilities_json(probs) -> dict:
+    """(4,) p(positive) in LABELS order -> {"left": {"benign", "malignant"}, "right": ...}."""
+    return {
+        side: {task: float(probs[constants.LABELS.index(f"{side}_{task}")])
+               for task in constants.TASKS}
+        for side in constants.SIDES
+    }
+
+
+def predict_exam(config: PredictConfig, predictor: Optional[inference.Predictor] = None) -> dict:
+    """Scores one exam folder; optionally writes its heatmaps.
+
+    Args:
+      config: PredictConfig.
+      predictor: optional already-loaded `inference.Predictor` (to score many exams).
+
+    Returns:
+      The JSON-ready result (see module docstring).
+
+    Raises:
+      tfrecords_tools.dicom_reader.ExamError: the folder is not a usable exam.
+      FileNotFoundError: no model, or heatmaps asked for without best.keras.
+    """
+    from tfrecords_tools import dicom_reader
+
+    predictor = predictor or inference.load_predictor(config.model, config.model_format)
+    if config.heatmap_dir and predictor.location.keras_path is None:
+        raise FileNotFoundError(
+            f"Heatmaps need the Keras model ({inference.KERAS_FILENAME}) next to the export "
+            f"({predictor.location.model_dir or config.model}): a SavedModel has no "
+            "intermediate layers to compute Grad-CAM on."
+        )
+    exam = dicom_reader.load_exam(config.exam_dir)
+    phases = {p: exam.volumes[p] for p in predictor.phases}
+    probs = predictor(phases)
+    shape = [int(v) for v in exam.volumes[predictor.phases[0]].shape]
+    result = {
+        **probabilities_json(probs),
+        "input": predictor.input_config.input_variant,
+        "slices": shape[0],
+        "shape": shape,
+        "spacing_mm": [round(float(v), 4) for v in exam.spacing],
+        "model_format": predictor.source,
+    }
+    if config.heatmap_dir:
+        keras_model = inference.load_keras_model(predictor.location.keras_path)
+        heat, image = heatmap_lib.exam_saliency(
+            keras_model, phases, predictor.input_config, config.heatmap_target,
+            config.heatmap_method)
+        written = heatmap_lib.write_heatmaps(
+            config.heatmap_dir, heat, image, config.top_slices,
+            title=f"{config.heatmap_method} ({config.heatmap_target})", spacing=exam.spacing)
+        result["heatmap"] = {
+            "method": config.heatmap_method,
+            "target": config.heatmap_target,
+            "npy": written["npy"],
+            "png": written["png"],
+            "top_slices": written["slices"],
+            "orientation": "canonical (slice->Superior, row->Posterior, col->patient Left)",
+        }
+    return result
+
+
+def define_flags():
+    """Defines this entry point's flags."""
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "MODEL_DIR/export (SavedModel), a MODEL_DIR or .keras.")
+    flags.DEFINE_string("exam_dir", None, "One exam's DICOM folder.")
+    flags.DEFINE_string("heatmap_dir", None, "Write heatmap.npy + PNG overlays here.")
+    flags.DEFINE_enum("heatmap_target", "malignant", list(heatmap_lib.TARGETS),
+                      "Heads whose log-odds the saliency explains.")
+    flags.DEFINE_enum("heatmap_method", "gradcam", list(heatmap_lib.METHODS), "Saliency method.")
+    flags.DEFINE_integer("top_slices", 4, "Number of PNG overlays (most salient slices).")
+    flags.DEFINE_enum("model_format", "auto", list(inference.MODEL_FORMATS),
+                      "auto: the export if present, else best.keras.")
+    flags.mark_flags_as_required(["model", "exam_dir"])
+
+
+def main(argv):
+    from absl import app, flags
+
+    from tfrecords_tools import dicom_reader
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    config = PredictConfig(
+        model=f.model, exam_dir=f.exam_dir, heatmap_dir=f.heatmap_dir,
+        heatmap_target=f.heatmap_target, heatmap_method=f.heatmap_method,
+        top_slices=f.top_slices, model_format=f.model_format,
+    )
+    try:
+        result = predict_exam(config)
+    except dicom_reader.ExamError as e:
+        print(f"error: not a usable exam: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_EXAM)
+    print(json.dumps(result, indent=None if f.heatmap_dir is None else 2))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
