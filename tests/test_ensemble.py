@@ -125,3 +125,31 @@ def test_members_must_cover_the_same_exams(tmp_path):
             method="mean", output_dir=str(tmp_path / "x"), n_bootstrap=10))
     with pytest.raises(ValueError, match="validation"):
         ensemble.EnsembleConfig(test_predictions=("a",), method="caruana", output_dir="x")
+
+
+def test_table1_and_data_fraction_reports(tmp_path):
+    from mri_keras import evaluate, experiments
+
+    exams, pids, labels, members = _split(2)
+    eval_root = tmp_path / "eval"
+    for k, key in enumerate(["t0", "t2sub", "frac_100", "frac_10", "frac_1"]):
+        pred = predictions_io.Predictions(tuple(exams), tuple(pids), labels,
+                                          members["good_a"] if k % 2 else members["good_b"])
+        summary = {"name": key, **evaluate.summarize(pred, n_bootstrap=50)}
+        evaluate.write_report(str(eval_root / key / "test"), pred, summary)
+    text = experiments.run(experiments.ExperimentsConfig(
+        report="table1", eval_root=str(eval_root), output_dir=str(tmp_path)))
+    lines = text.splitlines()
+    assert "| Image | Benign AUC | Malignant AUC |" in lines
+    t0 = next(l for l in lines if l.startswith("| t0 (pre-contrast)"))
+    m = json.load(open(eval_root / "t0" / "test" / "metrics.json"))["breast_level"]
+    assert metrics.format_auc(m["malignant"]) in t0 and metrics.format_auc(m["benign"]) in t0
+    assert next(l for l in lines if l.startswith("| t1 - t0")).count("not run") == 2
+    assert (tmp_path / "table1.csv").is_file()
+    text = experiments.run(experiments.ExperimentsConfig(
+        report="data_fraction", eval_root=str(eval_root), output_dir=str(tmp_path)))
+    assert [l.split("|")[1].strip() for l in text.splitlines()[2:]] == ["1%", "10%", "100%"]
+    assert os.path.getsize(tmp_path / "data_fraction.png") > 1000
+    with pytest.raises(FileNotFoundError, match="table1.sh"):
+        experiments.run(experiments.ExperimentsConfig(
+            report="table1", eval_root=str(tmp_path / "none"), output_dir=str(tmp_path)))

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The paper's data-size experiment (Figure 2): AUC against the share of training patients.
+#
+# Trains one model per fraction of the training PATIENTS (100/50/20/10/5/2/1%, seeded
+# subsample via --train_fraction; validation and test are always whole), evaluates each on
+# test, and draws AUC vs fraction (log x axis, 95% bootstrap CI band).
+#
+# Usage:
+#   scripts/data_fraction.sh --data_dir=RECORDS --output_dir=OUT [--scale=demo|paper]
+#                            [--variant=t2sub] [--percents=100,50,20,10,5,2,1] [--epochs=N]
+#                            [--n_bootstrap=2000] [--seed=0] [-- extra training flags]
+#
+#   --scale=paper  (default) configs/<variant>.flags unchanged (GPUs, a real archive).
+#   --scale=demo   adds configs/demo.flags: minutes on a CPU on the synthetic cohort (where 1%
+#                  of the training patients is a single patient: the curve's low end is noise).
+# Rerunning resumes finished runs and keeps up-to-date evaluations.
+# Outputs: OUT/models/frac_<pct>/, OUT/eval/frac_<pct>/test/, OUT/data_fraction.{png,csv,md}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+
+DATA_DIR="" OUT="" SCALE="paper" VARIANT="t2sub" PERCENTS="100,50,20,10,5,2,1" EPOCHS=""
+N_BOOTSTRAP=2000 SEED=0 EXTRA=()
+for arg in "$@"; do
+  if [ "${#EXTRA[@]}" -gt 0 ] || [ "$arg" = "--" ]; then EXTRA+=("$arg"); continue; fi
+  case "$arg" in
+    --data_dir=*) DATA_DIR="${arg#*=}" ;;
+    --output_dir=*) OUT="${arg#*=}" ;;
+    --scale=*) SCALE="${arg#*=}" ;;
+    --variant=*) VARIANT="${arg#*=}" ;;
+    --percents=*) PERCENTS="${arg#*=}" ;;
+    --epochs=*) EPOCHS="${arg#*=}" ;;
+    --n_bootstrap=*) N_BOOTSTRAP="${arg#*=}" ;;
+    --seed=*) SEED="${arg#*=}" ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "data_fraction.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ "${#EXTRA[@]}" -gt 0 ] && EXTRA=("${EXTRA[@]:1}")
+if [ -z "$DATA_DIR" ] || [ -z "$OUT" ]; then
+  echo "data_fraction.sh: --data_dir and --output_dir are required (see --help)" >&2; exit 2
+fi
+case "$SCALE" in
+  paper) SCALE_FLAGS=() ;;
+  demo) SCALE_FLAGS=(--flagfile=configs/demo.flags --noprogress) ;;
+  *) echo "data_fraction.sh: --scale must be demo or paper, got $SCALE" >&2; exit 2 ;;
+esac
+[ -n "$EPOCHS" ] && SCALE_FLAGS+=(--epochs="$EPOCHS")
+[ -f "configs/$VARIANT.flags" ] || { echo "data_fraction.sh: configs/$VARIANT.flags not found" >&2; exit 2; }
+
+IFS=',' read -r -a PERCENT_LIST <<< "$PERCENTS"
+mkdir -p "$OUT/models" "$OUT/eval"
+for pct in "${PERCENT_LIST[@]}"; do
+  fraction="$("$PYTHON" -c "import sys; p = float(sys.argv[1]); assert 0 < p <= 100, p; print(p / 100)" "$pct")"
+  name="frac_$pct"
+  echo "== training $VARIANT on $pct% of the training patients ($SCALE scale)"
+  "$PYTHON" -m mri_keras.train --flagfile="configs/$VARIANT.flags" "${SCALE_FLAGS[@]}" \
+    --input="$VARIANT" --train_fraction="$fraction" --data_dir="$DATA_DIR" \
+    --model_dir="$OUT/models/$name" "${EXTRA[@]}"
+  out="$OUT/eval/$name/test"
+  if [ -f "$out/metrics.json" ] && [ "$out/metrics.json" -nt "$OUT/models/$name/best.keras" ]; then
+    echo "  kept $out/metrics.json"
+  else
+    "$PYTHON" -m mri_keras.evaluate --model="$OUT/models/$name" --data_dir="$DATA_DIR" \
+      --split=test --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" --name="$name"
+  fi
+done
+echo
+"$PYTHON" -m mri_keras.experiments --report=data_fraction --eval_root="$OUT/eval" \
+  --output_dir="$OUT" --title="$VARIANT, $SCALE scale"
+echo "wrote $OUT/data_fraction.png"
