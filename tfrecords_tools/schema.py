@@ -132,7 +132,10 @@ def encode_example(
         arr = np.ascontiguousarray(volumes[p], dtype=VOXEL_DTYPE)
         feature[volume_key(p)] = _bytes([arr.tobytes()])
     example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString()
+    # Deterministic: map entries in key order. Without it the feature order (and so the bytes)
+    # changes from one process to the next, and a resumed conversion would not be
+    # byte-identical to a clean one.
+    return example.SerializeToString(deterministic=True)
 
 
 def feature_spec(phases: Sequence[str]) -> dict:
