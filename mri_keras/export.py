@@ -1,0 +1,242 @@
+"""SavedModel export of a trained model, with the training preprocessing built in.
+
+Signatures of ``MODEL_DIR/export`` (``tf.saved_model.load(path).signatures[...]``):
+
+``serving_default``
+  One exam as the raw phases its input variant reads, keyword arguments named after the
+  phases (``t0=..., t2=...`` for ``t2-t0``), each float32 ``[S, H, W]`` in canonical
+  orientation (slice toward Superior, row toward Posterior, col toward the patient's Left),
+  voxel values rescaled as in the records. Applies ``input_pipeline.preprocess`` (input variant
+  + normalisation), exactly as training did. Returns ``probabilities`` float32 ``[4]`` in
+  ``constants.LABELS`` order and one float32 scalar per label (``left_malignant``, ...).
+
+``serving_example``
+  ``examples``: a 1-D batch ``[N]`` of serialized ``tf.train.Example`` records of the
+  ``tfrecords_tools.schema`` format (each exam of its own shape; wrap a single record as
+  ``[record]``). Returns ``probabilities`` ``[N, 4]``, ``exam_id`` ``[N]`` (the records'
+  pseudonyms) and one ``[N]`` vector per label. A record of another schema version, or one
+  lacking a needed phase, fails with an error naming it.
+
+``assets.extra/mri_keras.json`` records the input variant, phases, labels, model and input
+configuration and the epoch exported; :func:`load_exported` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from mri_keras import config as config_lib
+from mri_keras import constants
+from mri_keras import input_pipeline
+from mri_keras import model as model_lib
+from tfrecords_tools import schema
+
+METADATA_PATH = os.path.join("assets.extra", "mri_keras.json")
+SIGNATURES = ("serving_default", "serving_example")
+
+
+def _serving_model_config(model_config: config_lib.ModelConfig) -> config_lib.ModelConfig:
+    # Serving computes in float32 without recomputation: those are training-time trade-offs.
+    return dataclasses.replace(model_config, dtype_policy="float32", remat_chunk=0)
+
+
+def export_model(
+    model,
+    export_dir: str,
+    input_config: config_lib.InputConfig,
+    *,
+    model_config: Optional[config_lib.ModelConfig] = None,
+    metadata: Optional[dict] = None,
+) -> str:
+    """Writes ``model`` as a SavedModel with both signatures (atomically replacing export_dir).
+
+    Args:
+      model: keras.Model from ``model.build_model`` (float32 policy recommended).
+      export_dir: str. Destination directory; an existing export there is replaced.
+      input_config: InputConfig. Input variant and normalisation the model was trained with.
+      model_config: optional ModelConfig, recorded in the metadata.
+      metadata: optional dict of extra JSON values recorded in the metadata.
+
+    Returns:
+      export_dir.
+    """
+    phases = constants.phases_needed(input_config.input_variant)
+    labels = constants.LABELS
+
+    def probabilities(volume):
+        # volume: (S, H, W, 1) -> (4,) positive-class probabilities in LABELS order.
+        out = model(volume[tf.newaxis], training=False)
+        return tf.stack([tf.cast(out[k][0, 1], tf.float32) for k in labels])
+
+    def serve_phases(*tensors):
+        volume = input_pipeline.preprocess(dict(zip(phases, tensors)), input_config)
+        probs = probabilities(volume)
+        return {"probabilities": probs, **{k: probs[i] for i, k in enumerate(labels)}}
+
+    def serve_examples(examples):
+        def one(serialized):
+            parsed = schema.decode_example(serialized, phases)
+            ok = tf.debugging.Assert(
+                tf.equal(parsed[schema.KEY_SCHEMA_VERSION], schema.SCHEMA_VERSION),
+                [
+                    f"serving_example reads record schema version {schema.SCHEMA_VERSION}; "
+                    "exam and version received:",
+                    parsed[schema.KEY_EXAM_ID],
+                    parsed[schema.KEY_SCHEMA_VERSION],
+                ],
+            )
+            with tf.control_dependencies([ok]):
+                volume = input_pipeline.preprocess({p: parsed[p] for p in phases}, input_config)
+            return probabilities(volume)
+
+        probs = tf.map_fn(one, examples, fn_output_signature=tf.TensorSpec([4], tf.float32))
+        ids = tf.io.parse_example(
+            examples, {schema.KEY_EXAM_ID: tf.io.FixedLenFeature([], tf.string)}
+        )[schema.KEY_EXAM_ID]
+        out = {"probabilities": probs, "exam_id": ids}
+        out.update({k: probs[:, i] for i, k in enumerate(labels)})
+        return out
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default",
+        serve_phases,
+        input_signature=[tf.TensorSpec([None, None, None], tf.float32, name=p) for p in phases],
+    )
+    archive.add_endpoint(
+        "serving_example",
+        serve_examples,
+        input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
+    )
+    tmp = export_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    archive.write_out(tmp, verbose=False)
+    meta = {
+        "input_variant": input_config.input_variant,
+        "phases": list(phases),
+        "labels": list(labels),
+        "signatures": list(SIGNATURES),
+        "schema_version": schema.SCHEMA_VERSION,
+        "input_config": json.loads(json.dumps(dataclasses.asdict(input_config))),
+        "model_config": (
+            json.loads(json.dumps(dataclasses.asdict(model_config))) if model_config else None
+        ),
+        **(metadata or {}),
+    }
+    os.makedirs(os.path.join(tmp, os.path.dirname(METADATA_PATH)), exist_ok=True)
+    with open(os.path.join(tmp, METADATA_PATH), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    # Swap in the complete export; a crash leaves either the old export or export.tmp.
+    old = export_dir.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(export_dir):
+        os.replace(export_dir, old)
+    os.replace(tmp, export_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return export_dir
+
+
+def export_from_keras_file(
+    keras_path: str,
+    export_dir: str,
+    model_config: config_lib.ModelConfig,
+    input_config: config_lib.InputConfig,
+    *,
+    metadata: Optional[dict] = None,
+) -> str:
+    """Exports the weights in ``keras_path`` (e.g. best.keras) into a float32 model."""
+    # Load into the training architecture (slice-chunked recomputation wraps the trunk, so
+    # the file's layout follows it), then copy by variable path into the serving model.
+    source = model_lib.build_model(dataclasses.replace(model_config, dtype_policy="float32"))
+    source.load_weights(keras_path)
+    serving_config = _serving_model_config(model_config)
+    model = model_lib.build_model(serving_config)
+    by_path = {v.path: v for v in source.weights}
+    if sorted(by_path) != sorted(v.path for v in model.weights):
+        raise ValueError(
+            f"{keras_path}: the weights of the trained model do not match the serving model "
+            f"built from {serving_config}."
+        )
+    for v in model.weights:
+        v.assign(by_path[v.path])
+    return export_model(
+        model, export_dir, input_config, model_config=serving_config, metadata=metadata
+    )
+
+
+def read_metadata(export_dir: str) -> Optional[dict]:
+    """The export's ``assets.extra/mri_keras.json``, or None when there is no complete export."""
+    path = os.path.join(export_dir, METADATA_PATH)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class ExportedModel:
+    """A loaded export: the two signatures plus numpy-friendly helpers.
+
+    Attributes:
+      saved: the object ``tf.saved_model.load`` returned.
+      metadata: dict from ``assets.extra/mri_keras.json``.
+      input_variant: str. e.g. "t2-t0".
+      phases: tuple of str. The phases ``serving_default`` takes.
+      labels: tuple of str. Order of ``probabilities``.
+    """
+
+    def __init__(self, path: str):
+        meta = read_metadata(path)
+        if meta is None:
+            raise FileNotFoundError(
+                f"{path} is not an mri_keras export (no saved_model.pb or {METADATA_PATH})."
+            )
+        self.path = path
+        self.saved = tf.saved_model.load(path)
+        self.metadata = meta
+        self.input_variant = meta["input_variant"]
+        self.phases = tuple(meta["phases"])
+        self.labels = tuple(meta["labels"])
+
+    def predict_phases(self, phases: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Probabilities ``(4,)`` (``labels`` order) of one exam given its raw phases.
+
+        Args:
+          phases: mapping phase -> ``(S, H, W)`` array in canonical orientation; must hold
+            ``self.phases`` (other phases are ignored).
+        """
+        missing = [p for p in self.phases if p not in phases]
+        if missing:
+            raise ValueError(
+                f"This model ({self.input_variant}) needs phases {list(self.phases)}; "
+                f"missing {missing}."
+            )
+        shapes = {p: np.shape(phases[p]) for p in self.phases}
+        if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 3:
+            raise ValueError(f"Phases must be (S, H, W) arrays of one shape. Received: {shapes}")
+        fn = self.saved.signatures["serving_default"]
+        out = fn(**{p: tf.constant(np.asarray(phases[p], np.float32)) for p in self.phases})
+        return out["probabilities"].numpy()
+
+    def predict_examples(self, examples: Sequence[bytes]) -> dict:
+        """Runs ``serving_example`` on serialized records; returns numpy ``probabilities``
+        ``(N, 4)`` and ``exam_id`` (list of str)."""
+        fn = self.saved.signatures["serving_example"]
+        out = fn(examples=tf.constant(list(examples), tf.string))
+        return {
+            "probabilities": out["probabilities"].numpy(),
+            "exam_id": [v.decode() for v in out["exam_id"].numpy()],
+        }
+
+
+def load_exported(path: str) -> ExportedModel:
+    """Loads ``MODEL_DIR/export`` (or any directory :func:`export_model` wrote)."""
+    return ExportedModel(path)

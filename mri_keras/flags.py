@@ -1,0 +1,260 @@
+"""All training flags, defined in one place, and their conversion to a ``TrainConfig``.
+
+Defaults are neutral (the paper's model and recipe) so tests and flagfiles set only what they
+change. Flagfiles hold one ``--flag=value`` per line, ``#`` comments, and may include others
+with ``--flagfile=``.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from mri_keras import buckets as buckets_lib
+from mri_keras import config as config_lib
+from mri_keras import constants
+from mri_keras import strategy as strategy_lib
+
+_PRECISIONS = {
+    "float32": "float32",
+    "bfloat16": "mixed_bfloat16",
+    "float16": "mixed_float16",
+}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines every training flag on ``flag_values`` (a no-op when already defined)."""
+    if "data_dir" in flag_values:
+        return
+    fv = dict(flag_values=flag_values)
+    # Data and run directories.
+    flags.DEFINE_string(
+        "data_dir", None, "Records directory written by `python -m tfrecords_tools.convert`.", **fv
+    )
+    flags.DEFINE_string(
+        "model_dir",
+        None,
+        "Run directory: checkpoints/, best.keras, export/, metrics.csv, tensorboard/, "
+        "config.json. Rerunning the same command resumes the run.",
+        **fv,
+    )
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Delete the run already in --model_dir (checkpoints, metrics, models, export) and start "
+        "over, instead of resuming it.",
+        **fv,
+    )
+    flags.DEFINE_string(
+        "init_weights",
+        "",
+        "Start from these weights (.keras or .weights.h5 of a model with the same shape) "
+        "instead of a random initialisation. Ignored when resuming.",
+        **fv,
+    )
+    # Recipe.
+    flags.DEFINE_integer("epochs", 50, "Passes over the training exams.", lower_bound=1, **fv)
+    flags.DEFINE_float("learning_rate", 1e-5, "Adam learning rate.", lower_bound=0.0, **fv)
+    flags.DEFINE_float(
+        "train_fraction",
+        1.0,
+        "Fraction of training PATIENTS to train on (seeded subsample, for the data-size "
+        "experiment of the paper's Figure 2). Validation is always the whole split.",
+        lower_bound=0.0,
+        upper_bound=1.0,
+        **fv,
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of initialisation, subsampling and augmentation.", **fv)
+    # Input pipeline.
+    flags.DEFINE_enum(
+        "input",
+        "t2sub",
+        list(constants.INPUT_VARIANTS) + list(constants.INPUT_ALIASES),
+        "Input image (paper's Table 1): a phase or a subtraction (t2sub = t2-t0).",
+        **fv,
+    )
+    flags.DEFINE_enum(
+        "normalization", "zscore", ["zscore", "percentile"], "Per-exam intensity scaling.", **fv
+    )
+    flags.DEFINE_list(
+        "percentiles", ["0.5", "99.5"], "Low,high percentiles for --normalization=percentile.", **fv
+    )
+    flags.DEFINE_bool(
+        "flip", True, "Train-time left-right flip (p=0.5) that swaps left/right labels.", **fv
+    )
+    flags.DEFINE_string(
+        "crop",
+        "",
+        "Train-time random in-plane crop: a fraction of each side (e.g. 0.875), a size "
+        "'H,W' (e.g. 224,224) or one size for both; empty for none.",
+        **fv,
+    )
+    flags.DEFINE_integer(
+        "crop_slices", 0, "Train-time random crop to this many slices (0: none).", lower_bound=0, **fv
+    )
+    flags.DEFINE_integer(
+        "shuffle_buffer", 64, "Training exams in the shuffle buffer.", lower_bound=1, **fv
+    )
+    # Model.
+    flags.DEFINE_integer(
+        "width", 64, "Channels of the first trunk stage (stages: x1, x2, x4, x8).", lower_bound=1, **fv
+    )
+    flags.DEFINE_list("blocks", ["2", "2", "2", "2"], "Basic blocks per trunk stage (4 ints).", **fv)
+    flags.DEFINE_integer("stem_kernel", 5, "Kernel size of the stride-2 stem conv.", lower_bound=1, **fv)
+    flags.DEFINE_integer("channels_3d", 128, "Channels of the 3D residual block.", lower_bound=1, **fv)
+    flags.DEFINE_float(
+        "dropout", 0.0, "Dropout before the heads (0: none).", lower_bound=0.0, upper_bound=1.0, **fv
+    )
+    flags.DEFINE_enum(
+        "slice_mode",
+        "fold",
+        ["fold", "time_distributed"],
+        "How the 2D trunk meets the slices (same outputs; fold is faster).",
+        **fv,
+    )
+    # Speed and memory.
+    flags.DEFINE_enum(
+        "mixed_precision",
+        "float32",
+        list(_PRECISIONS),
+        "Compute precision: float32, bfloat16 (mixed_bfloat16) or float16 (mixed_float16, "
+        "with loss scaling). Heads always compute in float32.",
+        **fv,
+    )
+    flags.DEFINE_bool(
+        "jit_compile",
+        False,
+        "Compile the train step with XLA; exams are padded/cropped to a few shape buckets so "
+        "it compiles a bounded number of times.",
+        **fv,
+    )
+    flags.DEFINE_list(
+        "slice_buckets",
+        [str(v) for v in buckets_lib.DEFAULT_SLICE_BUCKETS],
+        "With --jit_compile: slice counts training exams are padded/cropped (centred) to.",
+        **fv,
+    )
+    flags.DEFINE_list(
+        "size_buckets",
+        [str(v) for v in buckets_lib.DEFAULT_SIZE_BUCKETS],
+        "With --jit_compile: heights/widths training exams are padded/cropped (centred) to.",
+        **fv,
+    )
+    flags.DEFINE_integer(
+        "remat",
+        0,
+        "Recompute the 2D trunk in the backward pass this many slices at a time (0: off); "
+        "trades step time for activation memory on long exams.",
+        lower_bound=0,
+        **fv,
+    )
+    # Devices.
+    flags.DEFINE_enum(
+        "strategy",
+        "auto",
+        list(strategy_lib.STRATEGIES),
+        "auto | one_device | mirrored (all local GPUs, or --cpu_replicas CPUs) | multi_worker "
+        "(cluster from TF_CONFIG).",
+        **fv,
+    )
+    flags.DEFINE_integer(
+        "cpu_replicas",
+        1,
+        "Logical CPU replicas per worker when no GPU is visible (mirrored/multi_worker).",
+        lower_bound=1,
+        **fv,
+    )
+    flags.DEFINE_bool("progress", True, "Print the start-up summary and a progress bar.", **fv)
+
+
+def _parse_crop(text: str):
+    text = text.strip()
+    if not text:
+        return None
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        if len(parts) == 1 and "." in parts[0]:
+            frac = float(parts[0])
+            if not 0.0 < frac <= 1.0:
+                raise ValueError
+            return frac
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"--crop must be a fraction in (0, 1] (e.g. 0.875), a size H,W (e.g. 224,224) or "
+            f"one size. Received: --crop={text!r}"
+        ) from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ValueError(f"--crop size must be two positive ints H,W. Received: --crop={text!r}")
+    return sizes
+
+
+def _ints(name, values, count):
+    try:
+        out = tuple(int(v) for v in values)
+    except ValueError:
+        out = ()
+    if len(out) != count or min(out, default=0) < 1:
+        raise ValueError(f"--{name} must be {count} positive ints. Received: {','.join(values)}")
+    return out
+
+
+def train_config_from_flags(fv: flags.FlagValues = flags.FLAGS):
+    """Converts parsed flags into a ``train_lib.TrainConfig`` (the only place flags are read).
+
+    Raises:
+      ValueError: a missing or malformed flag value, naming the flag.
+    """
+    from mri_keras import train_lib  # Deferred: flags stay importable without TensorFlow work.
+
+    for name in ("data_dir", "model_dir"):
+        if not fv[name].value:
+            raise ValueError(f"--{name} is required.")
+    try:
+        percentiles = tuple(float(p) for p in fv.percentiles)
+    except ValueError:
+        percentiles = ()
+    if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise ValueError(
+            f"--percentiles must be low,high with 0 <= low < high <= 100. "
+            f"Received: {','.join(fv.percentiles)}"
+        )
+    model = config_lib.ModelConfig(
+        width=fv.width,
+        blocks_per_stage=_ints("blocks", fv.blocks, 4),
+        stem_kernel=fv.stem_kernel,
+        channels_3d=fv.channels_3d,
+        dropout=fv.dropout,
+        slice_mode=fv.slice_mode,
+        remat_chunk=fv.remat,
+        dtype_policy=_PRECISIONS[fv.mixed_precision],
+    )
+    inputs = config_lib.InputConfig(
+        input_variant=fv.input,
+        normalization=fv.normalization,
+        percentiles=percentiles,
+        flip=fv.flip,
+        crop=_parse_crop(fv.crop),
+        crop_slices=fv.crop_slices,
+        shuffle_buffer=fv.shuffle_buffer,
+        seed=fv.seed,
+    )
+    return train_lib.TrainConfig(
+        data_dir=fv.data_dir,
+        model_dir=fv.model_dir,
+        model=model,
+        input=inputs,
+        epochs=fv.epochs,
+        learning_rate=fv.learning_rate,
+        train_fraction=fv.train_fraction,
+        seed=fv.seed,
+        strategy=fv.strategy,
+        cpu_replicas=fv.cpu_replicas,
+        jit_compile=fv.jit_compile,
+        slice_buckets=buckets_lib.parse_buckets(",".join(fv.slice_buckets), "--slice_buckets"),
+        size_buckets=buckets_lib.parse_buckets(",".join(fv.size_buckets), "--size_buckets"),
+        overwrite=fv.overwrite,
+        init_weights=fv.init_weights,
+        verbose=1 if fv.progress else 0,
+    )

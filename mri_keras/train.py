@@ -1,0 +1,64 @@
+"""Trains the Doubly Deep CNN: ``python -m mri_keras.train --flagfile=configs/t2sub.flags``.
+
+Flags: ``mri_keras/flags.py`` (``--helpfull`` lists them). The work is in
+``mri_keras.train_lib``; rerunning the same command resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags as absl_flags
+from absl import logging
+
+from mri_keras import flags as flags_lib
+
+
+def _train(flag_values) -> dict:
+    from mri_keras import train_lib  # Deferred: --help stays fast.
+
+    try:
+        config = flags_lib.train_config_from_flags(flag_values)
+        return train_lib.train(config)
+    except ValueError as e:  # Includes train_lib.SetupError: bad input, found before training.
+        sys.exit(f"mri_keras.train: error: {e}")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected command-line arguments: {list(argv[1:])}")
+    if not absl_flags.FLAGS["verbosity"].present:
+        # TensorFlow logs every checkpoint and export at INFO; the progress output says enough.
+        logging.set_verbosity(logging.WARNING)
+    _train(absl_flags.FLAGS)
+
+
+def run(argv: Sequence[str]) -> dict:
+    """Parses ``argv`` (flags and ``--flagfile``s, as on the command line, without the program
+    name) into fresh flag values and trains; returns the history (``train_lib.train``).
+
+    For calling the entry point in-process (tests, notebooks): unlike ``main`` it does not
+    touch the global ``absl.flags.FLAGS``. Exits (``SystemExit``) on bad flags or bad input,
+    with the same message as the command line.
+    """
+    fv = absl_flags.FlagValues()
+    flags_lib.define_flags(fv)
+    try:
+        rest = fv(["mri_keras.train", *argv])
+    except absl_flags.Error as e:
+        sys.exit(f"mri_keras.train: error: {e}")
+    if len(rest) > 1:
+        sys.exit(f"mri_keras.train: error: unexpected command-line arguments: {rest[1:]}")
+    return _train(fv)
+
+
+def entry(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point."""
+    flags_lib.define_flags()
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    entry()

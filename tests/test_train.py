@@ -1,0 +1,397 @@
+"""Training through the real entry point on tiny records: outputs, selection, resume, export,
+bad input. Distributed runs (mirrored replicas, multi-worker) are in test_train_distributed.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+from absl import flags as absl_flags
+
+import train_fixtures
+from mri_keras import config as config_lib
+from mri_keras import export as export_lib
+from mri_keras import flags as flags_lib
+from mri_keras import input_pipeline
+from mri_keras import model as model_lib
+from mri_keras import train
+from mri_keras import train_lib
+from tfrecords_tools import schema
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = list(train_fixtures.TINY_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("records"))
+    train_fixtures.write_records(path)
+    return path
+
+
+def _argv(data_dir, model_dir, *extra):
+    return [f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY, *extra]
+
+
+def _config(argv):
+    fv = absl_flags.FlagValues()
+    flags_lib.define_flags(fv)
+    fv(["mri_keras.train", *argv])
+    return flags_lib.train_config_from_flags(fv)
+
+
+def _event_tags(logdir):
+    tags = {}
+    for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(data_dir, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("run2"))
+    history = train.run(_argv(data_dir, model_dir, "--epochs=2"))
+    return model_dir, history
+
+
+def test_one_epoch_run_writes_every_output(data_dir, tmp_path, capsys):
+    model_dir = str(tmp_path / "run1")
+    history = train.run(_argv(data_dir, model_dir, "--epochs=1"))
+    out = capsys.readouterr().out
+    assert "OneDeviceStrategy, 1 replica(s)" in out
+    assert "train 6, val 4, test 2" in out
+    assert "t2-t0 (phases t0, t2)" in out
+    n_params = model_lib.build_model(
+        config_lib.ModelConfig(width=4, blocks_per_stage=(1, 1, 1, 1), channels_3d=8, stem_kernel=3)
+    ).count_params()
+    assert f"{n_params:,} parameters" in out
+    assert "Epoch 1/1" in out and os.path.join(model_dir, "export") in out
+
+    assert history["epoch"] == [1] and history["best_epoch"] == 1
+    rows = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    assert [r["epoch"] for r in rows] == [1]
+    assert rows[0]["val_malignant_auc"] == pytest.approx(history["val_malignant_auc"][0])
+    assert os.path.isfile(os.path.join(model_dir, "best.keras"))
+    assert os.path.isfile(os.path.join(model_dir, "export", "saved_model.pb"))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["model"]["width"] == 4
+    tags = _event_tags(os.path.join(model_dir, "tensorboard"))
+    for key in ("loss", "val_loss", "val_malignant_auc", "val_benign_auc"):
+        assert tags[key] == [1]
+    assert len(tags["batch_loss"]) == 6  # 6 training exams, one per step.
+
+
+def test_two_epoch_run_keeps_best_epoch(two_epoch_run):
+    model_dir, history = two_epoch_run
+    assert history["epoch"] == [1, 2]
+    for key in ("loss", "val_loss", "val_malignant_auc", "val_benign_auc"):
+        assert len(history[key]) == 2 and all(np.isfinite(history[key])), key
+    aucs = history["val_malignant_auc"]
+    assert history["best_epoch"] == (2 if aucs[1] > aucs[0] else 1)
+    assert history["best_val_malignant_auc"] == aucs[history["best_epoch"] - 1]
+    rows = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    np.testing.assert_allclose([r["loss"] for r in rows], history["loss"], rtol=1e-12)
+    meta = export_lib.read_metadata(os.path.join(model_dir, "export"))
+    assert meta["best_epoch"] == history["best_epoch"]
+    assert meta["input_variant"] == "t2-t0" and meta["phases"] == ["t0", "t2"]
+    # best.keras holds the best epoch: its val AUC is the recorded one.
+    model = keras.models.load_model(os.path.join(model_dir, "best.keras"))
+    _, _, labels, probs = train_lib.predict_split(
+        model, _data_dir_of(model_dir), "val", config_lib.InputConfig()
+    )
+    assert train_lib.validation_metrics(labels, probs)["val_malignant_auc"] == pytest.approx(
+        history["best_val_malignant_auc"]
+    )
+    assert not glob.glob(os.path.join(model_dir, "best.keras.epoch-*"))
+
+
+def _data_dir_of(model_dir):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f)["data_dir"]
+
+
+def test_rerun_of_finished_run_changes_nothing(two_epoch_run, capsys):
+    model_dir, history = two_epoch_run
+    data_dir = _data_dir_of(model_dir)
+    before = os.path.getmtime(os.path.join(model_dir, "export", "saved_model.pb"))
+    again = train.run(_argv(data_dir, model_dir, "--epochs=2"))
+    assert "Epoch " not in capsys.readouterr().out
+    assert again["epoch"] == [1, 2] and again["best_epoch"] == history["best_epoch"]
+    assert again["loss"] == history["loss"]
+    assert os.path.getmtime(os.path.join(model_dir, "export", "saved_model.pb")) == before
+
+
+def test_export_parity_for_both_signatures(two_epoch_run):
+    model_dir, _ = two_epoch_run
+    data_dir = _data_dir_of(model_dir)
+    model = keras.models.load_model(os.path.join(model_dir, "best.keras"))
+    ids, _, _, probs = train_lib.predict_split(model, data_dir, "val", config_lib.InputConfig())
+
+    records = [r.numpy() for r in tf.data.TFRecordDataset(glob.glob(f"{data_dir}/val-*"))]
+    by_id = {schema.decode_example_numpy(r)["exam_id"]: r for r in records}
+    saved = tf.saved_model.load(os.path.join(model_dir, "export"))
+    assert set(saved.signatures) == {"serving_default", "serving_example"}
+
+    raw = [by_id[i] for i in ids]
+    out = saved.signatures["serving_example"](examples=tf.constant(raw))
+    np.testing.assert_allclose(out["probabilities"].numpy(), probs, atol=1e-5)
+    assert [v.decode() for v in out["exam_id"].numpy()] == ids
+    np.testing.assert_allclose(out["left_malignant"].numpy(), probs[:, 1], atol=1e-5)
+
+    for i, exam_id in enumerate(ids):
+        exam = schema.decode_example_numpy(by_id[exam_id])
+        res = saved.signatures["serving_default"](t0=tf.constant(exam["t0"]), t2=tf.constant(exam["t2"]))
+        np.testing.assert_allclose(res["probabilities"].numpy(), probs[i], atol=1e-5)
+        np.testing.assert_allclose(res["right_malignant"].numpy(), probs[i, 3], atol=1e-5)
+
+    loaded = export_lib.load_exported(os.path.join(model_dir, "export"))
+    assert loaded.phases == ("t0", "t2") and loaded.labels == schema.LABELS
+    exam = schema.decode_example_numpy(by_id[ids[0]])
+    np.testing.assert_allclose(loaded.predict_phases(exam), probs[0], atol=1e-5)
+    np.testing.assert_allclose(loaded.predict_examples(raw)["probabilities"], probs, atol=1e-5)
+    with pytest.raises(ValueError, match="missing \\['t2'\\]"):
+        loaded.predict_phases({"t0": exam["t0"]})
+
+
+def test_train_fraction_subsamples_whole_patients(data_dir, tmp_path, capsys):
+    exams = [{"exam_id": f"e{i}", "patient_id": f"p{i // 2}"} for i in range(20)]
+    ids, patients = train_lib.select_train_exams(exams, 0.3, seed=1)
+    assert patients == 3 and len(ids) == 6
+    assert len({i for i in ids} & {f"e{2 * k}" for k in range(10)}) == 3  # both exams per patient
+    assert train_lib.select_train_exams(exams, 0.3, seed=1) == (ids, patients)
+    assert train_lib.select_train_exams(exams, 1.0, seed=1) == (None, 10)
+
+    class CountSteps(keras.callbacks.Callback):
+        steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            CountSteps.steps += 1
+
+    config = _config(_argv(data_dir, str(tmp_path / "frac"), "--epochs=1", "--train_fraction=0.5"))
+    train_lib.train(config, extra_callbacks=[CountSteps()])
+    # 3 training patients with 2 exams each: round(1.5) = 2 patients, 4 exams, 4 steps.
+    assert CountSteps.steps == 4
+    assert "training on 4 exams of 2 patients" in capsys.readouterr().out
+
+
+def test_callbacks_stop_training_and_repeated_runs_in_one_process(data_dir, tmp_path):
+    seen = []
+
+    class StopAfterFirst(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((epoch, dict(logs)))
+            self.model.stop_training = True
+
+    config = _config(_argv(data_dir, str(tmp_path / "a"), "--epochs=3", "--progress=false"))
+    history = train_lib.train(config, extra_callbacks=[StopAfterFirst()])
+    assert history["epoch"] == [1] and [e for e, _ in seen] == [0]
+    assert seen[0][1]["val_malignant_auc"] == history["val_malignant_auc"][0]
+    assert os.path.isdir(os.path.join(tmp_path, "a", "export"))
+
+    keras.backend.clear_session()
+    config_b = _config(_argv(data_dir, str(tmp_path / "b"), "--epochs=1", "--progress=false"))
+    history_b = train_lib.train(config_b)
+    assert history_b["epoch"] == [1]
+    assert os.path.isfile(os.path.join(tmp_path, "b", "best.keras"))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _expect_error(argv, *fragments):
+    with pytest.raises(SystemExit) as info:
+        train.run(argv)
+    message = str(info.value.code)
+    assert message.startswith("mri_keras.train: error:"), message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def _records(path, **kwargs):
+    train_fixtures.write_records(str(path), {"train": 2, "val": 2}, **kwargs)
+    return str(path)
+
+
+def _edit_manifest(path, fn):
+    manifest_path = os.path.join(path, schema.MANIFEST_NAME)
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    fn(manifest)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+
+
+def test_bad_data_dirs(tmp_path):
+    model_dir = str(tmp_path / "run")
+    _expect_error(_argv(str(tmp_path / "nope"), model_dir), "nope", "does not exist")
+    os.makedirs(tmp_path / "empty")
+    _expect_error(_argv(str(tmp_path / "empty"), model_dir), "is empty", "tfrecords_tools.convert")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    _expect_error(_argv(str(tmp_path / "junk"), model_dir), "manifest.json not found")
+
+    no_val = str(tmp_path / "noval")
+    train_fixtures.write_records(no_val, {"train": 2, "val": 0})
+    _expect_error(_argv(no_val, model_dir), "Split 'val'", "no exams", "validation")
+    assert not os.path.exists(model_dir)  # Nothing written before the data is checked.
+
+    missing_shard = _records(tmp_path / "gone")
+    os.remove(glob.glob(os.path.join(missing_shard, "train-*"))[0])
+    _expect_error(_argv(missing_shard, model_dir), "train-00000-of-00001.tfrecord", "does not exist")
+
+
+def test_unreadable_schema_versions(tmp_path):
+    model_dir = str(tmp_path / "run")
+    manifest_v2 = _records(tmp_path / "m2")
+    _edit_manifest(manifest_v2, lambda m: m.update(schema_version=2))
+    _expect_error(_argv(manifest_v2, model_dir), "schema version 2", "not readable")
+
+    records_v2 = _records(tmp_path / "r2", schema_version=2)
+    _edit_manifest(records_v2, lambda m: m.update(schema_version=schema.SCHEMA_VERSION))
+    _expect_error(_argv(records_v2, model_dir), "train-00000-of-00001.tfrecord", "version 2")
+
+
+def test_input_variant_needing_missing_phases(tmp_path):
+    data = _records(tmp_path / "t0t1", phases=("t0", "t1"))
+    msg = _expect_error(_argv(data, str(tmp_path / "run"), "--input=t2sub"), "'t2-t0'", "['t2']")
+    assert "t0', 't1'" in msg
+    # The manifest may claim a phase the records lack: the first record is checked too.
+    _edit_manifest(data, lambda m: m.update(phases=list(schema.PHASES)))
+    _expect_error(_argv(data, str(tmp_path / "run"), "--input=t3"), "stores only", "'t1'")
+
+
+def test_model_dir_with_other_settings(data_dir, tmp_path):
+    model_dir = str(tmp_path / "run")
+    saved = _config(_argv(data_dir, model_dir, "--epochs=2"))
+    train_lib.prepare_model_dir(saved)
+    msg = _expect_error(
+        _argv(data_dir, model_dir, "--width=8", "--learning_rate=0.01", "--epochs=7"),
+        "holds a run with other settings",
+        "model.width: saved 4, now 8",
+        "learning_rate: saved 0.001, now 0.01",
+        "--overwrite",
+    )
+    assert "epochs" not in msg  # More epochs continue the run.
+    # Same settings (other epochs): resumable.
+    assert train_lib.prepare_model_dir(_config(_argv(data_dir, model_dir, "--epochs=9")))
+    # --overwrite starts over: the old run's files go.
+    for name in ("metrics.csv", "best.keras"):
+        (tmp_path / "run" / name).write_text("old")
+    os.makedirs(tmp_path / "run" / "checkpoints")
+    other = _config(_argv(data_dir, model_dir, "--width=8", "--overwrite"))
+    assert train_lib.prepare_model_dir(other) is False
+    assert sorted(os.listdir(model_dir)) == ["config.json"]
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["model"]["width"] == 8
+    # Checkpoints without config.json: settings unknown.
+    os.remove(os.path.join(model_dir, "config.json"))
+    os.makedirs(os.path.join(model_dir, "checkpoints"))
+    _expect_error(_argv(data_dir, model_dir), "no config.json")
+
+
+@pytest.mark.parametrize(
+    "flag, fragment",
+    [
+        ("--crop=abc", "--crop"),
+        ("--crop=1.5", "--crop"),
+        ("--blocks=1,1", "--blocks must be 4 positive ints"),
+        ("--percentiles=99,1", "--percentiles"),
+        ("--slice_buckets=0,8", "--slice_buckets"),
+        ("--strategy=tpu", "strategy"),
+        ("--train_fraction=0", "train_fraction"),
+    ],
+)
+def test_bad_flag_values(data_dir, tmp_path, flag, fragment):
+    _expect_error(_argv(data_dir, str(tmp_path / "run"), flag), fragment)
+
+
+def test_stray_arguments_are_rejected(data_dir, tmp_path):
+    _expect_error([*_argv(data_dir, str(tmp_path / "run")), "extra"], "unexpected")
+
+
+def test_crop_flag_forms():
+    assert flags_lib._parse_crop("") is None
+    assert flags_lib._parse_crop("0.875") == 0.875
+    assert flags_lib._parse_crop("224,192") == (224, 192)
+    assert flags_lib._parse_crop("96") == (96, 96)
+
+
+def test_model_selection_rule():
+    nan = float("nan")
+    assert train_lib.is_improvement(0.5, None)
+    assert train_lib.is_improvement(0.6, 0.5) and not train_lib.is_improvement(0.5, 0.5)
+    assert not train_lib.is_improvement(nan, 0.5) and train_lib.is_improvement(0.1, nan)
+    assert train_lib.is_improvement(nan, nan)  # Without any AUC, the latest epoch is kept.
+
+
+# --------------------------------------------------------------------------- fault tolerance
+
+_KILLER = """
+import os, signal, sys
+import keras
+from absl import flags as absl_flags
+from mri_keras import flags as flags_lib, train_lib
+
+class KillInEpoch2(keras.callbacks.Callback):
+    epoch = 0
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 1 and batch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+fv = absl_flags.FlagValues()
+flags_lib.define_flags(fv)
+fv(["train", *sys.argv[1:]])
+train_lib.train(flags_lib.train_config_from_flags(fv), extra_callbacks=[KillInEpoch2()])
+"""
+
+
+def _subprocess(args, timeout=240):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_interrupted_epoch(data_dir, tmp_path):
+    model_dir = str(tmp_path / "run")
+    argv = _argv(data_dir, model_dir, "--epochs=3")
+    killed = _subprocess(["-c", _KILLER, *argv])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "Epoch 2/3" in killed.stdout
+    ckpts = os.path.join(model_dir, "checkpoints")
+    assert tf.train.latest_checkpoint(ckpts).endswith("ckpt-1")
+    before = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    assert [r["epoch"] for r in before] == [1]
+
+    resumed = _subprocess(["-m", "mri_keras.train", *argv])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from ckpt-1" in resumed.stdout
+    assert "Epoch 1/3" not in resumed.stdout and "Epoch 2/3" in resumed.stdout
+    assert "Finished 3 epoch(s) of 3" in resumed.stdout
+    after = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    assert [r["epoch"] for r in after] == [1, 2, 3] and after[0] == before[0]
+
+    # Same bookkeeping as a run never interrupted (each epoch's data stream is seeded).
+    reference = train.run(_argv(data_dir, str(tmp_path / "ref"), "--epochs=3", "--progress=false"))
+    np.testing.assert_allclose([r["loss"] for r in after], reference["loss"], rtol=1e-4)
+    np.testing.assert_allclose(
+        [r["val_malignant_auc"] for r in after], reference["val_malignant_auc"], atol=1e-6
+    )
+    meta = export_lib.read_metadata(os.path.join(model_dir, "export"))
+    assert meta["best_epoch"] == reference["best_epoch"]
