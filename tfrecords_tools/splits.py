@@ -35,14 +35,45 @@ def _allocate(n: int, ratios: Sequence[float]) -> list:
     return counts
 
 
+def _split_targets(n: int, ratios: Sequence[float]) -> list:
+    """Patients per split: largest remainder, at least one per non-zero ratio if possible."""
+    counts = _allocate(n, ratios)
+    wanted = [i for i, r in enumerate(ratios) if r > 0]
+    if n >= len(wanted):
+        for i in wanted:
+            if counts[i] == 0:
+                donor = max(wanted, key=lambda j: (counts[j], -j))
+                counts[donor] -= 1
+                counts[i] += 1
+    return counts
+
+
+def _controlled_rounding(sizes: Sequence[int], targets: Sequence[int]) -> np.ndarray:
+    """Integer (strata x splits) table with row sums ``sizes`` and column sums ``targets``,
+    each cell within one of its proportional share."""
+    n = sum(sizes)
+    ideal = np.outer(sizes, targets) / max(n, 1)
+    table = np.floor(ideal).astype(int)
+    row_def = np.asarray(sizes) - table.sum(axis=1)
+    col_def = np.asarray(targets) - table.sum(axis=0)
+    remainder = ideal - table
+    cells = sorted(np.ndindex(*table.shape), key=lambda c: (-remainder[c], c))
+    for s, j in cells + cells:  # Second pass: any cell where both sums still fall short.
+        if row_def[s] > 0 and col_def[j] > 0:
+            table[s, j] += 1
+            row_def[s] -= 1
+            col_def[j] -= 1
+    return table
+
+
 def assign_splits(
     patient_strata: Mapping[str, int], ratios: Sequence[float], seed: int
 ) -> dict:
     """Assigns every patient to one split.
 
-    Patients are stratified (e.g. 1 = any malignant breast), each stratum shuffled with
-    ``seed`` and cut by ``ratios`` (largest remainder). Splits with a non-zero ratio get at least
-    one patient when there are enough patients.
+    The split sizes follow ``ratios`` over all patients (largest remainder; every split with a
+    non-zero ratio gets a patient when there are enough); each stratum (e.g. 1 = any malignant
+    breast) is spread over the splits in proportion, shuffled with ``seed``.
 
     Args:
       patient_strata: mapping patient pseudonym -> stratum (int).
@@ -53,18 +84,16 @@ def assign_splits(
       dict patient -> split name.
     """
     rng = np.random.default_rng(seed)
-    per_split: list = [[] for _ in SPLITS]
-    for stratum in sorted(set(patient_strata.values())):
-        patients = sorted(p for p, s in patient_strata.items() if s == stratum)
+    strata = sorted(set(patient_strata.values()))
+    members = [sorted(p for p, s in patient_strata.items() if s == st) for st in strata]
+    targets = _split_targets(len(patient_strata), ratios)
+    table = _controlled_rounding([len(m) for m in members], targets)
+    out = {}
+    for row, patients in zip(table, members):
         patients = [patients[i] for i in rng.permutation(len(patients))]
         start = 0
-        for i, count in enumerate(_allocate(len(patients), ratios)):
-            per_split[i].extend(patients[start : start + count])
+        for j, count in enumerate(row):
+            for p in patients[start : start + count]:
+                out[p] = SPLITS[j]
             start += count
-    wanted = [i for i, r in enumerate(ratios) if r > 0]
-    if len(patient_strata) >= len(wanted):
-        for i in wanted:
-            if not per_split[i]:
-                donor = max(wanted, key=lambda j: (len(per_split[j]), -j))
-                per_split[i].append(per_split[donor].pop())
-    return {p: SPLITS[i] for i, ps in enumerate(per_split) for p in ps}
+    return out

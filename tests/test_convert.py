@@ -1,0 +1,437 @@
+"""Tests of tfrecords_tools.convert: records, manifest, privacy, splits, resume, bad input."""
+
+import copy
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.uid import generate_uid
+
+from tfrecords_tools import convert_lib, dicom_reader, inspect_lib, labels_csv, schema, splits
+from tfrecords_tools.convert_lib import ConvertConfig, convert
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = "exam,left_benign,left_malignant,right_benign,right_malignant"
+
+
+# ---- a tiny hand-made cohort (independent of the synthetic generator) -----------------------
+
+def _write_exam(exam_dir, patient, seed, slices=4, size=8, extra=None):
+    """Four axial DCE series of ``slices`` x size x size; returns the identifiers used."""
+    tpl = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
+    tpl.ImageType = ["ORIGINAL", "PRIMARY"]
+    tpl.PatientID = f"SYNPID{patient:05d}"
+    tpl.PatientName = f"SYN^PATIENT{patient:05d}"
+    tpl.PatientBirthDate = f"1950{patient % 12 + 1:02d}17"
+    tpl.AccessionNumber = f"SYNACC{seed:06d}"
+    tpl.StudyInstanceUID = generate_uid()
+    tpl.Rows = tpl.Columns = size
+    rng = np.random.default_rng(seed)
+    ids = {tpl.PatientID, str(tpl.PatientName), tpl.PatientBirthDate, tpl.AccessionNumber,
+           tpl.StudyInstanceUID}
+    for t in range(4):
+        series_uid = generate_uid()
+        ids.add(series_uid)
+        for k in range(slices):
+            ds = copy.deepcopy(tpl)
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = generate_uid()
+            ids.add(ds.SOPInstanceUID)
+            ds.SeriesNumber = t + 1
+            ds.AcquisitionTime = f"10{t:02d}00"
+            ds.ImagePositionPatient = [-10.0, -10.0, 2.5 * k]
+            ds.PixelData = rng.integers(0, 1000, (size, size), dtype=np.int16).tobytes()
+            if extra:
+                extra(ds, t, k)
+            path = os.path.join(exam_dir, f"series{t}", f"{ds.SOPInstanceUID}.dcm")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            ds.save_as(path)
+    return ids
+
+
+def _cohort(root, exams, **kwargs):
+    """``exams``: list of (exam path, patient number, labels). Writes labels.csv too."""
+    ids = set()
+    lines = [HEADER]
+    for i, (exam, patient, labels) in enumerate(exams):
+        ids |= _write_exam(os.path.join(root, exam), patient, seed=i, **kwargs)
+        lines.append(f"{exam}," + ",".join(str(v) for v in labels))
+    with open(os.path.join(root, "labels.csv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return ids
+
+
+def _standard_exams(n_patients=5, exams_per_patient=2):
+    out = []
+    for p in range(n_patients):
+        for e in range(exams_per_patient):
+            out.append((f"P{p:02d}/E{e}", p, (0, int(p % 2 == 0), int(e == 1), 0)))
+    return out
+
+
+def _config(tmp_path, root, out="records", **kwargs):
+    kwargs.setdefault("num_workers", 1)
+    return ConvertConfig(
+        dicom_root=str(root),
+        labels=str(root / "labels.csv"),
+        output_dir=str(tmp_path / out),
+        pseudonym_key_file=str(tmp_path / "private" / "key"),
+        id_map=str(tmp_path / "private" / f"{out}_ids.csv"),
+        **kwargs,
+    )
+
+
+def _records(out_dir):
+    return {rec["exam_id"]: (split, rec) for split, rec in inspect_lib.iter_records(out_dir)}
+
+
+def _shard_bytes(out_dir):
+    return {n: open(os.path.join(out_dir, n), "rb").read()
+            for n in sorted(os.listdir(out_dir)) if n.endswith(".tfrecord")}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    ids = _cohort(str(root), _standard_exams())
+    return root, ids
+
+
+def test_convert_writes_records_manifest_and_id_map(tmp_path, cohort):
+    root, _ = cohort
+    log = io.StringIO()
+    result = convert(_config(tmp_path, root), stream=log)
+    out = str(tmp_path / "records")
+    assert result.ok and result.num_converted == 10
+    manifest = schema.read_manifest(out)
+    assert manifest["phases"] == list(schema.PHASES)
+    assert manifest["labels"] == list(schema.LABELS)
+    assert manifest["num_failures"] == 0 and manifest["num_exams"] == 10
+    assert not os.path.exists(os.path.join(out, convert_lib.WORK_DIR))  # Cache dropped.
+    records = _records(out)
+    assert len(records) == 10
+    # id map: pseudonym -> folder, outside the output dir; records equal load_exam's volumes.
+    with open(tmp_path / "private" / "records_ids.csv") as f:
+        id_map = {r["exam_id"]: r for r in csv.DictReader(f)}
+    assert sorted(r["exam"] for r in id_map.values()) == sorted(e for e, _, _ in
+                                                                _standard_exams())
+    patients_by_split = {}
+    for exam_id, (split, rec) in records.items():
+        folder = id_map[exam_id]["exam"]
+        assert rec["patient_id"] == id_map[exam_id]["patient_id"]
+        expected = dicom_reader.load_exam(str(root / folder))
+        for p in schema.PHASES:
+            np.testing.assert_array_equal(rec[p], expected.volumes[p])
+        np.testing.assert_allclose(rec["spacing"], (2.5, 0.3125, 0.3125))
+        labels = [e for e in _standard_exams() if e[0] == folder][0][2]
+        assert rec["labels"].tolist() == list(labels)
+        patients_by_split.setdefault(rec["patient_id"], set()).add(split)
+    # Patient-level: 5 patients, each in exactly one split; default 60/20/20 -> 3/1/1.
+    assert all(len(s) == 1 for s in patients_by_split.values())
+    counts = {s: manifest["splits"][s]["num_patients"] for s in schema.SPLITS}
+    assert counts == {"train": 3, "val": 1, "test": 1}
+    for split in schema.SPLITS:
+        entry = manifest["splits"][split]
+        assert entry["num_exams"] == 2 * entry["num_patients"]
+        assert entry["shards"] == [f"{split}-00000-of-00001.tfrecord"]
+    assert "converted 10/10 exams" in log.getvalue()
+    assert "exams/s" in log.getvalue()
+
+
+def test_same_key_same_ids_other_key_other_ids_and_splits_by_seed(tmp_path, cohort):
+    root, _ = cohort
+    a = convert(_config(tmp_path, root, "a", progress=False), stream=io.StringIO())
+    b = convert(_config(tmp_path, root, "b", progress=False), stream=io.StringIO())
+    assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b")
+    assert a.manifest["splits"] == b.manifest["splits"]
+    other = _config(tmp_path, root, "c", progress=False)
+    other = ConvertConfig(**{**other.__dict__,
+                             "pseudonym_key_file": str(tmp_path / "other" / "key")})
+    c = convert(other, stream=io.StringIO())
+    ids = lambda m: {e["exam_id"] for s in m["splits"].values() for e in s["exams"]}  # noqa
+    assert not ids(a.manifest) & ids(c.manifest)
+
+
+def test_key_or_id_map_inside_output_dir_refused(tmp_path, cohort):
+    root, _ = cohort
+    cfg = _config(tmp_path, root)
+    with pytest.raises(ValueError, match="inside --output_dir"):
+        convert(ConvertConfig(**{**cfg.__dict__, "pseudonym_key_file":
+                                 str(tmp_path / "records" / "key")}))
+    with pytest.raises(ValueError, match="inside --output_dir"):
+        convert(ConvertConfig(**{**cfg.__dict__, "id_map": str(tmp_path / "records" / "m.csv")}))
+
+
+def test_default_key_file_is_created_outside_and_reused(tmp_path, cohort):
+    root, _ = cohort
+    cfg = ConvertConfig(dicom_root=str(root), labels=str(root / "labels.csv"),
+                        output_dir=str(tmp_path / "out"), num_workers=1, progress=False)
+    convert(cfg, stream=io.StringIO())
+    key_file = tmp_path / "out_private" / "pseudonym.key"
+    assert key_file.exists() and (key_file.stat().st_mode & 0o777) == 0o600
+    assert (tmp_path / "out_private" / "id_map.csv").exists()
+    first = _shard_bytes(tmp_path / "out")
+    convert(cfg, stream=io.StringIO())
+    assert _shard_bytes(tmp_path / "out") == first
+
+
+def test_split_column_is_used_and_conflicts_rejected(tmp_path):
+    root = tmp_path / "dicom"
+    exams = [("A/1", 1, (0, 1, 0, 0)), ("A/2", 1, (0, 0, 0, 0)), ("B/1", 2, (0, 0, 0, 1))]
+    _cohort(str(root), exams)
+    splits_col = {"A/1": "test", "A/2": "test", "B/1": "train"}
+    lines = open(root / "labels.csv").read().splitlines()
+    lines = [lines[0] + ",split"] + [l + "," + splits_col[l.split(",")[0]] for l in lines[1:]]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    result = convert(_config(tmp_path, root, progress=False), stream=io.StringIO())
+    assert [result.manifest["splits"][s]["num_exams"] for s in schema.SPLITS] == [1, 0, 2]
+    assert result.manifest["splits"]["val"]["shards"] == []
+    # One patient (PatientID) in two splits is refused.
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",val"
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(labels_csv.InputError, match="one patient.*two splits") as e:
+        convert(_config(tmp_path, root, "r2", progress=False), stream=io.StringIO())
+    assert "line 2" in str(e.value) and "line 3" in str(e.value)
+
+
+def test_assign_splits_stratified_seeded_and_disjoint():
+    strata = {f"P{i:03d}": int(i < 30) for i in range(100)}
+    a = splits.assign_splits(strata, (0.6, 0.2, 0.2), seed=3)
+    assert a == splits.assign_splits(strata, (0.6, 0.2, 0.2), seed=3)
+    assert a != splits.assign_splits(strata, (0.6, 0.2, 0.2), seed=4)
+    for split, n, malignant in (("train", 60, 18), ("val", 20, 6), ("test", 20, 6)):
+        members = [p for p, s in a.items() if s == split]
+        assert len(members) == n and sum(strata[p] for p in members) == malignant
+    small = splits.assign_splits({"a": 0, "b": 0, "c": 1}, (0.6, 0.2, 0.2), seed=0)
+    assert sorted(small.values()) == ["test", "train", "val"]
+    assert splits.parse_ratios("60/20/20") == pytest.approx((0.6, 0.2, 0.2))
+    with pytest.raises(ValueError, match="split_ratios"):
+        splits.parse_ratios("0.5,0.5")
+
+
+def test_shard_size_splits_into_several_shards(tmp_path, cohort):
+    root, _ = cohort
+    record_mb = 4 * 4 * 8 * 8 * 4 / 2**20
+    result = convert(_config(tmp_path, root, shard_size_mb=2.5 * record_mb, progress=False),
+                     stream=io.StringIO())
+    train = result.manifest["splits"]["train"]
+    assert train["num_exams"] == 6
+    assert train["shards"] == [f"train-{i:05d}-of-00003.tfrecord" for i in range(3)]
+    assert len(_records(str(tmp_path / "records"))) == 10
+
+
+# ---- broken exams and privacy ----------------------------------------------------------------
+
+def _broken_cohort(root):
+    exams = _standard_exams(n_patients=3, exams_per_patient=1) + [
+        ("bad/truncated", 10, (0, 0, 0, 0)),
+        ("bad/missing_slice", 11, (0, 0, 0, 0)),
+        ("bad/grids", 12, (0, 0, 0, 0)),
+        ("bad/no_dce", 13, (0, 0, 0, 0)),
+    ]
+    ids = _cohort(str(root), exams)
+    trunc = pydicom.data.get_testdata_file("MR_truncated.dcm")
+    victim = sorted((root / "bad/truncated/series2").iterdir())[1]
+    ds = pydicom.dcmread(victim)
+    raw = open(trunc, "rb").read()
+    ds.PixelData = pydicom.dcmread(trunc).PixelData[:100]
+    ds.save_as(victim)
+    del raw
+    os.remove(sorted((root / "bad/missing_slice/series1").iterdir())[2])
+    for f in (root / "bad/grids/series3").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [-10.0, -10.0, float(ds.ImagePositionPatient[2]) + 2.5]
+        ds.save_as(f)
+    for f in (root / "bad/no_dce").rglob("*.dcm"):
+        if "series0" not in str(f):
+            f.unlink()
+    (root / "bad/no_dce/readme.txt").write_text("not dicom")
+    return ids
+
+
+def test_broken_exams_go_to_failures_others_written_and_nothing_identifying(tmp_path):
+    root = tmp_path / "dicom"
+    ids = _broken_cohort(root)
+    log = io.StringIO()
+    result = convert(_config(tmp_path, root), stream=log)
+    out = tmp_path / "records"
+    assert not result.ok and result.num_converted == 3 and len(result.failures) == 4
+    with open(out / "failures.csv") as f:
+        failures = {r["exam"]: r["reason"] for r in csv.DictReader(f)}
+    with open(tmp_path / "private" / "records_ids.csv") as f:
+        folder = {r["exam_id"]: r["exam"] for r in csv.DictReader(f)}
+    reasons = {folder[e]: r for e, r in failures.items()}
+    assert "unreadable pixel data" in reasons["bad/truncated"]
+    assert "missing slice" in reasons["bad/missing_slice"]
+    assert "different grids" in reasons["bad/grids"]
+    assert "no DCE series found" in reasons["bad/no_dce"]
+    assert len(_records(str(out))) == 3
+    assert json.load(open(out / "manifest.json"))["num_failures"] == 4
+    detail = open(tmp_path / "private" / "failures_detail.csv").read()
+    assert "bad/truncated" in detail and "series2" in detail  # Full detail stays outside.
+    # Privacy: no identifier in any byte under the output dir (records, manifest, cache) or log.
+    blobs = [log.getvalue().encode()]
+    for dirpath, _, files in os.walk(out):
+        blobs += [open(os.path.join(dirpath, n), "rb").read() for n in files]
+    assert any(os.path.join(dp, "x") for dp, _, _ in os.walk(out / ".work"))  # Cache kept.
+    for ident in ids:
+        for blob in blobs:
+            assert ident.encode() not in blob, f"{ident!r} leaked"
+    assert "bad/" not in log.getvalue()  # Folder names only in the private id map.
+
+
+def test_rerun_after_fixing_reads_only_failed_exams(tmp_path):
+    root = tmp_path / "dicom"
+    _cohort(str(root), _standard_exams(n_patients=2, exams_per_patient=1)
+            + [("bad/x", 9, (0, 0, 0, 0))])
+    victim = sorted((root / "bad/x/series1").iterdir())[1]
+    moved = tmp_path / "moved.dcm"
+    os.replace(victim, moved)
+    first = convert(_config(tmp_path, root, progress=False), stream=io.StringIO())
+    assert len(first.failures) == 1
+    os.replace(moved, victim)
+    second = convert(_config(tmp_path, root, progress=False), stream=io.StringIO())
+    assert second.ok and second.num_cached == 2 and second.num_converted == 3
+
+
+# ---- bad input: one message listing the rows, before any work --------------------------------
+
+@pytest.mark.parametrize(
+    "csv_text,expected",
+    [
+        ("exam,left_benign,left_malignant,right_benign\nP00/E0,0,0,0\n",
+         ["missing column(s) right_malignant"]),
+        (HEADER + "\nP00/E0,0,2,0,0\nP00/E1,0,0,x,0\n",
+         ["label values other than 0/1", "line 2", "left_malignant='2'", "line 3",
+          "right_benign='x'"]),
+        (HEADER + "\nP00/E0,0,0,0,0\nP00/E1,0,0,0,0\n./P00/E0/,0,1,0,0\n",
+         ["duplicate exams", "line 4", "repeats line 2"]),
+        (HEADER + "\nP00/E0,0,0,0,0\nP00/E1,0,0,0,0\nP09/E7,0,0,0,0\n",
+         ["exams with no folder", "line 4", "P09/E7"]),
+        (HEADER + "\nP00/E0,0,0,0,0\n", ["folders with DICOM files and no labels", "P00/E1"]),
+        (HEADER + ",split\nP00/E0,0,0,0,0,train\nP00/E1,0,0,0,0,training\n",
+         ["split values", "line 3", "'training'"]),
+    ],
+    ids=["missing_column", "not_01", "duplicate", "no_folder", "no_labels", "bad_split"],
+)
+def test_bad_labels_rejected_before_any_work(tmp_path, csv_text, expected):
+    root = tmp_path / "dicom"
+    _cohort(str(root), [("P00/E0", 0, (0, 0, 0, 0)), ("P00/E1", 0, (0, 0, 0, 0))], slices=2,
+            size=4)
+    (root / "labels.csv").write_text(csv_text)
+    with pytest.raises(labels_csv.InputError) as e:
+        convert(_config(tmp_path, root))
+    for text in expected:
+        assert text in str(e.value)
+    assert not (tmp_path / "records").exists() and not (tmp_path / "private").exists()
+
+
+def test_all_label_problems_reported_together(tmp_path):
+    root = tmp_path / "dicom"
+    _cohort(str(root), [("A/1", 0, (0, 0, 0, 0)), ("A/2", 0, (0, 0, 0, 0)),
+                        ("B/1", 1, (0, 0, 0, 0))], slices=2, size=4)
+    (root / "labels.csv").write_text(HEADER + "\nA/1,0,0,0,3\nA/1,0,0,0,0\nC/1,0,0,0,0\n")
+    with pytest.raises(labels_csv.InputError) as e:
+        labels_csv.read_labels(str(root / "labels.csv"), str(root))
+    msg = str(e.value)
+    for text in ("label values other than 0/1", "duplicate exams", "exams with no folder",
+                 "C/1", "folders with DICOM files and no labels", "A/2", "B"):
+        assert text in msg
+
+
+def test_phase_map_checked_and_applied(tmp_path):
+    root = tmp_path / "dicom"
+    _cohort(str(root), [("A/1", 0, (0, 1, 0, 0)), ("A/2", 0, (0, 0, 0, 0)),
+                        ("B/1", 1, (0, 0, 0, 0))])
+    uids = {}
+    for f in sorted((root / "A/1").rglob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        uids[int(ds.SeriesNumber)] = ds.SeriesInstanceUID
+    pm = tmp_path / "phases.csv"
+    pm.write_text("exam,series_instance_uid,phase\n" + "".join(
+        f"A/1,{uids[4 - t]},t{t}\n" for t in range(4)))
+    result = convert(_config(tmp_path, root, phase_map=str(pm), progress=False),
+                     stream=io.StringIO())
+    assert result.ok
+    with open(tmp_path / "private" / "records_ids.csv") as f:
+        exam_id = {r["exam"]: r["exam_id"] for r in csv.DictReader(f)}["A/1"]
+    rec = _records(str(tmp_path / "records"))[exam_id][1]
+    reversed_exam = dicom_reader.load_exam(str(root / "A/1"))
+    np.testing.assert_array_equal(rec["t0"], reversed_exam.volumes["t3"])
+    pm.write_text("exam,series_instance_uid,phase\nA/1,1.2.3,t5\nZ/9,1.2.3,t0\n")
+    with pytest.raises(labels_csv.InputError, match="phase 't5'.*\n.*'Z/9' is not in the lab"):
+        convert(_config(tmp_path, root, phase_map=str(pm)))
+
+
+# ---- command line: exit codes, and resume after a real kill ----------------------------------
+
+def _cli(args, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, "-m", "tfrecords_tools.convert", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def test_cli_exit_status_for_bad_input(tmp_path):
+    root = tmp_path / "dicom"
+    _cohort(str(root), [("A/1", 0, (0, 0, 0, 0))], slices=2, size=4)
+    (root / "labels.csv").write_text(HEADER + "\nA/1,0,0,0,7\n")
+    proc = _cli([f"--dicom_root={root}", f"--labels={root / 'labels.csv'}",
+                 f"--output_dir={tmp_path / 'out'}"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "label values other than 0/1" in err and "line 2" in err
+    proc = _cli([f"--dicom_root={root}", f"--labels={root / 'labels.csv'}",
+                 f"--output_dir={tmp_path / 'out'}", "stray"])
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_clean_run(tmp_path):
+    root = tmp_path / "dicom"
+    exams = _standard_exams(n_patients=5, exams_per_patient=2) + [("bad/x", 20, (0, 0, 0, 0))]
+    _cohort(str(root), exams, slices=24, size=64)
+    os.remove(sorted((root / "bad/x/series1").iterdir())[3])  # One failure: exit status 1.
+    key = tmp_path / "private" / "key"
+    clean = convert(_config(tmp_path, root, "clean", progress=False), stream=io.StringIO())
+    assert len(clean.failures) == 1
+
+    out = tmp_path / "killed"
+    args = [f"--dicom_root={root}", f"--labels={root / 'labels.csv'}", f"--output_dir={out}",
+            f"--pseudonym_key_file={key}", f"--id_map={tmp_path / 'private' / 'k.csv'}",
+            "--num_workers=2"]
+    proc = _cli(args)
+    work = out / convert_lib.WORK_DIR
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        done = len(list(work.glob("*.json"))) if work.exists() else 0
+        if done >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "conversion finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    done = len(list(work.glob("*.json")))
+    assert 3 <= done < 10 and not list(out.glob("*.tfrecord"))
+
+    proc = _cli(args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert f"({done} resumed from an earlier run)" in err
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "clean")
+    m_clean = json.load(open(tmp_path / "clean" / "manifest.json"))
+    m_resumed = json.load(open(out / "manifest.json"))
+    assert {k: v for k, v in m_clean.items() if k != "flags"} == {
+        k: v for k, v in m_resumed.items() if k != "flags"}
+    assert open(out / "failures.csv").read() == open(tmp_path / "clean" / "failures.csv").read()
