@@ -151,5 +151,7 @@ def worker_write_dir(directory: str, role: WorkerRole) -> str:
 def describe(strategy) -> str:
     """One line naming the strategy, its replicas and their devices."""
     kind = type(strategy).__name__
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        kind = "MultiWorkerMirroredStrategy"  # Its class is called CollectiveAllReduceStrategy.
     devices = list(getattr(strategy.extended, "worker_devices", ()) or ())
     return f"{kind}, {strategy.num_replicas_in_sync} replica(s) in sync, devices: {devices}"
