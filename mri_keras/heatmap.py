@@ -132,6 +132,7 @@ def saliency(model, volume, target: str = "malignant", method: str = "gradcam",
     layer = _gradcam_layer(model, layer_name)
     grad_model = keras.Model(model.inputs, [layer.output, model.output])
     with tf.GradientTape() as tape:
+        tape.watch(x)  # records the path to the features even when no weights precede them
         features, outputs = grad_model(x, training=False)  # features: (1, s, h, w, C)
         score = _log_odds(outputs, labels)
     grads = tape.gradient(score, features)
@@ -196,18 +197,22 @@ def write_heatmaps(output_dir: str, heatmap: np.ndarray, image: np.ndarray,
     pngs = []
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0, 1)
     for rank, s in enumerate(slices):
-        fig, ax = plt.subplots(figsize=(5, 5 * heatmap.shape[1] / heatmap.shape[2] * aspect),
-                               dpi=100)
-        ax.imshow(image[s], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect)
-        ax.imshow(heatmap[s], cmap="jet", alpha=0.4 * (heatmap[s] > 0.05), vmin=0, vmax=1,
-                  aspect=aspect)
-        ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, fontsize=12,
-                fontweight="bold", va="center")
-        ax.text(0.95, 0.5, "L", color="yellow", transform=ax.transAxes, fontsize=12,
-                fontweight="bold", va="center")
-        ax.set_title(f"{title} slice {s} (rank {rank + 1}, peak {heatmap[s].max():.2f})",
+        height = 3.2 * heatmap.shape[1] / heatmap.shape[2] * aspect
+        fig, axes = plt.subplots(1, 2, figsize=(6.4, height + 0.6), dpi=100)
+        for ax, overlay in zip(axes, (False, True)):
+            ax.imshow(image[s], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                      aspect=aspect, interpolation="nearest")
+            if overlay:
+                ax.imshow(np.ma.masked_less(heatmap[s], 0.05), cmap="jet", alpha=0.45,
+                          vmin=0, vmax=1, aspect=aspect, interpolation="bilinear")
+            # Radiological view: the patient's right (col 0) on the image's left.
+            for x, text in ((0.02, "R"), (0.93, "L")):
+                ax.text(x, 0.5, text, color="yellow", transform=ax.transAxes, fontsize=11,
+                        fontweight="bold", va="center")
+            ax.set_title("saliency" if overlay else "model input", fontsize=9)
+            ax.axis("off")
+        fig.suptitle(f"{title} slice {s} (rank {rank + 1}, peak {heatmap[s].max():.2f})",
                      fontsize=9)
-        ax.axis("off")
         path = os.path.join(output_dir, f"slice_{s:03d}.png")
         fig.tight_layout()
         fig.savefig(path)

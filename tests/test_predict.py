@@ -1,0 +1,203 @@
+"""mri_keras.predict and mri_keras.heatmap on synthetic DICOM exams.
+
+One tiny model is trained for one epoch with train_lib on a converted synthetic cohort whose
+exams use several acquisition geometries, so "predict from the DICOM folder" and "evaluate
+from the TFRecord" must agree after reorientation.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mri_keras import evaluate
+from mri_keras import heatmap
+from mri_keras import inference
+from mri_keras import predict
+
+VARIANTS = ("standard", "reversed_cols", "descending_slices", "sagittal")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from mri_keras import config as config_lib
+    from mri_keras import train_lib
+    from tfrecords_tools import convert_lib
+    from tfrecords_tools import synthetic
+
+    root = tmp_path_factory.mktemp("predict")
+    cohort = synthetic.generate_cohort(str(root / "cohort"), 4, seed=3, slices=6, rows=32,
+                                       cols=40, variants=VARIANTS, workers=1)
+    records = str(root / "records")
+    convert_lib.convert(convert_lib.ConvertConfig(
+        dicom_root=cohort.root, labels=cohort.labels_csv, output_dir=records,
+        num_workers=1, progress=False), stream=open(os.devnull, "w"))
+    with open(str(root / "records_private" / "id_map.csv")) as f:
+        folder_of = {r["exam_id"]: r["exam"] for r in csv.DictReader(f)}
+    model_dir = str(root / "run")
+    train_lib.train(train_lib.TrainConfig(
+        data_dir=records, model_dir=model_dir, epochs=1, learning_rate=1e-3, verbose=0,
+        model=config_lib.ModelConfig(width=4, blocks_per_stage=(1, 1, 1, 1), channels_3d=8,
+                                     stem_kernel=3),
+        input=config_lib.InputConfig(input_variant="t2sub")))
+    variant_of = {e.exam: e.variant for e in cohort.exams}
+    return {"root": root, "cohort": cohort, "records": records, "folder_of": folder_of,
+            "model_dir": model_dir, "export": os.path.join(model_dir, "export"),
+            "variant_of": variant_of}
+
+
+def _record_predictions(run):
+    predictor = inference.load_predictor(run["export"])
+    out = {}
+    for split in ("train", "val", "test"):
+        p = evaluate.predict_split(predictor, run["records"], split)
+        out.update({e: p.probs[i] for i, e in enumerate(p.exam_ids)})
+    return predictor, out
+
+
+@pytest.mark.slow
+def test_predict_on_dicom_equals_evaluate_on_records(run):
+    predictor, from_records = _record_predictions(run)
+    assert set(from_records) == set(run["folder_of"])
+    seen_variants = set()
+    for exam_id, folder in run["folder_of"].items():
+        result = predict.predict_exam(
+            predict.PredictConfig(model=run["export"],
+                                  exam_dir=os.path.join(run["cohort"].root, folder)),
+            predictor=predictor)
+        got = [result[side][task] for side, task in (
+            ("left", "benign"), ("left", "malignant"), ("right", "benign"),
+            ("right", "malignant"))]
+        np.testing.assert_allclose(got, from_records[exam_id], atol=1e-6, err_msg=folder)
+        assert result["input"] == "t2-t0" and result["slices"] == 6
+        seen_variants.add(run["variant_of"][folder])
+    assert seen_variants == set(VARIANTS)
+
+
+@pytest.mark.slow
+def test_predict_cli_prints_json_without_identifiers_and_rejects_bad_folders(run, tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    exam = next(e for e in run["cohort"].exams if e.variant == "sagittal")
+    heat_dir = tmp_path / "heat"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mri_keras.predict", f"--model={run['export']}",
+         f"--exam_dir={os.path.join(run['cohort'].root, exam.exam)}",
+         f"--heatmap_dir={heat_dir}", "--top_slices=2"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert set(result["left"]) == {"benign", "malignant"} and set(result["right"]) == {
+        "benign", "malignant"}
+    assert result["input"] == "t2-t0" and result["slices"] == exam.shape[0]
+    assert len(result["heatmap"]["png"]) == 2
+    for png in result["heatmap"]["png"]:
+        assert os.path.getsize(png) > 1000
+    assert np.load(heat_dir / "heatmap.npy").shape == tuple(exam.shape)
+    identifiers = [str(v) for v in _flatten(run["cohort"].identifiers) if len(str(v)) >= 6]
+    assert identifiers
+    for ident in identifiers:
+        assert ident not in proc.stdout and ident not in proc.stderr, ident
+
+    bad = tmp_path / "not_an_exam"
+    bad.mkdir()
+    (bad / "notes.txt").write_text("not DICOM")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mri_keras.predict", f"--model={run['export']}",
+         f"--exam_dir={bad}"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == predict.EXIT_BAD_EXAM
+    assert "no DICOM images" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def _flatten(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _flatten(v)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from _flatten(v)
+    else:
+        yield obj
+
+
+@pytest.mark.slow
+def test_heatmap_has_exam_shape_and_canonical_orientation(run, tmp_path):
+    """The heatmap from a DICOM folder in any acquisition geometry equals the heatmap computed
+    on the converter's canonical record of the same exam, voxel for voxel."""
+    from tfrecords_tools import dicom_reader
+
+    predictor = inference.load_predictor(run["export"])
+    model = inference.load_keras_model(predictor.location.keras_path)
+    records = {}
+    for split in ("train", "val", "test"):
+        for exam in evaluate.iterate_split(run["records"], split, predictor.phases):
+            records[exam["exam_id"]] = exam
+    by_folder = {folder: e for e, folder in run["folder_of"].items()}
+    for variant in ("reversed_cols", "sagittal", "descending_slices"):
+        folder = next(f for f, v in run["variant_of"].items() if v == variant)
+        out = tmp_path / variant
+        result = predict.predict_exam(predict.PredictConfig(
+            model=run["export"], exam_dir=os.path.join(run["cohort"].root, folder),
+            heatmap_dir=str(out), top_slices=1), predictor=predictor)
+        from_dicom = np.load(result["heatmap"]["npy"])
+        exam_shape = dicom_reader.load_exam(os.path.join(run["cohort"].root, folder)).shape
+        assert from_dicom.shape == exam_shape == tuple(result["shape"])
+        assert from_dicom.dtype == np.float32
+        assert 0.0 <= from_dicom.min() and from_dicom.max() <= 1.0
+        record = records[by_folder[folder]]
+        from_record, _ = heatmap.exam_saliency(model, {p: record[p] for p in predictor.phases},
+                                               predictor.input_config)
+        np.testing.assert_allclose(from_dicom, from_record, atol=1e-4, err_msg=variant)
+
+
+def _blob_model():
+    """Input -> 4x4 in-plane average pool ('block3d_out') -> global max -> heads: the
+    malignant log-odds grow with the brightest pooled cell, so saliency must sit on it."""
+    import keras
+    from keras import layers
+
+    from mri_keras import constants
+
+    volume = keras.Input((None, None, None, 1), name="volume")
+    x = layers.AveragePooling3D((1, 4, 4), padding="same")(volume)
+    x = layers.ReLU(name="block3d_out")(x)  # (batch, S, H/4, W/4, 1)
+    g = layers.GlobalMaxPooling3D()(x)
+    outputs = {}
+    for label in constants.LABELS:
+        dense = layers.Dense(2, activation="softmax", name=label)
+        outputs[label] = dense(g)
+        dense.set_weights([np.array([[-1.0, 1.0]], np.float32), np.zeros(2, np.float32)])
+    return keras.Model(volume, outputs)
+
+
+@pytest.mark.parametrize("method", heatmap.METHODS)
+def test_saliency_lands_on_the_blob_with_the_input_axes(method):
+    model = _blob_model()
+    volume = np.zeros((5, 16, 32, 1), np.float32)
+    volume[1, 4:8, 24:28] = 3.0  # slice 1, upper rows, patient-left columns (cols > W/2)
+    volume[3, 8:12, 0:4] = 1.0  # a weaker blob elsewhere
+    heat = heatmap.saliency(model, volume, target="malignant", method=method)
+    assert heat.shape == (5, 16, 32)
+    s, r, c = np.unravel_index(np.argmax(heat), heat.shape)
+    assert s == 1 and 4 <= r < 8 and 24 <= c < 28, (s, r, c)
+    assert heat.max() == pytest.approx(1.0)
+    assert heatmap.most_salient_slices(heat, 2)[0] == 1
+
+
+def test_heatmap_needs_the_keras_model(tmp_path):
+    import shutil
+
+    import eval_fixtures
+
+    eval_fixtures.make_model_dir(str(tmp_path / "run"))
+    export_only = tmp_path / "only" / "export"
+    shutil.copytree(tmp_path / "run" / "export", export_only)
+    with pytest.raises(FileNotFoundError, match="best.keras"):
+        predict.predict_exam(predict.PredictConfig(
+            model=str(export_only), exam_dir=str(tmp_path), heatmap_dir=str(tmp_path / "h")))
+    with pytest.raises(ValueError, match="target"):
+        predict.PredictConfig(model="m", exam_dir="e", heatmap_target="spleen")
