@@ -18,8 +18,9 @@ per model, same order).
 Writes ``OUTPUT/test/`` (and ``OUTPUT/val/`` when validation predictions were given) in the
 evaluate layout (``predictions.csv``, ``metrics.json``, ``roc.png``; ``metrics.json`` gains an
 ``ensemble`` section), plus ``OUTPUT/ensemble.json``: method, members, how often each was
-chosen, weights and the selection trace. An ensemble output directory is itself a valid
-``--eval_dirs`` entry.
+chosen, weights, the selection trace, and ``test_vs_members``: the ensemble's AUC minus each
+member's on test with a paired patient-bootstrap CI and p-value. An ensemble output
+directory is itself a valid ``--eval_dirs`` entry.
 """
 
 from __future__ import annotations
@@ -238,6 +239,19 @@ def run_ensemble(config: EnsembleConfig) -> dict:
         description[f"{split}_breast_level"] = {
             t: summary["breast_level"][t] for t in ("malignant", "benign")
         }
+    # Paired patient-bootstrap comparison of the ensemble with each member on test: does it
+    # really beat them, given that all share the same exams?
+    exam_ids, patient_ids, labels, probs = test
+    ensemble_probs = combine(probs, weights)
+    description["test_vs_members"] = {
+        name: {
+            task: metrics_lib.paired_auc_difference(
+                labels, ensemble_probs, probs[m], patient_ids, task=task,
+                n_bootstrap=config.n_bootstrap, seed=config.seed)
+            for task in ("malignant", "benign")
+        }
+        for m, name in enumerate(names)
+    }
     with open(os.path.join(config.output_dir, ENSEMBLE_FILENAME), "w") as f:
         json.dump(evaluate_lib.json_safe(description), f, indent=2)
         f.write("\n")

@@ -153,3 +153,33 @@ def test_table1_and_data_fraction_reports(tmp_path):
     with pytest.raises(FileNotFoundError, match="table1.sh"):
         experiments.run(experiments.ExperimentsConfig(
             report="table1", eval_root=str(tmp_path / "none"), output_dir=str(tmp_path)))
+
+
+def test_ensemble_cli(tmp_path):
+    import subprocess
+    import sys
+
+    dirs = _write_eval_dirs(str(tmp_path / "runs"))
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mri_keras.ensemble", f"--eval_dirs={','.join(dirs.values())}",
+         "--method=caruana", "--caruana_iterations=10", f"--output_dir={out}",
+         "--n_bootstrap=20"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "caruana ensemble: good_a x" in proc.stdout
+    assert json.load(open(out / "ensemble.json"))["chosen"]["noise"] == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "mri_keras.ensemble", "--method=caruana", f"--output_dir={out}",
+         f"--test_predictions={dirs['good_a']}/test"], capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode != 0 and "validation" in proc.stderr
+
+
+def test_ensemble_reports_paired_differences_with_members(tmp_path):
+    dirs = _write_eval_dirs(str(tmp_path / "runs"))
+    desc = ensemble.run_ensemble(ensemble.EnsembleConfig(
+        test_predictions=tuple(os.path.join(dirs[n], "test") for n in ("good_a", "noise")),
+        method="mean", output_dir=str(tmp_path / "m"), n_bootstrap=100))
+    vs_noise = desc["test_vs_members"]["noise"]["malignant"]
+    assert vs_noise["difference"] > 0 and vs_noise["ci_low"] > 0
+    assert vs_noise["auc_a"] == pytest.approx(desc["test_breast_level"]["malignant"]["auc"])

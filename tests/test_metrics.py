@@ -125,3 +125,22 @@ def test_single_class_gives_nan_and_errors_are_clear():
 def test_format_auc():
     assert metrics.format_auc({"auc": 0.91234, "ci_low": 0.88, "ci_high": 0.9401}) == (
         "0.912 (0.880-0.940)")
+
+
+def test_paired_difference_detects_a_better_model_and_not_a_copy():
+    labels, good, pids = _cohort(150, seed=4, signal=1.0)
+    rng = np.random.default_rng(0)
+    worse = 1 / (1 + np.exp(-(0.4 * (2 * labels - 1) + rng.normal(size=labels.shape))))
+    d = metrics.paired_auc_difference(labels, good, worse, pids, n_bootstrap=400)
+    assert d["difference"] == pytest.approx(
+        metrics.breast_level_auc(labels, good) - metrics.breast_level_auc(labels, worse))
+    assert d["ci_low"] > 0 and d["p_value"] < 0.01
+    same = metrics.paired_auc_difference(labels, good, good, pids, n_bootstrap=100)
+    assert same["difference"] == 0 and same["ci_low"] == 0 == same["ci_high"]
+    assert same["p_value"] == 1.0
+    # For two correlated models the paired CI of the difference is much narrower than either
+    # model's own CI (which is why comparisons must be paired).
+    close = 1 / (1 + np.exp(-(np.log(good / (1 - good)) + 0.3 * rng.normal(size=labels.shape))))
+    d = metrics.paired_auc_difference(labels, good, close, pids, n_bootstrap=400)
+    a = metrics.auc_with_ci(labels, good, pids, n_bootstrap=400)
+    assert d["ci_high"] - d["ci_low"] < 0.5 * (a["ci_high"] - a["ci_low"])
