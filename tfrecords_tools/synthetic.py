@@ -673,7 +673,7 @@ def _write_extra_series(job, rendered, stored, orientation, header, names, uids,
     # Canonical voxel (k, i, j) sits at origin + (j sc, i sr, k ss): reorder to (slice,row,col).
     origin_zyx = np.asarray(exam.origin)[::-1]
     center = origin_zyx + (np.asarray(shape) - 1) / 2.0 * spacing
-    start = exam.phase_times[0] - 420.0
+    start = job.start_time  # localizer first, T2 90 s later, DCE from 5 minutes on
     written = 0
 
     # T2-weighted axial series on its own grid (fewer, thicker slices; other matrix).
