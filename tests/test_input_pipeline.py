@@ -421,3 +421,47 @@ def test_split_errors(tmp_path):
         json.dump(manifest, f)
     with pytest.raises(ValueError, match="no shard files"):
         input_pipeline.make_dataset(d, "train", NO_AUG, training=False)
+
+
+_DISTRIBUTED_CHECK = r"""
+import sys
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from mri_keras import input_pipeline
+from mri_keras.config import InputConfig
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+config = InputConfig("t2-t0", flip=True, crop=(4, 5))
+dist = strategy.distribute_datasets_from_function(
+    lambda ctx: input_pipeline.make_dataset(
+        sys.argv[1], "train", config, training=True, input_context=ctx, with_ids=True))
+for volume, targets, ids in dist:
+    for v, e, y in zip(strategy.experimental_local_results(volume),
+                       strategy.experimental_local_results(ids["exam_id"]),
+                       strategy.experimental_local_results(targets["left_benign"])):
+        print(e.numpy()[0].decode(), *v.shape, *y.shape)
+"""
+
+
+def test_distribute_datasets_from_function_gives_each_replica_whole_exams(tmp_path):
+    import subprocess
+    import sys
+
+    shapes = [(3, 8, 10), (5, 6, 7), (2, 9, 6), (4, 5, 5)]
+    exams = [_exam(i, shape=s) for i, s in enumerate(shapes)]
+    d = write_records(tmp_path / "rec", exams, num_shards=2)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-c", _DISTRIBUTED_CHECK, str(d)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert sorted(r[0] for r in rows) == [e["exam_id"] for e in exams]
+    for exam_id, *dims in rows:
+        s = shapes[int(exam_id[4:])]
+        # One whole exam per replica: batch 1, all its slices, crop (4, 5) inside it.
+        assert [int(v) for v in dims] == [1, s[0], min(4, s[1]), min(5, s[2]), 1, 1, 2]

@@ -1,0 +1,285 @@
+"""Input pipeline throughput against a raw sequential read of the same shard files.
+
+Writes synthetic records (all four phases stored, as the converter writes them) unless given a
+records directory, then measures in one run, alternating:
+
+* ``raw_read``: plain ``readinto`` of every shard file of the split, 8 MiB at a time;
+* ``input_pipeline``: one epoch of ``mri_keras.input_pipeline.make_dataset`` (training=True:
+  shuffling, flip and a 0.9 in-plane crop when ``augment``; z-score, input ``t2-t0``),
+  counting the shard bytes it consumes;
+
+once with the files in the page cache (``warm``: the raw read is a memory copy) and once with
+them dropped from it before each read (``cold``: both read the disk).
+
+Usage: ``python scripts/bench/pipeline_bench.py [--num_exams=24] [--slices=16] ...`` prints one
+JSON object per line. ``scripts/bench/model.py`` imports :func:`measure_pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+_CHUNK_BYTES = 8 << 20
+
+
+def _split_files(records_dir: str, split: str, input_variant: str) -> list:
+    from mri_keras import input_pipeline
+
+    return input_pipeline.shard_files(records_dir, split, input_variant)[0]
+
+
+def write_synthetic_records(
+    directory: str, num_exams: int, slices: int, height: int, width: int, num_shards: int = 4,
+    seed: int = 0
+) -> str:
+    """Writes ``num_exams`` random 4-phase exams as a ``train`` split with a manifest.
+
+    Args:
+      directory: str. Output directory (created).
+      num_exams: int. Exams to write.
+      slices, height, width: int. Shape of every exam.
+      num_shards: int. Shard files (at most num_exams). Defaults to 4.
+      seed: int. Seed of the voxels and labels. Defaults to 0.
+
+    Returns:
+      ``directory``.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from tfrecords_tools import schema
+
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    num_shards = max(1, min(num_shards, num_exams))
+    names = [
+        schema.SHARD_PATTERN.format(split="train", index=i, count=num_shards)
+        for i in range(num_shards)
+    ]
+    writers = [tf.io.TFRecordWriter(os.path.join(directory, n)) for n in names]
+    exams = []
+    shape = (slices, height, width)
+    for i in range(num_exams):
+        base = rng.gamma(2.0, 150.0, size=shape).astype(np.float32)
+        volumes = {p: base * (1.0 + 0.3 * k) for k, p in enumerate(schema.PHASES)}
+        labels = [int(v) for v in rng.integers(0, 2, size=4)]
+        exam_id, patient_id = f"bench{i:05d}", f"benchpatient{i:05d}"
+        writers[i % num_shards].write(
+            schema.encode_example(exam_id, patient_id, volumes, (3.0, 0.7, 0.7), labels)
+        )
+        exams.append(
+            {"exam_id": exam_id, "patient_id": patient_id, "labels": labels, "shape": list(shape)}
+        )
+    for w in writers:
+        w.close()
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "phases": list(schema.PHASES),
+        "labels": list(schema.LABELS),
+        "splits": {
+            "train": {
+                "shards": names,
+                "num_exams": num_exams,
+                "num_patients": num_exams,
+                "exams": exams,
+                "label_counts": {
+                    name: sum(e["labels"][k] for e in exams)
+                    for k, name in enumerate(schema.LABELS)
+                },
+            }
+        },
+    }
+    with open(os.path.join(directory, schema.MANIFEST_NAME), "w") as f:
+        json.dump(manifest, f)
+    return directory
+
+
+def raw_read_seconds(paths: list) -> float:
+    """Seconds to read every byte of ``paths`` sequentially with plain file reads."""
+    buf = bytearray(_CHUNK_BYTES)
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - start
+
+
+def evict_from_page_cache(paths: list) -> bool:
+    """Asks the kernel to drop ``paths`` from the page cache (no privileges needed).
+
+    Returns:
+      False where ``posix_fadvise`` does not exist (then reads stay warm).
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # Dirty pages (freshly written shards) cannot be dropped.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def measure_pipeline(
+    records_dir: str | None = None,
+    slices: int = 16,
+    height: int = 224,
+    width: int = 224,
+    num_exams: int = 48,
+    augment: bool = True,
+    *,
+    split: str = "train",
+    input_variant: str = "t2-t0",
+    repeats: int = 3,
+    cold: bool = True,
+) -> list:
+    """Measures the input pipeline's exams/s and MB/s against raw read MB/s.
+
+    Every measurement is one full epoch with a fresh iterator (pipeline start-up and the
+    shuffle-buffer fill included), alternating raw read and pipeline; the median of
+    ``repeats`` is reported. ``warm``: files in the page cache (raw read is then a memory copy,
+    so the ratio prices the pipeline's CPU work). ``cold``: files dropped from the page cache
+    before each measurement (``posix_fadvise``), so both read from the disk.
+
+    Args:
+      records_dir: str or None. A converted records directory; None writes ``num_exams``
+        synthetic ``slices x height x width`` exams into a temporary directory (removed after).
+      slices, height, width: int. Exam shape of the synthetic records. Defaults to 16x224x224.
+      num_exams: int. Synthetic exams (one epoch). Defaults to 48.
+      augment: bool. Train-mode pipeline (shuffle, flip, 0.9 in-plane crop) if True, else the
+        evaluation pipeline. Defaults to True.
+      split: str. Split to read. Defaults to "train".
+      input_variant: str. Input variant. Defaults to "t2-t0" (2 of the 4 stored phases).
+      repeats: int. Timed epochs of each measurement. Defaults to 3.
+      cold: bool. Also measure with the files dropped from the page cache. Defaults to True.
+
+    Returns:
+      Per cache state (``warm``, then ``cold``), ``{"benchmark": "raw_read", "mb_per_s", ...}``
+      and ``{"benchmark": "input_pipeline", "exams_per_s", "mb_per_s", "vs_raw_read", ...}``
+      (MB = 1e6 bytes of shard files).
+    """
+    import tensorflow as tf
+
+    from mri_keras import input_pipeline
+    from mri_keras.config import InputConfig
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pipeline_bench_") as tmp:
+        synthetic = records_dir is None
+        if synthetic:
+            records_dir = write_synthetic_records(tmp, num_exams, slices, height, width)
+        files = _split_files(records_dir, split, input_variant)
+        total_bytes = sum(os.path.getsize(p) for p in files)
+        config = InputConfig(
+            input_variant=input_variant, flip=augment, crop=0.9 if augment else None
+        )
+
+        def pipeline_epoch():
+            start = time.perf_counter()
+            count = 0
+            for _ in input_pipeline.make_dataset(records_dir, split, config, training=augment):
+                count += 1
+            return time.perf_counter() - start, count
+
+        raw_read_seconds(files)  # Warm-up: page cache.
+        _, epoch_exams = pipeline_epoch()  # Warm-up: op kernels, thread pools.
+        states = ["warm"]
+        if cold and evict_from_page_cache(files):
+            states.append("cold")
+        timings = {state: ([], []) for state in states}
+        for _ in range(repeats):
+            for state in states:
+                raw, pipe = timings[state]
+                if state == "cold":
+                    evict_from_page_cache(files)
+                raw.append(raw_read_seconds(files))
+                if state == "cold":
+                    evict_from_page_cache(files)
+                pipe.append(pipeline_epoch()[0])
+    mb = total_bytes / 1e6
+    common = {
+        "records": "synthetic" if synthetic else records_dir,
+        "split": split,
+        "files": len(files),
+        "exams": epoch_exams,
+        "shard_mb": round(mb, 1),
+        "repeats": repeats,
+        "cpus": os.cpu_count(),
+    }
+    if synthetic:
+        common["shape"] = [slices, height, width]
+    if hasattr(os, "getloadavg"):
+        common["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    for state in states:
+        raw_s = statistics.median(timings[state][0])
+        pipe_s = statistics.median(timings[state][1])
+        results.append(
+            dict(benchmark="raw_read", cache=state, mb_per_s=round(mb / raw_s, 1), **common)
+        )
+        results.append(
+            dict(
+                benchmark="input_pipeline",
+                cache=state,
+                exams_per_s=round(epoch_exams / pipe_s, 2),
+                mb_per_s=round(mb / pipe_s, 1),
+                vs_raw_read=round(raw_s / pipe_s, 3),
+                input_variant=config.input_variant,
+                normalization=config.normalization,
+                augment="shuffle+flip+crop0.9" if augment else "none",
+                **common,
+            )
+        )
+    return results
+
+
+def main(argv):
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    for result in measure_pipeline(
+        records_dir=f.records_dir,
+        slices=f.slices,
+        height=f.height,
+        width=f.width,
+        num_exams=f.num_exams,
+        augment=f.augment,
+        split=f.split,
+        input_variant=f.input_variant,
+        repeats=f.repeats,
+        cold=f.cold,
+    ):
+        print(json.dumps(result), flush=True)
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("records_dir", None, "Converted records; default: synthetic records.")
+    flags.DEFINE_integer("slices", 16, "Slices of each synthetic exam.")
+    flags.DEFINE_integer("height", 224, "Rows of each synthetic exam.")
+    flags.DEFINE_integer("width", 224, "Cols of each synthetic exam.")
+    flags.DEFINE_integer("num_exams", 48, "Synthetic exams.")
+    flags.DEFINE_boolean("augment", True, "Train-mode pipeline with flip and crop.")
+    flags.DEFINE_string("split", "train", "Split to read.")
+    flags.DEFINE_string("input_variant", "t2-t0", "Input variant.")
+    flags.DEFINE_integer("repeats", 3, "Timed epochs per measurement (median reported).")
+    flags.DEFINE_boolean("cold", True, "Also measure with the files dropped from the page cache.")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import app
+
+    _define_flags()
+    app.run(main)
