@@ -83,15 +83,16 @@ def _reference_canonical(slices):
     iop = np.array(slices[0].ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = iop[:3], iop[3:]  # column index runs along row_dir, row index along col_dir
     normal = np.cross(row_dir, col_dir)
-    slices = sorted(slices, key=lambda ds: float(np.dot(np.array(ds.ImagePositionPatient, float), normal)))
-    positions = np.array([np.array(ds.ImagePositionPatient, float) for ds in slices])
+    position = lambda ds: np.array(ds.ImagePositionPatient, dtype=np.float64)
+    slices = sorted(slices, key=lambda ds: float(position(ds) @ normal))
+    positions = np.array([position(ds) for ds in slices])
     volume = np.stack([
         ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         for ds in slices
     ]).astype(np.float32)
     row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
     steps = np.diff(positions, axis=0)
-    slice_spacing = float(np.linalg.norm(steps[0])) if len(steps) else float(slices[0].SliceThickness)
+    slice_spacing = float(np.linalg.norm(steps[0]))
     directions = [normal, col_dir, row_dir]
     spacings = [slice_spacing, row_spacing, col_spacing]
     # canonical axis -> LPS component: slice -> z (2), row -> y (1), col -> x (0)
@@ -125,7 +126,8 @@ def test_every_stored_voxel_sits_where_its_canonical_voxel_is(name):
     with the same value (values are unique, so this pins down the whole mapping)."""
     shape, spacing, origin = (3, 4, 5), (2.5, 1.25, 0.75), (-10.0, 20.0, 30.5)
     volume = np.arange(np.prod(shape)).reshape(shape)
-    stack = synthetic_geometry.acquire(volume, spacing, origin, synthetic_geometry.ORIENTATIONS[name])
+    orientation = synthetic_geometry.ORIENTATIONS[name]
+    stack = synthetic_geometry.acquire(volume, spacing, origin, orientation)
     iop = stack.orientation
     assert np.allclose(np.linalg.norm(iop[:3]), 1) and np.allclose(np.dot(iop[:3], iop[3:]), 0)
     for n, r, c in itertools.product(*[range(s) for s in stack.pixels.shape]):
@@ -145,7 +147,8 @@ def test_orientations_cover_the_requested_geometries():
     np.testing.assert_array_equal(o["standard"].image_orientation(), [1, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(o["reversed_cols"].image_orientation(), [-1, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(o["sagittal"].image_orientation(), [0, 1, 0, 0, 0, -1])
-    stack = synthetic_geometry.acquire(np.zeros((4, 2, 2)), (3, 1, 1), (0, 0, 0), o["descending_slices"])
+    stack = synthetic_geometry.acquire(np.zeros((4, 2, 2)), (3, 1, 1), (0, 0, 0),
+                                       o["descending_slices"])
     np.testing.assert_array_equal(stack.positions[:, 2], [9, 6, 3, 0])
     with pytest.raises(ValueError, match="permutation"):
         synthetic_geometry.Orientation("bad", (0, 0, 1), (False,) * 3)
@@ -170,7 +173,8 @@ def test_fast_writer_matches_pydicom_dcmwrite_byte_for_byte():
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = MRImageStorage
-    for keyword, value in {**header, **synthetic_dicom._geometry_elements(stack), **dynamic}.items():
+    geometry = synthetic_dicom._geometry_elements(stack)
+    for keyword, value in {**header, **geometry, **dynamic}.items():
         setattr(ds, keyword, value)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -284,7 +288,8 @@ def test_each_variant_undone_with_its_header_gives_the_canonical_arrays(
         standard_truth = np.load(os.path.join(tiny_cohort.canonical_dir, exam.npz_name))
         datasets, _ = _read_exam(tiny_cohort_varied, exam)
         std_datasets, _ = _read_exam(tiny_cohort, standard[exam.exam])
-        for phase, group, std_group in zip(schema.PHASES, _dce_phases(datasets), _dce_phases(std_datasets)):
+        groups = zip(schema.PHASES, _dce_phases(datasets), _dce_phases(std_datasets))
+        for phase, group, std_group in groups:
             volume, spacing, corner = _reference_canonical(group)
             std_volume, std_spacing, std_corner = _reference_canonical(std_group)
             message = f"{exam.exam} ({exam.variant}) {phase}"
@@ -346,8 +351,8 @@ def test_labels_csv_agrees_with_annotations_csv(tiny_cohort):
             if a["exam"] == row["exam"]:
                 assert a["side"] in ("left", "right") and a["pathology"] in ("benign", "malignant")
                 expected[f"{a['side']}_{a['pathology']}"] = 1
-                S, H, W = (8, 32, 32)
-                assert 0 <= int(a["slice"]) < S and 0 <= int(a["row"]) < H and 0 <= int(a["col"]) < W
+                centre = [int(a["slice"]), int(a["row"]), int(a["col"])]
+                assert all(0 <= c < n for c, n in zip(centre, (8, 32, 32))), a
                 assert 2.0 <= float(a["radius"]) <= 8.0
         assert {k: int(row[k]) for k in schema.LABELS} == expected, row["exam"]
     assert {a["exam"] for a in annotations} <= {r["exam"] for r in labels}
@@ -470,7 +475,8 @@ def test_cli_writes_a_cohort_and_rejects_stray_arguments(tmp_path):
     assert len(_read_table(out / "labels.csv")) == info["num_exams"]
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode != 0 and "not empty" in again.stderr
-    stray = subprocess.run(cmd[:4] + ["extra"], capture_output=True, text=True, env=env, timeout=120)
+    stray = subprocess.run(cmd[:4] + ["extra"], capture_output=True, text=True, env=env,
+                           timeout=120)
     assert stray.returncode != 0 and "Unexpected arguments: extra" in stray.stderr
 
 

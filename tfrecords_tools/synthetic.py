@@ -33,7 +33,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from concurrent import futures
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -51,7 +50,7 @@ from tfrecords_tools.synthetic_anatomy import (
     sample_anatomy,
 )
 from tfrecords_tools.synthetic_dicom import Frame, format_ds, format_time, window, write_series
-from tfrecords_tools.synthetic_geometry import ORIENTATIONS, SliceStack, acquire
+from tfrecords_tools.synthetic_geometry import ORIENTATIONS, acquire
 
 PHASES = schema.PHASES
 LABELS = schema.LABELS
@@ -411,7 +410,8 @@ def _plan(output_dir, num_patients, seed, shape, spacing, variants, extra_series
                            "study_dates", "uids")}
     for patient in range(num_patients):
         patient_id = f"SYNPID{rng.integers(16**10):010X}"
-        patient_name = f"SYN^PATIENT{rng.integers(16**6):06X}^{('ANNA', 'BEA', 'CARA', 'DORA')[patient % 4]}"
+        given = ("ANNA", "BEA", "CARA", "DORA")[patient % 4]
+        patient_name = f"SYN^PATIENT{rng.integers(16**6):06X}^{given}"
         anatomy = sample_anatomy(rng)
         bpe_level = _BPE_LEVELS[rng.choice(4, p=[0.35, 0.35, 0.2, 0.1])]
         first_date = datetime.date(2012, 1, 1) + datetime.timedelta(days=int(rng.integers(3650)))
@@ -560,7 +560,9 @@ def _write_exam(job: _ExamJob) -> int:
 
     exam_dir = os.path.join(job.root, exam.exam)
     names = _file_names(
-        np.random.default_rng(np.random.SeedSequence([job.seed, 4, exam.patient_index, job.exam_index]))
+        np.random.default_rng(
+            np.random.SeedSequence([job.seed, 4, exam.patient_index, job.exam_index])
+        )
     )
     header = _study_header(job)
     stem = job.scanner[3]
@@ -678,9 +680,12 @@ def _write_extra_series(job, rendered, stored, orientation, header, names, uids,
 
     # T2-weighted axial series on its own grid (fewer, thicker slices; other matrix).
     shape2 = (max(2, round(shape[0] * 0.6)), round(shape[1] * 0.75), round(shape[2] * 0.75))
-    spacing2 = np.array([float(format_ds(round(n * s / n2, 3))) for n, s, n2 in zip(shape, spacing, shape2)])
+    spacing2 = np.array(
+        [float(format_ds(round(n * s / n2, 3))) for n, s, n2 in zip(shape, spacing, shape2)]
+    )
     origin2 = np.round(center - (np.asarray(shape2) - 1) / 2.0 * spacing2, 2)
-    t2 = _quantize(_resample_nearest(rendered.t2w, spacing, origin_zyx, shape2, spacing2, origin2), 1.0, 0.0)
+    t2w = _resample_nearest(rendered.t2w, spacing, origin_zyx, shape2, spacing2, origin2)
+    t2 = _quantize(t2w, 1.0, 0.0)
     stack = acquire(t2, spacing2, origin2[::-1], ORIENTATIONS["standard"])
     series = dict(header, SeriesInstanceUID=job.series_uids["t2w"], SeriesNumber=2,
                   SeriesDescription="ax T2 tse fs", SeriesTime=format_time(start + 90.0),
@@ -703,7 +708,8 @@ def _write_extra_series(job, rendered, stored, orientation, header, names, uids,
     ]
     frames = []
     for volume, piece_spacing, (_, k, i, j), name in pieces:
-        origin = np.asarray(exam.origin) + np.array([j * spacing[2], i * spacing[1], k * spacing[0]])
+        offset = np.array([j * spacing[2], i * spacing[1], k * spacing[0]])
+        origin = np.asarray(exam.origin) + offset
         stack = acquire(volume, piece_spacing, origin, ORIENTATIONS[name])
         frames.append(Frame(stack, 0, start))
     series = dict(header, SeriesInstanceUID=job.series_uids["localizer"], SeriesNumber=1,
@@ -719,7 +725,8 @@ def _write_extra_series(job, rendered, stored, orientation, header, names, uids,
     stack = acquire(diff.astype(np.uint16), exam.spacing, exam.origin, orientation)
     _, _, _, stem = job.scanner
     series = dict(header, SeriesInstanceUID=job.series_uids["sub"], SeriesNumber=7,
-                  SeriesDescription=f"{stem} SUB post1-pre", SeriesTime=format_time(exam.phase_times[1]),
+                  SeriesDescription=f"{stem} SUB post1-pre",
+                  SeriesTime=format_time(exam.phase_times[1]),
                   ImageType=["DERIVED", "PRIMARY", "SUBTRACTION", "ND"], ScanningSequence="GR",
                   SequenceVariant=["SP", "SS"], ScanOptions="FS", MRAcquisitionType="3D",
                   RepetitionTime="4.5", EchoTime="1.8", FlipAngle="10", AcquisitionNumber=1,

@@ -356,7 +356,9 @@ def render_exam(
         rho = np.sqrt(((x - sign * 0.2) / 0.14) ** 2 + ((y - wall - 0.3) / 0.24) ** 2)
         canvas.paint(inner * _soft((rho - 1.0) * 0.14 / vox_x), "lung")
     hx, hy, hz, rx, ry, rz = anatomy.heart
-    rho = np.sqrt(((x - hx) / rx) ** 2 + ((y - anatomy.chest_wall - hy) / ry) ** 2 + ((z - hz) / rz) ** 2)
+    rho = np.sqrt(
+        ((x - hx) / rx) ** 2 + ((y - anatomy.chest_wall - hy) / ry) ** 2 + ((z - hz) / rz) ** 2
+    )
     canvas.paint(inner * _soft((rho - 1.0) * min(rx, ry) / vox_x), "blood")
     aorta = np.sqrt((x - 0.07) ** 2 + (y - anatomy.chest_wall - 0.42) ** 2)
     canvas.paint(inner * _soft((aorta - 0.035) / vox_x), "blood")
@@ -473,7 +475,11 @@ def lesion_weight(lesion: Lesion, shape: Sequence[int], spacing: Sequence[float]
             along = direction[0] * dz + direction[1] * dy + direction[2] * dx
             across = np.sqrt(np.maximum(dist**2 - along**2, 0.0))
             length = r * shape_rng.uniform(1.6, 2.4)
-            ray = np.clip(1.0 - along / length, 0.0, 1.0) * (along > 0) * np.clip(1.0 - across / 0.8, 0.0, 1.0)
+            ray = (
+                np.clip(1.0 - along / length, 0.0, 1.0)
+                * (along > 0)
+                * np.clip(1.0 - across / 0.8, 0.0, 1.0)  # about one voxel thick
+            )
             spicules = np.maximum(spicules, ray)
         mottle = shape_rng.uniform(0.55, 0.75) + shape_rng.uniform(0.0, 0.5, size=core.shape)
         inner = core * np.minimum(mottle, 1.0)
@@ -485,7 +491,8 @@ def lesion_weight(lesion: Lesion, shape: Sequence[int], spacing: Sequence[float]
         ratio = shape_rng.uniform(0.6, 1.0)
         u = dx * np.cos(angle) + dy * np.sin(angle)
         v = -dx * np.sin(angle) + dy * np.cos(angle)
-        rho = np.sqrt((u / r) ** 2 + (v / (r * ratio)) ** 2 + (dz / (r * shape_rng.uniform(0.7, 1.0))) ** 2)
+        depth = r * shape_rng.uniform(0.7, 1.0)
+        rho = np.sqrt((u / r) ** 2 + (v / (r * ratio)) ** 2 + (dz / depth) ** 2)
         weight = _soft((rho - 1.0) * r * ratio / 1.3)
     return box, weight.astype(np.float32)
 

@@ -98,7 +98,9 @@ def _file_meta_parts() -> Tuple[bytes, bytes]:
     return before, after
 
 
-def encode_file(static: Mapping[int, bytes], dynamic: Mapping[str, Any], pixels: np.ndarray) -> bytes:
+def encode_file(
+    static: Mapping[int, bytes], dynamic: Mapping[str, Any], pixels: np.ndarray
+) -> bytes:
     """A complete Part 10 file: preamble, file meta, then the data set in tag order.
 
     Byte for byte what ``pydicom.dcmwrite(..., enforce_file_format=True)`` writes for the same
@@ -192,9 +194,8 @@ def write_series(
         key = id(frame.stack)
         if key not in static_by_stack:
             static_by_stack[key] = static_elements(header, frame.stack)
-        data = encode_file(
-            static_by_stack[key], frame_elements(frame, uid, number), frame.stack.pixels[frame.index]
-        )
+        elements = frame_elements(frame, uid, number)
+        data = encode_file(static_by_stack[key], elements, frame.stack.pixels[frame.index])
         path = os.path.join(directory, name)
         with open(path, "xb") as f:  # "x": never overwrite a file
             f.write(data)
