@@ -89,6 +89,11 @@ def table1_rows(eval_root: str, split: str = "test") -> list:
             if "ensemble" in m:
                 chosen = {k: v for k, v in m["ensemble"]["chosen"].items() if v}
                 row["chosen"] = chosen
+                members = m["ensemble"]["members"]
+                if key == "caruana_all" and len(members) != len(TABLE1_VARIANTS):
+                    row["image"] = f"Caruana ensemble of {len(members)} models"
+                if key == "mean_sub" and len(members) != 3:
+                    row["image"] = f"Mean of {', '.join(members)}"
         rows.append(row)
     return rows
 

@@ -8,7 +8,8 @@
 # Usage:
 #   scripts/data_fraction.sh --data_dir=RECORDS --output_dir=OUT [--scale=demo|paper]
 #                            [--variant=t2sub] [--percents=100,50,20,10,5,2,1] [--epochs=N]
-#                            [--n_bootstrap=2000] [--seed=0] [-- extra training flags]
+#                            [--n_bootstrap=2000] [--seed=0] [--configs_dir=configs]
+#                            [-- extra training flags]
 #
 #   --scale=paper  (default) configs/<variant>.flags unchanged (GPUs, a real archive).
 #   --scale=demo   adds configs/demo.flags: minutes on a CPU on the synthetic cohort (where 1%
@@ -16,12 +17,15 @@
 # Rerunning resumes finished runs and keeps up-to-date evaluations.
 # Outputs: OUT/models/frac_<pct>/, OUT/eval/frac_<pct>/test/, OUT/data_fraction.{png,csv,md}.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ORIG_PWD="$PWD"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$ORIG_PWD/$1" ;; esac; }
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 DATA_DIR="" OUT="" SCALE="paper" VARIANT="t2sub" PERCENTS="100,50,20,10,5,2,1" EPOCHS=""
-N_BOOTSTRAP=2000 SEED=0 EXTRA=()
+N_BOOTSTRAP=2000 SEED=0 CONFIGS="" EXTRA=()
 for arg in "$@"; do
   if [ "${#EXTRA[@]}" -gt 0 ] || [ "$arg" = "--" ]; then EXTRA+=("$arg"); continue; fi
   case "$arg" in
@@ -33,7 +37,8 @@ for arg in "$@"; do
     --epochs=*) EPOCHS="${arg#*=}" ;;
     --n_bootstrap=*) N_BOOTSTRAP="${arg#*=}" ;;
     --seed=*) SEED="${arg#*=}" ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --configs_dir=*) CONFIGS="${arg#*=}" ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "data_fraction.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -41,13 +46,15 @@ done
 if [ -z "$DATA_DIR" ] || [ -z "$OUT" ]; then
   echo "data_fraction.sh: --data_dir and --output_dir are required (see --help)" >&2; exit 2
 fi
+DATA_DIR="$(abspath "$DATA_DIR")" OUT="$(abspath "$OUT")"
+CONFIGS="$( [ -n "$CONFIGS" ] && abspath "$CONFIGS" || echo "$REPO/configs")"
 case "$SCALE" in
   paper) SCALE_FLAGS=() ;;
-  demo) SCALE_FLAGS=(--flagfile=configs/demo.flags --noprogress) ;;
+  demo) SCALE_FLAGS=(--flagfile="$CONFIGS/demo.flags" --noprogress) ;;
   *) echo "data_fraction.sh: --scale must be demo or paper, got $SCALE" >&2; exit 2 ;;
 esac
 [ -n "$EPOCHS" ] && SCALE_FLAGS+=(--epochs="$EPOCHS")
-[ -f "configs/$VARIANT.flags" ] || { echo "data_fraction.sh: configs/$VARIANT.flags not found" >&2; exit 2; }
+[ -f "$CONFIGS/$VARIANT.flags" ] || { echo "data_fraction.sh: $CONFIGS/$VARIANT.flags not found" >&2; exit 2; }
 
 IFS=',' read -r -a PERCENT_LIST <<< "$PERCENTS"
 mkdir -p "$OUT/models" "$OUT/eval"
@@ -55,7 +62,7 @@ for pct in "${PERCENT_LIST[@]}"; do
   fraction="$("$PYTHON" -c "import sys; p = float(sys.argv[1]); assert 0 < p <= 100, p; print(p / 100)" "$pct")"
   name="frac_$pct"
   echo "== training $VARIANT on $pct% of the training patients ($SCALE scale)"
-  "$PYTHON" -m mri_keras.train --flagfile="configs/$VARIANT.flags" "${SCALE_FLAGS[@]}" \
+  "$PYTHON" -m mri_keras.train --flagfile="$CONFIGS/$VARIANT.flags" "${SCALE_FLAGS[@]}" \
     --input="$VARIANT" --train_fraction="$fraction" --data_dir="$DATA_DIR" \
     --model_dir="$OUT/models/$name" "${EXTRA[@]}"
   out="$OUT/eval/$name/test"

@@ -9,6 +9,7 @@
 # Usage:
 #   scripts/table1.sh --data_dir=RECORDS --output_dir=OUT [--scale=demo|paper]
 #                     [--variants=t0,t1,...] [--epochs=N] [--n_bootstrap=2000] [--seed=0]
+#                     [--configs_dir=configs]
 #                     [-- extra training flags, e.g. --strategy=mirrored]
 #
 #   --scale=paper  (default) each variant's flagfile unchanged: the paper's model and recipe,
@@ -20,12 +21,15 @@
 # Outputs: OUT/models/<variant>/ (training runs), OUT/eval/<row>/{val,test}/ (evaluate and
 # ensemble outputs), OUT/table1.md, OUT/table1.csv.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ORIG_PWD="$PWD"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$ORIG_PWD/$1" ;; esac; }
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 DATA_DIR="" OUT="" SCALE="paper" VARIANTS="t0,t1,t2,t3,t1sub,t2sub,t3sub" EPOCHS=""
-N_BOOTSTRAP=2000 SEED=0 EXTRA=()
+N_BOOTSTRAP=2000 SEED=0 CONFIGS="" EXTRA=()
 for arg in "$@"; do
   if [ "${#EXTRA[@]}" -gt 0 ] || [ "$arg" = "--" ]; then EXTRA+=("$arg"); continue; fi
   case "$arg" in
@@ -36,7 +40,8 @@ for arg in "$@"; do
     --epochs=*) EPOCHS="${arg#*=}" ;;
     --n_bootstrap=*) N_BOOTSTRAP="${arg#*=}" ;;
     --seed=*) SEED="${arg#*=}" ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --configs_dir=*) CONFIGS="${arg#*=}" ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "table1.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,16 +49,18 @@ done
 if [ -z "$DATA_DIR" ] || [ -z "$OUT" ]; then
   echo "table1.sh: --data_dir and --output_dir are required (see --help)" >&2; exit 2
 fi
+DATA_DIR="$(abspath "$DATA_DIR")" OUT="$(abspath "$OUT")"
+CONFIGS="$( [ -n "$CONFIGS" ] && abspath "$CONFIGS" || echo "$REPO/configs")"
 case "$SCALE" in
   paper) SCALE_FLAGS=() ;;
-  demo) SCALE_FLAGS=(--flagfile=configs/demo.flags --noprogress) ;;
+  demo) SCALE_FLAGS=(--flagfile="$CONFIGS/demo.flags" --noprogress) ;;
   *) echo "table1.sh: --scale must be demo or paper, got $SCALE" >&2; exit 2 ;;
 esac
 [ -n "$EPOCHS" ] && SCALE_FLAGS+=(--epochs="$EPOCHS")
 
 IFS=',' read -r -a VARIANT_LIST <<< "$VARIANTS"
 for v in "${VARIANT_LIST[@]}"; do
-  [ -f "configs/$v.flags" ] || { echo "table1.sh: configs/$v.flags not found" >&2; exit 2; }
+  [ -f "$CONFIGS/$v.flags" ] || { echo "table1.sh: $CONFIGS/$v.flags not found" >&2; exit 2; }
 done
 mkdir -p "$OUT/models" "$OUT/eval"
 
@@ -70,7 +77,7 @@ for v in "${VARIANT_LIST[@]}"; do
   echo "== training $v ($SCALE scale)"
   # The variant's flagfile, then the scale overrides, then this script's fixed settings
   # (the input variant always last, so no override can change it).
-  "$PYTHON" -m mri_keras.train --flagfile="configs/$v.flags" "${SCALE_FLAGS[@]}" \
+  "$PYTHON" -m mri_keras.train --flagfile="$CONFIGS/$v.flags" "${SCALE_FLAGS[@]}" \
     --input="$v" --data_dir="$DATA_DIR" --model_dir="$OUT/models/$v" "${EXTRA[@]}"
   for split in val test; do evaluate "$OUT/models/$v" "$v" "$split"; done
 done
