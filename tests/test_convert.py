@@ -435,3 +435,19 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
     assert {k: v for k, v in m_clean.items() if k != "flags"} == {
         k: v for k, v in m_resumed.items() if k != "flags"}
     assert open(out / "failures.csv").read() == open(tmp_path / "clean" / "failures.csv").read()
+
+
+# ---- the zero-copy record encoder is byte-identical to schema.encode_example -----------------
+
+@pytest.mark.parametrize("phases", [schema.PHASES, ("t0", "t2"), ("t3",)])
+def test_record_encoder_matches_schema_bytes(phases):
+    from tfrecords_tools import record_encoder
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(6, 5, 7)) * 3e4
+    volumes = {p: base.transpose(0, 2, 1)[:, ::-1] + i for i, p in enumerate(phases)}
+    args = ("E" + "ab" * 8, "P" + "cd" * 8, volumes, (2.5, 0.65, 0.7), (1, 0, 0, 1))
+    assert record_encoder.encode_record(*args) == schema.encode_example(*args)
+    assert record_encoder.matches_schema()
+    with pytest.raises(ValueError, match="labels"):
+        record_encoder.encode_record(*args[:4], (0, 2, 0, 0))

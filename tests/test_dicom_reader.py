@@ -458,3 +458,29 @@ def test_exam_error_survives_pickling():
 
     e = pickle.loads(pickle.dumps(ExamError("E1", "bad", "f.dcm")))
     assert (e.exam, e.reason, e.file) == ("E1", "bad", "f.dcm")
+
+
+@pytest.mark.parametrize(
+    "bits,stored,signed,values",
+    [
+        (16, 12, 0, [0xF123, 0x0FFF, 0x1000]),  # High bits above BitsStored are masked off.
+        (16, 12, 1, [0x0FFF, 0x0800, 0x07FF]),  # 12-bit two's complement is sign-extended.
+        (16, 16, 1, [0x8000, 0x7FFF, 0xFFFF]),
+        (8, 8, 0, [0, 200, 255]),
+    ],
+)
+def test_native_pixel_path_equals_pydicom(tmp_path, bits, stored, signed, values):
+    ds = _template()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, stored, stored - 1
+    ds.PixelRepresentation = signed
+    ds.Rows = ds.Columns = 4
+    raw = np.resize(np.asarray(values, dtype=np.uint16 if bits == 16 else np.uint8), (4, 4))
+    ds.PixelData = raw.tobytes()
+    path = tmp_path / "x.dcm"
+    ds.save_as(path)
+    ds = pydicom.dcmread(path)
+    im = dicom_reader._parse_image(str(tmp_path), "x.dcm", ds)
+    fast = dicom_reader._native_pixels(str(tmp_path), im, ds.file_meta.TransferSyntaxUID)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, ds.pixel_array)
+    assert fast.dtype == ds.pixel_array.dtype

@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from tfrecords_tools import dicom_reader, labels_csv, pseudonym, schema, splits
+from tfrecords_tools import dicom_reader, labels_csv, pseudonym, record_encoder, schema, splits
 
 WORK_DIR = ".work"
 CONVERTER_VERSION = 1  # Bump when the records written for the same input would change.
@@ -216,7 +216,8 @@ def _convert_one(task: _Task) -> dict:
                 "detail": f"exam {task.exam_dir}: {type(e).__name__}: {e}"}
     read_s = time.perf_counter() - start
     patient_id = pseudonym.Pseudonymizer(task.key).patient(exam.patient_id)
-    record = schema.encode_example(
+    # Byte for byte schema.encode_example, without its three copies of the voxels.
+    record = record_encoder.encode_record(
         task.exam_id, patient_id, exam.volumes, exam.spacing, task.labels
     )
     _frame_record(rec_path, record)
@@ -295,8 +296,6 @@ def _write_shards(output_dir, split, metas, recs, shard_bytes) -> list:
             for meta in group:
                 with open(recs[meta["exam_id"]], "rb") as src:
                     _copy(src, out)
-            out.flush()
-            os.fsync(out.fileno())
         os.replace(tmp, os.path.join(output_dir, name))
         names.append(name)
     return names

@@ -100,10 +100,24 @@ class CanonicalExam:
 
 @dataclasses.dataclass
 class _Image:
+    """One image file: the dataset plus the header fields the reader needs, parsed once."""
+
     ds: pydicom.Dataset
     file: str  # Relative to the exam folder.
     iop: np.ndarray  # (6,)
     ipp: np.ndarray  # (3,)
+    series_uid: str
+    temporal_position: object  # int or None
+    acquisition_number: object
+    acq_time: object  # datetime or None
+    series_number: object
+    rows: int
+    cols: int
+    pixel_spacing: tuple
+    sequence: tuple
+    slope: float
+    intercept: float
+    patient_id: str
 
 
 @dataclasses.dataclass
@@ -125,55 +139,181 @@ def list_files(exam_dir: str) -> list:
     return out
 
 
+# Header access goes through the raw element bytes of text VRs (DS, IS, CS, UI, DA, TM, LO):
+# parsing them directly is several times cheaper than pydicom's validated value conversion,
+# and the header work is most of the reader's cost beyond the file read itself.
+_T_IMAGE_TYPE = 0x00080008
+_T_ACQ_DATE, _T_ACQ_TIME = 0x00080022, 0x00080032
+_T_CONTENT_DATE, _T_CONTENT_TIME = 0x00080023, 0x00080033
+_T_SERIES_DATE, _T_SERIES_TIME = 0x00080021, 0x00080031
+_T_STUDY_DATE = 0x00080020
+_T_PATIENT_ID = 0x00100020
+_T_SCANNING_SEQUENCE = 0x00180020
+_T_TR, _T_TE, _T_FLIP = 0x00180080, 0x00180081, 0x00181314
+_T_SERIES_UID = 0x0020000E
+_T_SERIES_NUMBER, _T_ACQ_NUMBER = 0x00200011, 0x00200012
+_T_IPP, _T_IOP = 0x00200032, 0x00200037
+_T_TEMPORAL_POSITION = 0x00200100
+_T_PIXEL_SPACING = 0x00280030
+_T_SLOPE, _T_INTERCEPT = 0x00281053, 0x00281052
+_T_PIXEL_DATA = 0x7FE00010
+_T_SAMPLES_PER_PIXEL, _T_NUMBER_OF_FRAMES = 0x00280002, 0x00280008
+_T_ROWS, _T_COLUMNS = 0x00280010, 0x00280011
+_T_BITS_ALLOCATED, _T_BITS_STORED = 0x00280100, 0x00280101
+_T_PIXEL_REPRESENTATION = 0x00280103
+
+
+# Only these elements are parsed from each file (the others are skipped over): the header
+# fields above plus what pydicom's decoders need for compressed pixel data. A quarter less
+# parsing work than reading every element.
+_READ_TAGS = sorted(
+    {v for k, v in list(globals().items()) if k.startswith("_T_") and isinstance(v, int)}
+    | {
+        0x00280004,  # PhotometricInterpretation
+        0x00280006,  # PlanarConfiguration
+        0x00280102,  # HighBit
+        0x7FE00001,  # ExtendedOffsetTable
+        0x7FE00002,  # ExtendedOffsetTableLengths
+        0x7FE00008,  # FloatPixelData
+        0x7FE00009,  # DoubleFloatPixelData
+    }
+)
+
+
+def _text(ds, tag) -> str | None:
+    """Text of a string-VR element (None when absent), without pydicom's value conversion."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("latin-1").strip(" \x00")
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _us(ds, tag, default: int = 0) -> int:
+    """Value of an unsigned-short element (Rows, BitsAllocated, ...) from its raw bytes."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return default
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) < 2:
+            return default
+        little = getattr(elem, "is_little_endian", True)
+        return int.from_bytes(value[:2], "little" if little else "big")
+    if value is None or value == "":
+        return default
+    return int(value)
+
+
+def _numbers(ds, tag) -> list | None:
+    text = _text(ds, tag)
+    if text is None or text == "":
+        return None
+    return [float(v) for v in text.split("\\")]
+
+
+def _number(ds, tag, default=None):
+    try:
+        values = _numbers(ds, tag)
+    except ValueError:
+        return default
+    return values[0] if values else default
+
+
+def _parse_image(exam_dir: str, rel: str, ds) -> "_Image | None":
+    """Parses the header fields of one dataset; None for files that are not DCE candidates."""
+    if _T_PIXEL_DATA not in ds or _T_IPP not in ds:
+        return None  # Structured reports, presentation states, DICOMDIR, ...
+    image_type = {v.strip().upper() for v in (_text(ds, _T_IMAGE_TYPE) or "").split("\\")}
+    if image_type & _LOCALIZER_MARKERS or image_type & _DERIVED_MARKERS:
+        return None
+    try:
+        iop = np.asarray(_numbers(ds, _T_IOP), np.float64)
+        ipp = np.asarray(_numbers(ds, _T_IPP), np.float64)
+        pixel_spacing = tuple(_numbers(ds, _T_PIXEL_SPACING) or ())
+    except (TypeError, ValueError):
+        raise ExamError(exam_dir, "image without valid position/orientation/spacing", rel)
+    if iop.shape != (6,) or ipp.shape != (3,) or len(pixel_spacing) != 2:
+        raise ExamError(exam_dir, "malformed ImageOrientation/ImagePosition/PixelSpacing", rel)
+    tpi = _number(ds, _T_TEMPORAL_POSITION)
+    series_number = _number(ds, _T_SERIES_NUMBER)
+    return _Image(
+        ds=ds,
+        file=rel,
+        iop=iop,
+        ipp=ipp,
+        series_uid=_text(ds, _T_SERIES_UID) or "",
+        temporal_position=None if tpi is None else int(tpi),
+        acquisition_number=_number(ds, _T_ACQ_NUMBER),
+        acq_time=_acquisition_time(ds),
+        series_number=None if series_number is None else int(series_number),
+        rows=_us(ds, _T_ROWS),
+        cols=_us(ds, _T_COLUMNS),
+        pixel_spacing=pixel_spacing,
+        sequence=(
+            _text(ds, _T_SCANNING_SEQUENCE) or "",
+            _rounded(_number(ds, _T_TR)),
+            _rounded(_number(ds, _T_TE)),
+            _rounded(_number(ds, _T_FLIP)),
+        ),
+        slope=_number(ds, _T_SLOPE, 1.0) or 1.0,
+        intercept=_number(ds, _T_INTERCEPT, 0.0) or 0.0,
+        patient_id=(_text(ds, _T_PATIENT_ID) or "").strip(),
+    )
+
+
+def _rounded(value):
+    return None if value is None else round(value, 2)
+
+
 def _read_images(exam_dir: str) -> list:
     images = []
     for rel in list_files(exam_dir):
         path = os.path.join(exam_dir, rel)
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, specific_tags=_READ_TAGS)
         except pydicom.errors.InvalidDicomError:
             continue  # Not DICOM (notes, DICOMDIR without preamble, ...).
         except Exception as e:  # noqa: BLE001 - a DICOM file whose header cannot be parsed.
             raise ExamError(exam_dir, f"unreadable DICOM header ({type(e).__name__})", rel)
-        if "PixelData" not in ds or "ImagePositionPatient" not in ds:
-            continue  # Structured reports, presentation states, DICOMDIR, ...
-        image_type = {str(v).upper() for v in ds.get("ImageType", [])}
-        if image_type & _LOCALIZER_MARKERS or image_type & _DERIVED_MARKERS:
-            continue
-        try:
-            iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], np.float64)
-            ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], np.float64)
-        except (AttributeError, ValueError, TypeError):
-            raise ExamError(exam_dir, "image without valid position/orientation", rel)
-        if iop.shape != (6,) or ipp.shape != (3,):
-            raise ExamError(exam_dir, "malformed ImageOrientation/ImagePosition", rel)
-        images.append(_Image(ds, rel, iop, ipp))
+        image = _parse_image(exam_dir, rel, ds)
+        if image is not None:
+            images.append(image)
     return images
 
 
 def _dicom_datetime(date, time):
-    """Parses DA + TM strings into a datetime (None when the time is missing)."""
-    time = str(time or "").strip()
+    """Parses DA + TM strings into a datetime (None when the time is missing or malformed)."""
+    time = (time or "").strip()
     if not time:
         return None
-    date = str(date or "").strip() or "19000101"
+    date = (date or "").strip()[:8] or "19000101"
     hhmmss, _, frac = time.partition(".")
+    hhmmss = hhmmss.replace(":", "")
     hhmmss = (hhmmss + "0000")[:6] if len(hhmmss) < 6 else hhmmss[:6]
     try:
-        base = datetime.datetime.strptime(date[:8] + hhmmss, "%Y%m%d%H%M%S")
+        return datetime.datetime(
+            int(date[:4]), int(date[4:6]), int(date[6:8]),
+            int(hhmmss[:2]), int(hhmmss[2:4]), min(int(hhmmss[4:6]), 59),
+            int((frac + "000000")[:6]) if frac.isdigit() else 0,
+        )
     except ValueError:
         return None
-    micro = int((frac + "000000")[:6]) if frac.isdigit() else 0
-    return base + datetime.timedelta(microseconds=micro)
 
 
 def _acquisition_time(ds):
-    for date_kw, time_kw in (
-        ("AcquisitionDate", "AcquisitionTime"),
-        ("ContentDate", "ContentTime"),
-        ("SeriesDate", "SeriesTime"),
+    for date_tag, time_tag in (
+        (_T_ACQ_DATE, _T_ACQ_TIME),
+        (_T_CONTENT_DATE, _T_CONTENT_TIME),
+        (_T_SERIES_DATE, _T_SERIES_TIME),
     ):
-        t = _dicom_datetime(ds.get(date_kw, "") or ds.get("StudyDate", ""), ds.get(time_kw, ""))
+        t = _dicom_datetime(_text(ds, date_tag) or _text(ds, _T_STUDY_DATE), _text(ds, time_tag))
         if t is not None:
             return t
     return None
@@ -183,9 +323,7 @@ def _group_images(images: Sequence[_Image]) -> list:
     """Groups images by series and temporal position (one group = one candidate phase)."""
     by_key: dict = {}
     for im in images:
-        tpi = im.ds.get("TemporalPositionIdentifier", None)
-        key = (str(im.ds.get("SeriesInstanceUID", "")), None if tpi in (None, "") else int(tpi))
-        by_key.setdefault(key, []).append(im)
+        by_key.setdefault((im.series_uid, im.temporal_position), []).append(im)
     groups = []
     for (uid, tpi), ims in by_key.items():
         # A multi-phase series without TemporalPositionIdentifier: repeated positions told apart
@@ -193,16 +331,16 @@ def _group_images(images: Sequence[_Image]) -> list:
         if tpi is None and _has_repeated_positions(ims):
             sub: dict = {}
             for im in ims:
-                sub.setdefault(im.ds.get("AcquisitionNumber", None), []).append(im)
+                sub.setdefault(im.acquisition_number, []).append(im)
             if len(sub) > 1:
                 for acq, sims in sub.items():
                     groups.append(_Group(uid, ("acq", acq), sims))
                 continue
         groups.append(_Group(uid, tpi, ims))
     for g in groups:
-        times = [t for t in (_acquisition_time(im.ds) for im in g.images) if t is not None]
+        times = [im.acq_time for im in g.images if im.acq_time is not None]
         g.acq_time = min(times) if len(times) == len(g.images) else None
-        g.series_number = g.images[0].ds.get("SeriesNumber", None)
+        g.series_number = g.images[0].series_number
     return groups
 
 
@@ -217,38 +355,15 @@ def _round(values, step):
 
 def _geometry_key(g: _Group):
     """Orientation, matrix and pixel spacing shared by all images, or None (mixed: localizer)."""
-    keys = set()
-    for im in g.images:
-        ds = im.ds
-        keys.add(
-            (
-                _round(im.iop, 1e-3),
-                int(ds.get("Rows", 0)),
-                int(ds.get("Columns", 0)),
-                _round(ds.get("PixelSpacing", [0, 0]), 1e-3),
-            )
-        )
-        if len(keys) > 1:
-            return None
-    return keys.pop()
+    keys = {
+        (_round(im.iop, 1e-3), im.rows, im.cols, _round(im.pixel_spacing, 1e-3))
+        for im in g.images
+    }
+    return keys.pop() if len(keys) == 1 else None
 
 
 def _sequence_key(g: _Group):
-    ds = g.images[0].ds
-
-    def num(kw):
-        v = ds.get(kw, None)
-        try:
-            return None if v in (None, "") else round(float(v), 2)
-        except (TypeError, ValueError):
-            return None
-
-    return (
-        str(ds.get("ScanningSequence", "")),
-        num("RepetitionTime"),
-        num("EchoTime"),
-        num("FlipAngle"),
-    )
+    return g.images[0].sequence
 
 
 def _order_phases(exam_dir, groups: list) -> list:
@@ -259,8 +374,8 @@ def _order_phases(exam_dir, groups: list) -> list:
         keyfn = lambda g: g.temporal_position  # noqa: E731
     elif all(g.acq_time is not None for g in groups):
         keyfn = lambda g: g.acq_time  # noqa: E731
-    elif all(g.series_number not in (None, "") for g in groups):
-        keyfn = lambda g: int(g.series_number)  # noqa: E731
+    elif all(g.series_number is not None for g in groups):
+        keyfn = lambda g: g.series_number  # noqa: E731
     else:
         raise ExamError(
             exam_dir,
@@ -372,9 +487,57 @@ def _axis_permutation(exam_dir, directions: np.ndarray, max_obliquity_deg: float
     return perm, flips
 
 
+_NATIVE_LITTLE_ENDIAN = (
+    pydicom.uid.ExplicitVRLittleEndian,
+    pydicom.uid.ImplicitVRLittleEndian,
+)
+
+
+def _native_pixels(exam_dir, im: _Image, ts) -> np.ndarray | None:
+    """Pixels of an uncompressed little-endian single-frame image straight from the buffer.
+
+    Gives what ``ds.pixel_array`` gives (bits above BitsStored masked for unsigned data,
+    sign-extended for signed data) without pydicom's per-call bookkeeping, which costs about
+    as much as reading the file. Returns None where pydicom's decoder is needed.
+    """
+    ds = im.ds
+    if ts not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    bits = _us(ds, _T_BITS_ALLOCATED)
+    data = ds.get_item(_T_PIXEL_DATA).value
+    if bits not in (8, 16, 32) or not isinstance(data, (bytes, bytearray)):
+        return None
+    stored = _us(ds, _T_BITS_STORED, bits) or bits
+    signed = _us(ds, _T_PIXEL_REPRESENTATION) == 1
+    count = im.rows * im.cols
+    need = count * bits // 8
+    if len(data) < need:
+        raise ExamError(
+            exam_dir,
+            f"unreadable pixel data (holds {len(data)} bytes, {need} expected: truncated file?)",
+            im.file,
+        )
+    arr = np.frombuffer(data, dtype=f"<{'i' if signed else 'u'}{bits // 8}", count=count)
+    arr = arr.reshape(im.rows, im.cols)
+    if stored < bits:
+        if signed:
+            shift = bits - stored
+            arr = (arr << shift) >> shift
+        else:
+            arr = arr & ((1 << stored) - 1)
+    return arr
+
+
 def _decode(exam_dir, im: _Image) -> np.ndarray:
     ds = im.ds
     ts = ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
+    if int(_number(ds, _T_NUMBER_OF_FRAMES, 1) or 1) > 1:
+        raise ExamError(exam_dir, "multi-frame (enhanced) images are not supported", im.file)
+    if _us(ds, _T_SAMPLES_PER_PIXEL, 1) != 1:
+        raise ExamError(exam_dir, "colour images are not MR magnitude images", im.file)
+    pixels = _native_pixels(exam_dir, im, ts)
+    if pixels is not None:
+        return pixels
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
@@ -386,10 +549,6 @@ def _decode(exam_dir, im: _Image) -> np.ndarray:
             f"installed; {CODECS_HINT}",
             im.file,
         )
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ExamError(exam_dir, "multi-frame (enhanced) images are not supported", im.file)
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise ExamError(exam_dir, "colour images are not MR magnitude images", im.file)
     try:
         return ds.pixel_array
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken pixel data.
@@ -426,7 +585,7 @@ def _slice_stack(exam_dir, phase: str, g: _Group, options: ReaderOptions):
     # Slices must stack along the normal (no gantry tilt / shear).
     offsets = np.asarray([im.ipp for im in images]) - images[0].ipp
     lateral = offsets - np.outer(offsets @ normal, normal)
-    pixel_spacing = [float(v) for v in images[0].ds.PixelSpacing]
+    pixel_spacing = list(images[0].pixel_spacing)
     if np.max(np.linalg.norm(lateral, axis=1)) > 0.5 * min(pixel_spacing):
         raise ExamError(exam_dir, f"{phase}: slices are not stacked along the slice normal")
     directions = np.stack([normal, col_dir, row_dir])
@@ -435,8 +594,7 @@ def _slice_stack(exam_dir, phase: str, g: _Group, options: ReaderOptions):
 
 
 def _volume(exam_dir, phase: str, images: list) -> np.ndarray:
-    first = images[0].ds
-    rows, cols = int(first.Rows), int(first.Columns)
+    rows, cols = images[0].rows, images[0].cols
     out = np.empty((len(images), rows, cols), np.float32)
     for k, im in enumerate(images):
         pixels = _decode(exam_dir, im)
@@ -444,12 +602,11 @@ def _volume(exam_dir, phase: str, images: list) -> np.ndarray:
             raise ExamError(
                 exam_dir, f"{phase}: image of {pixels.shape} in a {rows}x{cols} series", im.file
             )
-        slope = float(im.ds.get("RescaleSlope", 1) or 1)
-        intercept = float(im.ds.get("RescaleIntercept", 0) or 0)
-        if slope == 1.0 and intercept == 0.0:
+        if im.slope == 1.0 and im.intercept == 0.0:
             out[k] = pixels
-        else:
-            out[k] = pixels.astype(np.float64) * slope + intercept
+        else:  # In float64, then one rounding to float32.
+            out[k] = pixels * np.float64(im.slope) + np.float64(im.intercept)
+        im.ds = None  # The decoded pixels are all that is needed from here on.
     return out
 
 
@@ -488,8 +645,8 @@ def load_exam(
     for phase, (ims, spacing, dirs) in zip(PHASES[1:], stacks[1:]):
         same = (
             len(ims) == len(ref_images)
-            and ims[0].ds.Rows == ref_images[0].ds.Rows
-            and ims[0].ds.Columns == ref_images[0].ds.Columns
+            and ims[0].rows == ref_images[0].rows
+            and ims[0].cols == ref_images[0].cols
             and np.allclose(dirs, ref_dirs, atol=1e-3)
             and np.allclose(spacing, ref_spacing, rtol=1e-3, atol=1e-3)
             and np.linalg.norm(ims[0].ipp - ref_images[0].ipp) <= 0.5 * min(ref_spacing)
@@ -498,12 +655,12 @@ def load_exam(
             raise ExamError(
                 exam_dir,
                 f"DCE phases on different grids: t0 is {len(ref_images)}x"
-                f"{ref_images[0].ds.Rows}x{ref_images[0].ds.Columns} at spacing "
-                f"{_fmt(ref_spacing)} mm, {phase} is {len(ims)}x{ims[0].ds.Rows}x"
-                f"{ims[0].ds.Columns} at spacing {_fmt(spacing)} mm (or shifted/rotated)",
+                f"{ref_images[0].rows}x{ref_images[0].cols} at spacing "
+                f"{_fmt(ref_spacing)} mm, {phase} is {len(ims)}x{ims[0].rows}x"
+                f"{ims[0].cols} at spacing {_fmt(spacing)} mm (or shifted/rotated)",
             )
 
-    patient_ids = {str(im.ds.get("PatientID", "")).strip() for g in selected for im in g.images}
+    patient_ids = {im.patient_id for g in selected for im in g.images}
     if len(patient_ids) != 1:
         raise ExamError(exam_dir, "the DCE series carry different PatientIDs")
     patient_id = patient_ids.pop()

@@ -1,0 +1,207 @@
+r"""Ingest benchmark: DICOM -> TFRecords conversion against a bare pydicom decode.
+
+Generates a synthetic cohort (default 4 exams x 4 phases x 96 slices x 256 x 256), then, in the
+same run and with the same number of processes over the same files:
+
+* ``bare``: ``pydicom.dcmread(f).pixel_array`` for every file, one exam per task;
+* ``convert``: ``tfrecords_tools.convert_lib.convert`` (labels check, reading, grouping,
+  reorientation, encoding, resume cache, shard assembly, manifest).
+
+Files are read once beforehand so both passes see a warm page cache; TensorFlow is imported
+before timing (a one-off start-up cost, not a per-exam one). The passes alternate
+``--repeats`` times and the median of each is reported. Prints JSON lines.
+
+``--dtype_study`` also measures, on one converted exam, the record size and the tf.data read
+cost (parse + decode_raw + reshape + cast to float32) of float32 against int16 and float16
+voxels, the figures behind the voxel dtype choice in ``tfrecords_tools/schema.py``.
+
+  .venv/bin/python scripts/bench/ingest.py --num_exams=4 --num_workers=2 --dtype_study
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from tfrecords_tools import convert_lib, dicom_reader, synthetic  # noqa: E402
+
+flags.DEFINE_integer("num_exams", 4, "Exams in the cohort (one per patient).")
+flags.DEFINE_integer("slices", 96, "Slices per phase.")
+flags.DEFINE_integer("rows", 256, "Rows per slice.")
+flags.DEFINE_integer("cols", 256, "Columns per slice.")
+flags.DEFINE_integer("num_workers", 0, "Processes for both passes; 0 = all cores.")
+flags.DEFINE_integer("repeats", 3, "Alternating repetitions of both passes (median reported).")
+flags.DEFINE_string("work_dir", "", "Where the cohort and records go; default a temp dir.")
+flags.DEFINE_bool("dtype_study", False, "Also measure record size/read cost per voxel dtype.")
+flags.DEFINE_bool("keep", False, "Keep the work dir.")
+
+
+def _emit(**fields):
+    print(json.dumps({"bench": "ingest", **fields}), flush=True)
+
+
+def _decode_exam(exam_dir: str) -> int:
+    import pydicom
+
+    n = 0
+    for rel in dicom_reader.list_files(exam_dir):
+        n += pydicom.dcmread(os.path.join(exam_dir, rel)).pixel_array.nbytes
+    return n
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its reaped children (robust to a busy machine)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _bare(exam_dirs, workers: int) -> tuple:
+    start, cpu = time.perf_counter(), _cpu()
+    if workers <= 1:
+        list(map(_decode_exam, exam_dirs))
+    else:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        list(pool.imap_unordered(_decode_exam, exam_dirs))
+        pool.close()
+        pool.join()
+    return time.perf_counter() - start, _cpu() - cpu
+
+
+def _convert(root, labels, out, key, workers) -> tuple:
+    shutil.rmtree(out, ignore_errors=True)
+    config = convert_lib.ConvertConfig(
+        dicom_root=root, labels=labels, output_dir=out, pseudonym_key_file=key,
+        num_workers=workers, progress=False,
+    )
+    start, cpu = time.perf_counter(), _cpu()
+    with open(os.devnull, "w") as devnull:
+        result = convert_lib.convert(config, stream=devnull)
+    seconds, cpu = time.perf_counter() - start, _cpu() - cpu
+    if not result.ok:
+        raise RuntimeError(f"conversion failed: {result.failures}")
+    return seconds, cpu
+
+
+def _dtype_study(records_dir: str) -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from tfrecords_tools import inspect_lib, schema
+
+    _, rec = next(inspect_lib.iter_records(records_dir))
+    vols = {p: rec[p] for p in schema.PHASES}
+
+    def example(dtype):
+        feats = {}
+        for p, v in vols.items():
+            if dtype == "int16":  # Per-slice scale to hold rescaled values in 16 bits.
+                scale = np.maximum(np.abs(v).max(axis=(1, 2)), 1e-6) / 32767.0
+                data = np.rint(v / scale[:, None, None]).astype("<i2").tobytes()
+                feats[p + "_scale"] = tf.train.Feature(
+                    float_list=tf.train.FloatList(value=scale.tolist()))
+            else:
+                data = v.astype("<f4" if dtype == "float32" else "<f2").tobytes()
+            feats[p] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+        return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+    shape = vols["t0"].shape
+    for dtype in ("float32", "int16", "float16"):
+        serialized = example(dtype)
+        path = os.path.join(records_dir, f"dtype-{dtype}.tfrecord")
+        with tf.io.TFRecordWriter(path) as w:
+            for _ in range(8):
+                w.write(serialized)
+        spec = {p: tf.io.FixedLenFeature([], tf.string) for p in vols}
+        if dtype == "int16":
+            spec.update({p + "_scale": tf.io.FixedLenFeature([shape[0]], tf.float32)
+                         for p in vols})
+        tf_dtype = {"float32": tf.float32, "int16": tf.int16, "float16": tf.float16}[dtype]
+
+        def parse(s, spec=spec, tf_dtype=tf_dtype, dtype=dtype):
+            f = tf.io.parse_single_example(s, spec)
+            out = []
+            for p in vols:
+                v = tf.reshape(tf.io.decode_raw(f[p], tf_dtype), shape)
+                v = tf.cast(v, tf.float32)
+                if dtype == "int16":
+                    v = v * f[p + "_scale"][:, None, None]
+                out.append(v)
+            return tf.stack(out)
+
+        ds = tf.data.TFRecordDataset(path).map(parse).repeat(4)
+        for _ in ds.take(2):
+            pass
+        start = time.perf_counter()
+        n = sum(1 for _ in ds)
+        per_exam = (time.perf_counter() - start) / n
+        err = float(np.max(np.abs(parse(serialized).numpy() - np.stack(list(vols.values())))))
+        _emit(what="dtype", dtype=dtype, record_mb=len(serialized) / 1e6,
+              read_ms_per_exam=per_exam * 1e3, max_abs_error=err)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    import tensorflow  # noqa: F401 - start-up cost outside the timed region.
+
+    workers = FLAGS.num_workers or len(os.sched_getaffinity(0))
+    base = FLAGS.work_dir or tempfile.mkdtemp(prefix="ingest-bench-")
+    root = os.path.join(base, "dicom")
+    t = time.perf_counter()
+    cohort = synthetic.generate_cohort(
+        root, FLAGS.num_exams, seed=0, slices=FLAGS.slices, rows=FLAGS.rows, cols=FLAGS.cols,
+        workers=1, overwrite=True,
+    )
+    exams = [os.path.join(root, e.exam) for e in cohort.exams]
+    files = [os.path.join(d, f) for d in exams for f in dicom_reader.list_files(d)]
+    mb = sum(os.path.getsize(f) for f in files) / 1e6
+    for f in files:  # Warm the page cache for both passes.
+        with open(f, "rb") as fh:
+            fh.read()
+    _emit(what="cohort", exams=len(exams), files=len(files), dicom_mb=round(mb, 1),
+          shape=[4, FLAGS.slices, FLAGS.rows, FLAGS.cols], workers=workers,
+          cpus=os.cpu_count(), generate_s=round(time.perf_counter() - t, 1))
+
+    out = os.path.join(base, "records")
+    key = os.path.join(base, "private", "key")
+    bare, conv = [], []
+    for _ in range(FLAGS.repeats):
+        bare.append(_bare(exams, workers))
+        conv.append(_convert(root, cohort.labels_csv, out, key, workers))
+    record_mb = sum(
+        os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".tfrecord")
+    ) / 1e6
+    med = {}
+    for what, runs in (("bare_decode", bare), ("convert", conv)):
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        med[what] = (wall, cpu)
+        _emit(what=what, seconds=round(wall, 3), cpu_seconds=round(cpu, 3),
+              runs=[round(r[0], 3) for r in runs], exams_per_s=round(len(exams) / wall, 3),
+              dicom_mb_per_s=round(mb / wall, 1), workers=workers)
+    ratio = med["convert"][0] / med["bare_decode"][0]
+    cpu_ratio = med["convert"][1] / med["bare_decode"][1]
+    _emit(what="ratio", convert_over_bare=round(ratio, 3), cpu_convert_over_bare=round(
+        cpu_ratio, 3), target=1.3, met=ratio <= 1.3, record_mb=round(record_mb, 1),
+        load_average=[round(x, 1) for x in os.getloadavg()])
+    if FLAGS.dtype_study:
+        _dtype_study(out)
+    if not FLAGS.keep and not FLAGS.work_dir:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
