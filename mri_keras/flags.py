@@ -163,7 +163,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         lower_bound=1,
         **fv,
     )
-    flags.DEFINE_bool("progress", True, "Print the start-up summary and a progress bar.", **fv)
+    flags.DEFINE_bool(
+        "progress",
+        True,
+        "Show a progress bar per epoch (--noprogress: only the start-up summary, one line per "
+        "epoch and the end summary, e.g. for log files).",
+        **fv,
+    )
 
 
 def _parse_crop(text: str):
@@ -256,5 +262,5 @@ def train_config_from_flags(fv: flags.FlagValues = flags.FLAGS):
         size_buckets=buckets_lib.parse_buckets(",".join(fv.size_buckets), "--size_buckets"),
         overwrite=fv.overwrite,
         init_weights=fv.init_weights,
-        verbose=1 if fv.progress else 0,
+        verbose=2 if fv.progress else 1,
     )

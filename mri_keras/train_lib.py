@@ -107,7 +107,8 @@ class TrainConfig:
       init_weights: str. Weights file (.keras / .weights.h5) to start from instead of a random
         initialisation (ignored when resuming). Defaults to "" (none).
       val_split: str. Split used for model selection. Defaults to "val".
-      verbose: int. 0 silent, 1 start-up summary, progress bar and end summary. Defaults to 1.
+      verbose: int. 0 silent; 1 start-up summary, one line per epoch and end summary; 2 also
+        a progress bar per epoch. Defaults to 2.
     """
 
     data_dir: str
@@ -126,7 +127,7 @@ class TrainConfig:
     overwrite: bool = False
     init_weights: str = ""
     val_split: str = "val"
-    verbose: int = 1
+    verbose: int = 2
 
     def __post_init__(self):
         if not self.data_dir or not self.model_dir:
@@ -604,11 +605,12 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
             break
         started = time.time()
         callbacks.on_epoch_begin(epoch)
-        _log(config, is_chief, f"Epoch {epoch + 1}/{config.epochs}")
+        if config.verbose > 1:
+            _log(config, is_chief, f"Epoch {epoch + 1}/{config.epochs}")
         dist = strategy.distribute_datasets_from_function(lambda ctx, e=epoch: dataset_fn(e, ctx))
         iterator = iter(dist)
         progbar = keras.utils.Progbar(
-            steps, verbose=1 if (config.verbose and is_chief) else 0, stateful_metrics=["loss"]
+            steps, verbose=1 if (config.verbose > 1 and is_chief) else 0, stateful_metrics=["loss"]
         )
         total = 0.0
         for step in range(steps):
@@ -651,7 +653,8 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
         _log(
             config,
             is_chief,
-            "  ".join(f"{k}: {logs[k]:.4f}" for k in METRIC_KEYS)
+            ("" if config.verbose > 1 else f"Epoch {epoch + 1}/{config.epochs}: ")
+            + "  ".join(f"{k}: {logs[k]:.4f}" for k in METRIC_KEYS)
             + (f"  (best so far: epoch {best_epoch})" if not improved else "  (new best)"),
         )
         callbacks.on_epoch_end(epoch, dict(logs))

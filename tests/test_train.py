@@ -395,3 +395,20 @@ def test_killed_run_resumes_at_the_interrupted_epoch(data_dir, tmp_path):
     )
     meta = export_lib.read_metadata(os.path.join(model_dir, "export"))
     assert meta["best_epoch"] == reference["best_epoch"]
+
+
+@pytest.mark.parametrize(
+    "name, variant",
+    [("t0", "t0"), ("t1", "t1"), ("t2", "t2"), ("t3", "t3"),
+     ("t1sub", "t1-t0"), ("t2sub", "t2-t0"), ("t3sub", "t3-t0")],
+)
+def test_table1_flagfiles_hold_the_paper_recipe(name, variant, monkeypatch):
+    monkeypatch.chdir(REPO)  # Flagfiles include configs/base.flags relative to the checkout.
+    config = _config([f"--flagfile=configs/{name}.flags", "--data_dir=d", "--model_dir=m"])
+    assert config.input.input_variant == variant
+    assert config.model == config_lib.ModelConfig()  # The paper's model, 11,611,785 params.
+    assert (config.epochs, config.learning_rate) == (50, 1e-5)
+    assert config.input.flip and config.input.crop == 0.875 and config.strategy == "auto"
+    # Later flags override the flagfile.
+    assert _config([f"--flagfile=configs/{name}.flags", "--data_dir=d", "--model_dir=m",
+                    "--epochs=3"]).epochs == 3
