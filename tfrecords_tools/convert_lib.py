@@ -278,8 +278,12 @@ def _pool(workers: int):
     return multiprocessing.get_context(method).Pool(workers, maxtasksperchild=64)
 
 
-def _write_shards(output_dir, split, metas, recs, shard_bytes) -> list:
-    """Concatenates cached one-record files into shards of about ``shard_bytes``."""
+def _plan_shards(split, metas, shard_bytes) -> list:
+    """Groups a split's exams (in order) into shards of about ``shard_bytes``.
+
+    Returns:
+      list of (shard file name, [exam metas]).
+    """
     groups: list = []
     size = 0
     for meta in metas:
@@ -288,17 +292,22 @@ def _write_shards(output_dir, split, metas, recs, shard_bytes) -> list:
             size = 0
         groups[-1].append(meta)
         size += meta["bytes"]
-    names = []
-    for i, group in enumerate(groups):
-        name = schema.SHARD_PATTERN.format(split=split, index=i, count=len(groups))
-        tmp = os.path.join(output_dir, f".{name}.tmp")
-        with open(tmp, "wb") as out:
-            for meta in group:
-                with open(recs[meta["exam_id"]], "rb") as src:
-                    _copy(src, out)
-        os.replace(tmp, os.path.join(output_dir, name))
-        names.append(name)
-    return names
+    return [
+        (schema.SHARD_PATTERN.format(split=split, index=i, count=len(groups)), group)
+        for i, group in enumerate(groups)
+    ]
+
+
+def _assemble_shard(job) -> str:
+    """Concatenates cached one-record files into one shard (temporary name, then rename)."""
+    output_dir, name, paths = job
+    tmp = os.path.join(output_dir, f".{name}.tmp")
+    with open(tmp, "wb") as out:
+        for path in paths:
+            with open(path, "rb") as src:
+                _copy(src, out)
+    os.replace(tmp, os.path.join(output_dir, name))
+    return name
 
 
 def _copy(src, dst) -> None:
@@ -414,26 +423,33 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
     results = list(cached)
     for _ in cached:
         progress.update(cached=True)
-    if tasks:
-        workers = min(config.workers(), len(tasks))
-        if workers <= 1:
-            iterator = map(_convert_one, tasks)
-            pool = None
-        else:
-            import tensorflow  # noqa: F401 - imported once before fork, shared by workers.
+    workers = min(config.workers(), len(rows))
+    pool = None
+    if workers > 1:
+        import tensorflow  # noqa: F401 - imported once before fork, shared by workers.
 
-            pool = _pool(workers)
-            iterator = pool.imap_unordered(_convert_one, tasks)
-        try:
+        pool = _pool(workers)
+    try:
+        if tasks:
+            if pool is None or len(tasks) == 1:
+                iterator = map(_convert_one, tasks)
+            else:
+                iterator = pool.imap_unordered(_convert_one, tasks)
             for res in iterator:
                 results.append(res)
                 progress.update(failed="reason" in res)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
-    progress.update(force=True)
+        progress.update(force=True)
+        result = _finish(config, rows, results, by_exam, cached, work_dir, pool, stream)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return result
 
+
+def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> "ConvertResult":
+    """Splits, shards, manifest, failures, id map; cache clean-up."""
+    out_dir = config.output_dir
     good = [r for r in results if "reason" not in r]
     failed = sorted((r for r in results if "reason" in r), key=lambda r: r["exam_id"])
 
@@ -461,15 +477,22 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
             strata[r["patient_id"]] = max(strata.get(r["patient_id"], 0), malignant)
         split_of = splits.assign_splits(strata, config.split_ratios, config.seed)
 
-    # Shards.
+    # Shards: exams in pseudonym order, assembled in parallel (each is independent).
     recs = {r["exam_id"]: _cache_paths(work_dir, by_exam[r["exam"]].cache_key)[0] for r in good}
     manifest_splits, written = {}, set()
     shard_bytes = max(1, int(config.shard_size_mb * MB))
+    plans = {}
     for split in schema.SPLITS:
         metas = sorted((r for r in good if split_of[r["patient_id"]] == split),
                        key=lambda r: r["exam_id"])
-        names = _write_shards(out_dir, split, metas, recs, shard_bytes)
-        written.update(names)
+        plans[split] = (metas, _plan_shards(split, metas, shard_bytes))
+    jobs = [(out_dir, name, [recs[m["exam_id"]] for m in group])
+            for _, plan in plans.values() for name, group in plan]
+    mapper = pool.imap_unordered if pool is not None and len(jobs) > 1 else map
+    written.update(mapper(_assemble_shard, jobs))
+    for split in schema.SPLITS:
+        metas, plan = plans[split]
+        names = [name for name, _ in plan]
         manifest_splits[split] = {
             "shards": names,
             "num_exams": len(metas),
