@@ -448,9 +448,7 @@ def make_dataset(
         seeds = tf.data.Dataset.random(seed=aug_seed, rerandomize_each_iteration=True).batch(
             2, drop_remainder=True
         )
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda pair, element_seed: (pair[0], pair[1], element_seed)
-        )
+        ds = tf.data.Dataset.zip((ds, seeds))
     if repeat:
         # After the shuffle, so an epoch is every exam exactly once; each pass re-iterates
         # everything above: new file order, new record order, new augmentation seeds.
@@ -483,8 +481,10 @@ def make_dataset(
             )
         return out
 
-    ds = ds.map(
-        to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seeded or not training
-    )
+    if training:
+        map_fn = lambda pair, element_seed: to_example(*pair, element_seed)  # noqa: E731
+    else:
+        map_fn = to_example
+    ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seeded or not training)
     ds = ds.batch(1, drop_remainder=True)  # Never drops; makes the batch dim static.
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -4,6 +4,9 @@ Writes synthetic records (all four phases stored, as the converter writes them) 
 records directory, then measures in one run, alternating:
 
 * ``raw_read``: plain ``readinto`` of every shard file of the split, 8 MiB at a time;
+* ``tfrecord_read``: ``TFRecordDataset`` over the same files (parallel interleave as in the
+  pipeline) without parsing: record framing and the CRC32C check, the floor of any TFRecord
+  pipeline;
 * ``input_pipeline``: one epoch of ``mri_keras.input_pipeline.make_dataset`` (training=True:
   shuffling, flip and a 0.9 in-plane crop when ``augment``; z-score, input ``t2-t0``),
   counting the shard bytes it consumes;
@@ -99,15 +102,19 @@ def write_synthetic_records(
     return directory
 
 
-def raw_read_seconds(paths: list) -> float:
-    """Seconds to read every byte of ``paths`` sequentially with plain file reads."""
+def raw_read_seconds(paths: list) -> tuple:
+    """Reads every byte of ``paths`` sequentially with plain file reads.
+
+    Returns:
+      (wall seconds, CPU seconds of this process).
+    """
     buf = bytearray(_CHUNK_BYTES)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for path in paths:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def evict_from_page_cache(paths: list) -> bool:
@@ -162,9 +169,12 @@ def measure_pipeline(
       cold: bool. Also measure with the files dropped from the page cache. Defaults to True.
 
     Returns:
-      Per cache state (``warm``, then ``cold``), ``{"benchmark": "raw_read", "mb_per_s", ...}``
-      and ``{"benchmark": "input_pipeline", "exams_per_s", "mb_per_s", "vs_raw_read", ...}``
-      (MB = 1e6 bytes of shard files).
+      Per cache state (``warm``, then ``cold``), ``{"benchmark": "raw_read", "mb_per_s",
+      "cpu_s", ...}``, ``{"benchmark": "tfrecord_read", ...}`` and
+      ``{"benchmark": "input_pipeline", "exams_per_s", "mb_per_s",
+      "vs_raw_read", "cpu_ms_per_exam", "cpu_s", ...}`` (MB = 1e6 bytes of shard files; median
+      wall and process CPU time of the ``repeats`` epochs; ``load_avg_1min`` says how busy the
+      machine was).
     """
     import tensorflow as tf
 
@@ -183,27 +193,42 @@ def measure_pipeline(
         )
 
         def pipeline_epoch():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             count = 0
             for _ in input_pipeline.make_dataset(records_dir, split, config, training=augment):
                 count += 1
-            return time.perf_counter() - start, count
+            return time.perf_counter() - start, time.process_time() - cpu, count
+
+        def tfrecord_epoch():
+            # The floor of any TFRecord pipeline: framing + CRC32C check, no parsing.
+            start, cpu = time.perf_counter(), time.process_time()
+            reader = tf.data.Dataset.from_tensor_slices(files).interleave(
+                lambda path: tf.data.TFRecordDataset(path, buffer_size=_CHUNK_BYTES),
+                cycle_length=min(len(files), 4),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            for _ in reader.prefetch(tf.data.AUTOTUNE):
+                pass
+            return time.perf_counter() - start, time.process_time() - cpu
 
         raw_read_seconds(files)  # Warm-up: page cache.
-        _, epoch_exams = pipeline_epoch()  # Warm-up: op kernels, thread pools.
+        tfrecord_epoch()
+        epoch_exams = pipeline_epoch()[2]  # Warm-up: op kernels, thread pools.
         states = ["warm"]
         if cold and evict_from_page_cache(files):
             states.append("cold")
-        timings = {state: ([], []) for state in states}
+        timings = {state: ([], [], []) for state in states}
         for _ in range(repeats):
             for state in states:
-                raw, pipe = timings[state]
-                if state == "cold":
-                    evict_from_page_cache(files)
-                raw.append(raw_read_seconds(files))
-                if state == "cold":
-                    evict_from_page_cache(files)
-                pipe.append(pipeline_epoch()[0])
+                raw, pipe, records = timings[state]
+                for times, measure in (
+                    (raw, lambda: raw_read_seconds(files)),
+                    (records, tfrecord_epoch),
+                    (pipe, lambda: pipeline_epoch()[:2]),
+                ):
+                    if state == "cold":
+                        evict_from_page_cache(files)
+                    times.append(measure())
     mb = total_bytes / 1e6
     common = {
         "records": "synthetic" if synthetic else records_dir,
@@ -219,10 +244,32 @@ def measure_pipeline(
     if hasattr(os, "getloadavg"):
         common["load_avg_1min"] = round(os.getloadavg()[0], 2)
     for state in states:
-        raw_s = statistics.median(timings[state][0])
-        pipe_s = statistics.median(timings[state][1])
+        raw_s = statistics.median(t[0] for t in timings[state][0])
+        raw_cpu = statistics.median(t[1] for t in timings[state][0])
+        pipe_s = statistics.median(t[0] for t in timings[state][1])
+        pipe_cpu = statistics.median(t[1] for t in timings[state][1])
+        rec_s = statistics.median(t[0] for t in timings[state][2])
+        rec_cpu = statistics.median(t[1] for t in timings[state][2])
         results.append(
-            dict(benchmark="raw_read", cache=state, mb_per_s=round(mb / raw_s, 1), **common)
+            dict(
+                benchmark="raw_read",
+                cache=state,
+                mb_per_s=round(mb / raw_s, 1),
+                cpu_s=round(raw_cpu, 3),
+                **common,
+            )
+        )
+        results.append(
+            dict(
+                benchmark="tfrecord_read",
+                cache=state,
+                exams_per_s=round(epoch_exams / rec_s, 2),
+                mb_per_s=round(mb / rec_s, 1),
+                vs_raw_read=round(raw_s / rec_s, 3),
+                cpu_ms_per_exam=round(1e3 * rec_cpu / epoch_exams, 2),
+                cpu_s=round(rec_cpu, 3),
+                **common,
+            )
         )
         results.append(
             dict(
@@ -231,6 +278,9 @@ def measure_pipeline(
                 exams_per_s=round(epoch_exams / pipe_s, 2),
                 mb_per_s=round(mb / pipe_s, 1),
                 vs_raw_read=round(raw_s / pipe_s, 3),
+                # CPU seconds (all threads) per exam: the pipeline's cost even on a busy machine.
+                cpu_ms_per_exam=round(1e3 * pipe_cpu / epoch_exams, 2),
+                cpu_s=round(pipe_cpu, 3),
                 input_variant=config.input_variant,
                 normalization=config.normalization,
                 augment="shuffle+flip+crop0.9" if augment else "none",
