@@ -3,7 +3,7 @@
 Usage::
 
     python -m mri_keras.predict --model=MODEL_DIR/export --exam_dir=DICOM_EXAM \
-        [--heatmap_dir=DIR] [--heatmap_target=malignant] [--heatmap_method=gradcam]
+        [--heatmap_dir=DIR] [--heatmap_target=malignant] [--heatmap_method=gradient]
 
 The folder is read by `tfrecords_tools.dicom_reader.load_exam`, the converter's own reader
 (series grouping, phase order, canonical orientation, rescale), and scored by the SavedModel's
@@ -16,11 +16,12 @@ No DICOM header value (names, ids, dates, UIDs) is printed; the patient id the r
 returns is not used. A folder that is not a usable exam exits with status 2 and the reader's
 reason on stderr.
 
-``--heatmap_dir`` also writes a saliency volume (``heatmap.npy``, float32 ``(S, H, W)`` in
+``--heatmap_dir`` also writes a saliency volume, ``heatmap.npy`` (float32 ``(S, H, W)`` in
 [0, 1], canonical orientation: slice toward Superior, row toward Posterior, col toward the
-patient's Left) and PNG overlays of the most salient slices; see `mri_keras.heatmap`. Saliency
-needs the Keras model (``MODEL_DIR/best.keras``, next to ``export/``), since a SavedModel has no
-intermediate layers.
+patient's Left), and PNG overlays of the most salient slices. By default it is the input
+gradient of the malignant heads' log-odds; HiResCAM / Grad-CAM on the 3D block are options
+(see `mri_keras.heatmap`). Saliency needs the Keras model (``MODEL_DIR/best.keras``, next to
+``export/``): a SavedModel has no intermediate layers.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class PredictConfig:
       exam_dir: str. One exam's DICOM folder.
       heatmap_dir: Optional[str]. Where saliency outputs go; None skips them.
       heatmap_target: str. "malignant", "benign" or one label. Defaults to "malignant".
-      heatmap_method: str. "gradcam" or "gradient". Defaults to "gradcam".
+      heatmap_method: str. One of `heatmap.METHODS`. Defaults to "gradient".
       top_slices: int. PNG overlays written. Defaults to 4.
       model_format: str. "auto", "export" or "keras". Defaults to "auto".
     """
@@ -57,7 +58,7 @@ class PredictConfig:
     exam_dir: str
     heatmap_dir: Optional[str] = None
     heatmap_target: str = "malignant"
-    heatmap_method: str = "gradcam"
+    heatmap_method: str = "gradient"
     top_slices: int = 4
     model_format: str = "auto"
 
@@ -142,7 +143,9 @@ def define_flags():
     flags.DEFINE_string("heatmap_dir", None, "Write heatmap.npy + PNG overlays here.")
     flags.DEFINE_enum("heatmap_target", "malignant", list(heatmap_lib.TARGETS),
                       "Heads whose log-odds the saliency explains.")
-    flags.DEFINE_enum("heatmap_method", "gradcam", list(heatmap_lib.METHODS), "Saliency method.")
+    flags.DEFINE_enum("heatmap_method", "gradient", list(heatmap_lib.METHODS),
+                      "Saliency method (see mri_keras.heatmap): gradient (full resolution), "
+                      "hirescam / gradcam (3D block, coarse), or a CAM x gradient.")
     flags.DEFINE_integer("top_slices", 4, "Number of PNG overlays (most salient slices).")
     flags.DEFINE_enum("model_format", "auto", list(inference.MODEL_FORMATS),
                       "auto: the export if present, else best.keras.")

@@ -140,9 +140,10 @@ def test_heatmap_has_exam_shape_and_canonical_orientation(run, tmp_path):
     for variant in ("reversed_cols", "sagittal", "descending_slices"):
         folder = next(f for f, v in run["variant_of"].items() if v == variant)
         out = tmp_path / variant
+        method = "hirescam" if variant == "sagittal" else "gradient"
         result = predict.predict_exam(predict.PredictConfig(
             model=run["export"], exam_dir=os.path.join(run["cohort"].root, folder),
-            heatmap_dir=str(out), top_slices=1), predictor=predictor)
+            heatmap_dir=str(out), top_slices=1, heatmap_method=method), predictor=predictor)
         from_dicom = np.load(result["heatmap"]["npy"])
         exam_shape = dicom_reader.load_exam(os.path.join(run["cohort"].root, folder)).shape
         assert from_dicom.shape == exam_shape == tuple(result["shape"])
@@ -150,7 +151,7 @@ def test_heatmap_has_exam_shape_and_canonical_orientation(run, tmp_path):
         assert 0.0 <= from_dicom.min() and from_dicom.max() <= 1.0
         record = records[by_folder[folder]]
         from_record, _ = heatmap.exam_saliency(model, {p: record[p] for p in predictor.phases},
-                                               predictor.input_config)
+                                               predictor.input_config, method=method)
         np.testing.assert_allclose(from_dicom, from_record, atol=1e-4, err_msg=variant)
 
 

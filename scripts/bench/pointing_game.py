@@ -1,7 +1,7 @@
 """Heatmap pointing game (issue 7): how often the saliency maximum falls inside an annotated
 malignant lesion. Measured and reported, not asserted.
 
-For every exam of ``--split`` with at least one malignant lesion in ``--annotations`` (the
+For every exam of ``--splits`` with at least one malignant lesion in ``--annotations`` (the
 synthetic cohort's ``annotations.csv``: centre in canonical voxel coordinates, in-plane radius
 in voxels), the saliency volume of the trained model is computed on the record's canonical
 volumes (`mri_keras.heatmap`, the code ``mri_keras.predict --heatmap_dir`` uses) and its
@@ -9,7 +9,8 @@ arg-max voxel is a *hit* when it lies inside a malignant lesion of that exam: di
 lesion centre <= radius (+ ``--tolerance_voxels``), slice offsets scaled to in-plane voxel
 units by the exam's spacing (the synthetic lesions are spheres in millimetres). Also reported:
 hits within twice the radius, and the chance level (the share of the exam's voxels inside its
-malignant lesions: the hit rate of a uniformly random point).
+malignant lesions: the hit rate of a uniformly random point), how often the maximum is on the
+side (breast) of a malignant lesion, and how many maps were all zero (no positive evidence).
 
 Record exam ids are pseudonyms; ``--id_map`` (written by the converter outside the records
 directory) maps them back to the cohort's exam folders named in ``annotations.csv``.
@@ -18,7 +19,7 @@ Usage::
 
     python scripts/bench/pointing_game.py --model=MODEL_DIR --data_dir=RECORDS \
         --annotations=COHORT/annotations.csv --id_map=RECORDS_private/id_map.csv \
-        [--split=test] [--methods=gradcam,gradient] [--targets=malignant,side]
+        [--splits=test] [--methods=gradcam,gradient,gradcam_x_gradient] [--targets=malignant,side]
 
 Prints one JSON line per (method, target) and writes them to ``--output_json`` if given.
 """
@@ -46,8 +47,8 @@ flags.DEFINE_string("model", None, "MODEL_DIR (needs best.keras) or its export/.
 flags.DEFINE_string("data_dir", None, "Converted records directory.")
 flags.DEFINE_string("annotations", None, "The cohort's annotations.csv.")
 flags.DEFINE_string("id_map", None, "The converter's id_map.csv (pseudonym -> exam folder).")
-flags.DEFINE_string("split", "test", "Split to score.")
-flags.DEFINE_list("methods", ["gradcam", "gradient"], "Saliency methods.")
+flags.DEFINE_list("splits", ["test"], "Splits to score (pooled).")
+flags.DEFINE_list("methods", list(heatmap.METHODS), "Saliency methods.")
 flags.DEFINE_list("targets", ["malignant", "side"],
                   "'malignant': both malignant heads; 'side': the malignant head of the "
                   "lesion's side (both if lesions on both sides).")
@@ -79,7 +80,7 @@ def lesion_distance(shape, spacing, lesion) -> np.ndarray:
 
 
 def score(model, predictor, records, folder_of, lesions, method, target, tolerance):
-    hits = hits2 = 0
+    hits = hits2 = same_side = empty = 0
     chance = []
     per_exam = []
     for exam_id, record in records.items():
@@ -94,6 +95,10 @@ def score(model, predictor, records, folder_of, lesions, method, target, toleran
             tgt = target
         heat, _ = heatmap.exam_saliency(model, phases, predictor.input_config, tgt, method)
         peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        empty += bool(heat.max() <= 0)
+        # Canonical cols increase toward the patient's left: the left breast is at col >= W/2.
+        peak_side = "left" if peak[2] >= heat.shape[2] / 2 else "right"
+        same_side += peak_side in {l["side"] for l in found}
         inside = np.zeros(heat.shape, bool)
         hit = hit2 = False
         for lesion in found:
@@ -115,6 +120,8 @@ def score(model, predictor, records, folder_of, lesions, method, target, toleran
         "hits_within_2r": hits2,
         "pointing_game_2r": hits2 / n if n else float("nan"),
         "chance": float(np.mean(chance)) if chance else float("nan"),
+        "peak_on_lesion_side": same_side / n if n else float("nan"),
+        "all_zero_maps": empty,
         "tolerance_voxels": tolerance,
     }
 
@@ -129,23 +136,23 @@ def main(argv):
     with open(FLAGS.id_map, newline="") as f:
         folder_of = {r["exam_id"]: r["exam"] for r in csv.DictReader(f)}
     lesions = read_lesions(FLAGS.annotations)
-    records = {}
     from tfrecords_tools import schema
 
-    for exam in evaluate.iterate_split(FLAGS.data_dir, FLAGS.split, predictor.phases):
-        records[exam["exam_id"]] = exam
-    # Spacing is not part of iterate_split's output: read it from the manifest.
+    records = {}
     manifest = schema.read_manifest(FLAGS.data_dir)
-    for e in manifest["splits"][FLAGS.split]["exams"]:
-        if e["exam_id"] in records:
-            records[e["exam_id"]]["spacing"] = e.get("spacing", [1.0, 1.0, 1.0])
+    for split in FLAGS.splits:
+        for exam in evaluate.iterate_split(FLAGS.data_dir, split, predictor.phases):
+            records[exam["exam_id"]] = exam
+        # Spacing (for the lesions' slice extent) comes from the manifest.
+        for e in manifest["splits"][split]["exams"]:
+            records[e["exam_id"]]["spacing"] = e["spacing"]
     results = []
     for method in FLAGS.methods:
         for target in FLAGS.targets:
             start = time.time()
             r = score(model, predictor, records, folder_of, lesions, method, target,
                       FLAGS.tolerance_voxels)
-            r.update(split=FLAGS.split, seconds=round(time.time() - start, 1),
+            r.update(splits=FLAGS.splits, seconds=round(time.time() - start, 1),
                      input_variant=predictor.input_config.input_variant)
             print(json.dumps(r), flush=True)
             results.append(r)
