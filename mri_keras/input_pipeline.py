@@ -15,6 +15,7 @@ so training and serving cannot disagree.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -198,23 +199,26 @@ def crop_spec(crop) -> Optional[Tuple[str, object]]:
     """
     if crop is None:
         return None
-    if isinstance(crop, bool):
-        raise ValueError(f"crop must be None, a fraction or (h, w). Received: crop={crop!r}")
-    if isinstance(crop, int):
+    received = crop
+
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if is_int(crop):
         crop = (crop, crop)
-    if isinstance(crop, float):
-        if not 0.0 < crop <= 1.0:
+    elif isinstance(crop, numbers.Real) and not isinstance(crop, bool):
+        if not 0.0 < float(crop) <= 1.0:
             raise ValueError(f"A crop fraction must be in (0, 1]. Received: crop={crop!r}")
-        return ("fraction", crop)
+        return ("fraction", float(crop))
     if (
         isinstance(crop, (tuple, list))
         and len(crop) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop)
+        and all(is_int(v) and v > 0 for v in crop)
     ):
         return ("size", (int(crop[0]), int(crop[1])))
     raise ValueError(
         "crop must be None, a fraction in (0, 1], an int or a pair of positive ints (h, w). "
-        f"Received: crop={crop!r}"
+        f"Received: crop={received!r}"
     )
 
 
@@ -341,7 +345,7 @@ def shard_files(records_dir: str, split: str, input_variant: str) -> Tuple[list,
 
 
 def _checked_exam_ids(exam_ids: Iterable[str], manifest: dict, records_dir: str, split: str):
-    ids = sorted({str(e) for e in exam_ids})
+    ids = sorted({e.decode() if isinstance(e, bytes) else str(e) for e in exam_ids})
     if not ids:
         raise ValueError(f"exam_ids is empty: no exam of split {split!r} would be read.")
     listed = manifest["splits"][split].get("exams")

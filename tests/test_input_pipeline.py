@@ -277,7 +277,7 @@ def test_crops_stay_inside_and_have_the_requested_size(crop, crop_slices, expect
 
 def test_bad_crop_is_rejected(tmp_path):
     d = write_records(tmp_path / "rec", [_exam(0)])
-    for crop in [0.0, 1.5, (3,), (0, 4), (2.5, 3), "96"]:
+    for crop in [0.0, 1.5, (3,), (0, 4), (2.5, 3), "96", True, -2]:
         with pytest.raises(ValueError, match="crop"):
             input_pipeline.make_dataset(d, "train", InputConfig(crop=crop), training=True)
 
@@ -345,6 +345,9 @@ def test_exam_ids_filter(tmp_path):
     exams = [_exam(i) for i in range(10)]
     d = write_records(tmp_path / "rec", exams, num_shards=3)
     keep = ["exam001", "exam004", "exam009"]
+    ds = input_pipeline.make_dataset(  # Ids as bytes (e.g. from a dataset) work too.
+        d, "train", NO_AUG, training=False, exam_ids=[k.encode() for k in keep], with_ids=True)
+    assert [e.decode() for *_, e in _collect(ds)] == keep
     for training in (False, True):
         ds = input_pipeline.make_dataset(
             d, "train", NO_AUG, training=training, exam_ids=keep, with_ids=True)
