@@ -412,3 +412,34 @@ def test_table1_flagfiles_hold_the_paper_recipe(name, variant, monkeypatch):
     # Later flags override the flagfile.
     assert _config([f"--flagfile=configs/{name}.flags", "--data_dir=d", "--model_dir=m",
                     "--epochs=3"]).epochs == 3
+
+
+@pytest.mark.slow
+def test_speed_and_memory_options_train_and_export_float32(data_dir, tmp_path):
+    # bfloat16 compute, slice-chunked recomputation and XLA with one shape bucket (8x40x40:
+    # every tiny exam is padded into it, so XLA compiles once).
+    model_dir = str(tmp_path / "fast")
+    history = train.run(
+        _argv(
+            data_dir,
+            model_dir,
+            "--epochs=1",
+            "--mixed_precision=bfloat16",
+            "--remat=2",
+            "--jit_compile",
+            "--slice_buckets=8",
+            "--size_buckets=40",
+            "--progress=false",
+        )
+    )
+    assert history["epoch"] == [1] and np.isfinite(history["loss"][0])
+    with open(os.path.join(model_dir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["model"]["dtype_policy"] == "mixed_bfloat16" and saved["jit_compile"]
+    meta = export_lib.read_metadata(os.path.join(model_dir, "export"))
+    assert meta["model_config"]["dtype_policy"] == "float32"
+    assert meta["model_config"]["remat_chunk"] == 0
+    loaded = export_lib.load_exported(os.path.join(model_dir, "export"))
+    records = [r.numpy() for r in tf.data.TFRecordDataset(glob.glob(f"{data_dir}/val-*"))]
+    probs = loaded.predict_examples(records)["probabilities"]
+    assert probs.shape == (4, 4) and np.all((probs >= 0) & (probs <= 1))
