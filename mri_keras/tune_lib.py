@@ -152,6 +152,12 @@ def tuner_role() -> str:
 
 def release_memory() -> None:
     """Drops Keras' global state and collects garbage (between trials)."""
+    # train_lib caches one prediction tf.function per model in a WeakKeyDictionary whose
+    # values close over their keys, so without this every trial's model stays alive (measured:
+    # one model per trial). No trial is running here, so nothing uses the cache.
+    predict_fns = getattr(train_lib, "_PREDICT_FNS", None)
+    if predict_fns is not None:
+        predict_fns.clear()
     keras.backend.clear_session()
     gc.collect()
 
@@ -594,8 +600,8 @@ def train_flag_lines(config) -> List[str]:
     ]
     if getattr(config, "init_weights", ""):
         lines.append(f"--init_weights={config.init_weights}")
-    if hasattr(config, "verbose"):
-        lines.append(b("progress", config.verbose))
+    # --progress: verbose 2 (progress bars), --noprogress: 1; verbose 0 has no flag.
+    lines.append(b("progress", config.verbose > 1))
     return lines
 
 
@@ -631,6 +637,8 @@ def write_best_flagfile(path: str, config, best: TrialResult, sweep_dir: str) ->
     """
     lines = train_flag_lines(config)
     rebuilt = _config_from_flag_lines(lines)
+    if config.verbose < 1:  # Display only, and not expressible as a flag.
+        config = dataclasses.replace(config, verbose=rebuilt.verbose)
     if rebuilt != config:
         diff = {f.name: (getattr(config, f.name), getattr(rebuilt, f.name))
                 for f in dataclasses.fields(config)
