@@ -25,9 +25,6 @@ from mri_keras import constants
 from mri_keras.config import InputConfig
 from tfrecords_tools import schema
 
-# Read-ahead of each TFRecord file. Exams are megabytes each, so the 256 KiB default would turn
-# one record into dozens of small reads.
-_READ_BUFFER_BYTES = 8 << 20
 # Shard files read at once by the interleave.
 _MAX_CYCLE_LENGTH = 4
 # Independent streams folded out of an element's augmentation seed.
@@ -426,7 +423,7 @@ def make_dataset(
         # Same seed in every pipeline: sharding by record below needs one common file order.
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(
-        lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES).map(
+        lambda path: tf.data.TFRecordDataset(path).map(
             lambda record: (record, path)
         ),
         cycle_length=min(len(files), _MAX_CYCLE_LENGTH),
