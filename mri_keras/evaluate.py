@@ -195,7 +195,13 @@ def plot_roc(predictions: predictions_io.Predictions, summary: dict, path: str, 
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")
-    ax.set_title(title or "Breast-level ROC", fontsize=10)
+    counts = summary.get("counts", {})
+    subtitle = ""
+    if counts:
+        subtitle = (f"\n{counts['exams']} exams, {counts['patients']} patients, "
+                    f"{counts['breasts']} breasts ({counts['malignant_breasts']} malignant, "
+                    f"{counts['benign_breasts']} benign)")
+    ax.set_title((title or "Breast-level ROC") + subtitle, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
