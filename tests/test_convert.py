@@ -246,7 +246,9 @@ def _broken_cohort(root):
     ds.PixelData = pydicom.dcmread(trunc).PixelData[:100]
     ds.save_as(victim)
     del raw
-    os.remove(sorted((root / "bad/missing_slice/series1").iterdir())[2])
+    for f in (root / "bad/missing_slice/series1").iterdir():  # An inner slice (z = 5 mm).
+        if float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) == 5.0:
+            f.unlink()
     for f in (root / "bad/grids/series3").iterdir():
         ds = pydicom.dcmread(f)
         ds.ImagePositionPatient = [-10.0, -10.0, float(ds.ImagePositionPatient[2]) + 2.5]

@@ -573,10 +573,13 @@ def _slice_stack(exam_dir, phase: str, g: _Group, options: ReaderOptions):
     gaps = np.diff(pos)
     if np.any(gaps < 1e-3):
         raise ExamError(exam_dir, f"{phase}: duplicate slice positions in the series")
-    gap = float(np.median(gaps))
-    if np.any(np.abs(gaps - gap) > options.spacing_tolerance * gap):
-        worst = int(np.argmax(np.abs(gaps - gap)))
-        kind = "missing slice(s)" if gaps[worst] > gap else "non-uniform slice spacing"
+    # The smallest gap is the slice spacing: a missing slice only ever makes a gap larger.
+    gap = float(gaps.min())
+    if np.any(gaps - gap > options.spacing_tolerance * gap):
+        worst = int(np.argmax(gaps))
+        ratio = gaps[worst] / gap
+        whole = abs(ratio - round(ratio)) <= options.spacing_tolerance * round(ratio)
+        kind = "missing slice(s)" if whole else "non-uniform slice spacing"
         raise ExamError(
             exam_dir,
             f"{phase}: {kind}: gap of {gaps[worst]:.3g} mm after slice {worst} of "
@@ -589,7 +592,7 @@ def _slice_stack(exam_dir, phase: str, g: _Group, options: ReaderOptions):
     if np.max(np.linalg.norm(lateral, axis=1)) > 0.5 * min(pixel_spacing):
         raise ExamError(exam_dir, f"{phase}: slices are not stacked along the slice normal")
     directions = np.stack([normal, col_dir, row_dir])
-    spacing = (gap, pixel_spacing[0], pixel_spacing[1])
+    spacing = (float(np.mean(gaps)), pixel_spacing[0], pixel_spacing[1])
     return images, spacing, directions
 
 
@@ -651,6 +654,12 @@ def load_exam(
             and np.allclose(spacing, ref_spacing, rtol=1e-3, atol=1e-3)
             and np.linalg.norm(ims[0].ipp - ref_images[0].ipp) <= 0.5 * min(ref_spacing)
         )
+        if not same and len(ims) != len(ref_images):
+            raise ExamError(
+                exam_dir,
+                f"DCE phases on different grids: {phase} has {len(ims)} slices, t0 has "
+                f"{len(ref_images)} (slices missing at one end, or another coverage)",
+            )
         if not same:
             raise ExamError(
                 exam_dir,
