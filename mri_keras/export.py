@@ -43,9 +43,30 @@ METADATA_PATH = os.path.join("assets.extra", "mri_keras.json")
 SIGNATURES = ("serving_default", "serving_example")
 
 
-def _serving_model_config(model_config: config_lib.ModelConfig) -> config_lib.ModelConfig:
-    # Serving computes in float32 without recomputation: those are training-time trade-offs.
+def serving_model_config(model_config: config_lib.ModelConfig) -> config_lib.ModelConfig:
+    """The architecture a trained model is saved and served in: float32, no recomputation
+    (mixed precision and slice-chunked recomputation are training-time trade-offs; the weights
+    and the forward pass are the same)."""
     return dataclasses.replace(model_config, dtype_policy="float32", remat_chunk=0)
+
+
+def copy_weights(source, target) -> None:
+    """Assigns ``source``'s weights to ``target`` by variable path (e.g. from a mixed-precision,
+    recomputing or distributed training model into its serving model).
+
+    Raises:
+      ValueError: the two models do not hold the same variables.
+    """
+    by_path = {v.path: v for v in source.weights}
+    target_paths = sorted(v.path for v in target.weights)
+    if sorted(by_path) != target_paths:
+        raise ValueError(
+            "Models differ in their variables: only in source "
+            f"{sorted(set(by_path) - set(target_paths))[:5]}, only in target "
+            f"{sorted(set(target_paths) - set(by_path))[:5]}"
+        )
+    for v in target.weights:
+        v.assign(by_path[v.path].value)
 
 
 def export_model(
@@ -153,21 +174,11 @@ def export_from_keras_file(
     *,
     metadata: Optional[dict] = None,
 ) -> str:
-    """Exports the weights in ``keras_path`` (e.g. best.keras) into a float32 model."""
-    # Load into the training architecture (slice-chunked recomputation wraps the trunk, so
-    # the file's layout follows it), then copy by variable path into the serving model.
-    source = model_lib.build_model(dataclasses.replace(model_config, dtype_policy="float32"))
-    source.load_weights(keras_path)
-    serving_config = _serving_model_config(model_config)
+    """Exports the weights in ``keras_path`` (e.g. best.keras, saved in the serving
+    architecture of ``model_config``) into a float32 model."""
+    serving_config = serving_model_config(model_config)
     model = model_lib.build_model(serving_config)
-    by_path = {v.path: v for v in source.weights}
-    if sorted(by_path) != sorted(v.path for v in model.weights):
-        raise ValueError(
-            f"{keras_path}: the weights of the trained model do not match the serving model "
-            f"built from {serving_config}."
-        )
-    for v in model.weights:
-        v.assign(by_path[v.path])
+    model.load_weights(keras_path)
     return export_model(
         model, export_dir, input_config, model_config=serving_config, metadata=metadata
     )

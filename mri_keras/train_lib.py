@@ -11,7 +11,7 @@ Run directory (``TrainConfig.model_dir``)::
 
     config.json       the run's settings; a rerun with other settings is refused
     checkpoints/      model + optimizer + bookkeeping after every finished epoch
-    best.keras        the epoch with the highest val_malignant_auc
+    best.keras        the epoch with the highest val_malignant_auc (float32, no recomputation)
     export/           SavedModel of best.keras (see mri_keras.export)
     metrics.csv       one row per finished epoch
     tensorboard/      per-step loss and per-epoch metrics
@@ -46,6 +46,7 @@ import keras
 from mri_keras import buckets as buckets_lib
 from mri_keras import config as config_lib
 from mri_keras import constants
+from mri_keras import export as export_lib
 from mri_keras import input_pipeline
 from mri_keras import metrics as metrics_lib
 from mri_keras import model as model_lib
@@ -599,6 +600,9 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
             ds = ds.map(buckets_lib.bucket_map_fn(spec), num_parallel_calls=tf.data.AUTOTUNE)
         return ds
 
+    # best.keras is saved in the serving architecture (float32, no recomputation, plain
+    # variables), so evaluation and export load it whatever the training-time options were.
+    portable = None
     callbacks.on_train_begin()
     for epoch in range(start_epoch, config.epochs):
         if model.stop_training:
@@ -636,7 +640,10 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
 
         # Order matters for crash safety: candidate file, then checkpoint, then rename.
         if improved and is_chief:
-            model.save(_candidate_path(model_dir, epoch + 1))
+            if portable is None:
+                portable = model_lib.build_model(export_lib.serving_model_config(config.model))
+            export_lib.copy_weights(model, portable)
+            portable.save(_candidate_path(model_dir, epoch + 1))
         run_state.assign(
             json.dumps(
                 {"history": history, "best_epoch": best_epoch, "best_val_malignant_auc": best_auc}
@@ -699,8 +706,6 @@ def _settle_best_model(model_dir: str, best_epoch: int) -> None:
 
 
 def _export_best(config, best_path, export_dir, best_epoch, best_auc) -> None:
-    from mri_keras import export as export_lib  # Deferred: export pulls in the serving code.
-
     meta = export_lib.read_metadata(export_dir)
     if meta and meta.get("best_epoch") == best_epoch and meta.get("run") == config.model_dir:
         return  # Already exported (a rerun of a finished run).

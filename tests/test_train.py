@@ -439,6 +439,9 @@ def test_speed_and_memory_options_train_and_export_float32(data_dir, tmp_path):
     meta = export_lib.read_metadata(os.path.join(model_dir, "export"))
     assert meta["model_config"]["dtype_policy"] == "float32"
     assert meta["model_config"]["remat_chunk"] == 0
+    best = keras.models.load_model(os.path.join(model_dir, "best.keras"))
+    assert "trunk_remat" not in [layer.name for layer in best.layers]
+    assert {w.dtype for w in best.weights} == {"float32"}
     loaded = export_lib.load_exported(os.path.join(model_dir, "export"))
     records = [r.numpy() for r in tf.data.TFRecordDataset(glob.glob(f"{data_dir}/val-*"))]
     probs = loaded.predict_examples(records)["probabilities"]
