@@ -45,6 +45,9 @@ flags.DEFINE_integer("repeats", 3, "Alternating repetitions of both passes (medi
 flags.DEFINE_string("work_dir", "", "Where the cohort and records go; default a temp dir.")
 flags.DEFINE_bool("dtype_study", False, "Also measure record size/read cost per voxel dtype.")
 flags.DEFINE_bool("keep", False, "Keep the work dir.")
+flags.DEFINE_bool("stages", False,
+                  "Also time each stage on one exam in this process (steady state, after a "
+                  "warm-up exam): bare decode vs read, encode, cache write, shard copy.")
 
 
 def _emit(**fields):
@@ -151,6 +154,48 @@ def _dtype_study(records_dir: str) -> None:
               read_ms_per_exam=per_exam * 1e3, max_abs_error=err)
 
 
+def _stages(exam_dir: str, repeats: int = 4) -> None:
+    """Per-stage CPU seconds of one exam, median of repeats after a warm-up."""
+    import numpy as np
+    import pydicom
+
+    from tfrecords_tools import record_encoder
+
+    convert_lib.tune_malloc()
+    files = [os.path.join(exam_dir, f) for f in dicom_reader.list_files(exam_dir)]
+    tmp = tempfile.mkdtemp(prefix="ingest-stages-")
+    rec, shard = os.path.join(tmp, "rec"), os.path.join(tmp, "shard")
+
+    def copy():
+        with open(rec, "rb") as src, open(shard, "wb") as out:
+            convert_lib._copy(src, out)
+
+    stages = {}
+    for _ in range(repeats + 1):
+        state = {}
+        steps = [
+            ("bare_decode", lambda: [pydicom.dcmread(f).pixel_array for f in files]),
+            ("load_exam", lambda: state.update(exam=dicom_reader.load_exam(exam_dir))),
+            ("encode", lambda: state.update(record=record_encoder.encode_record(
+                "E0", "P0", state["exam"].volumes, state["exam"].spacing, (0, 0, 0, 0)))),
+            ("cache_write", lambda: convert_lib._frame_record(rec, state["record"])),
+            ("shard_copy", copy),
+            ("cleanup", lambda: (os.unlink(rec), os.unlink(shard))),
+        ]
+        for name, fn in steps:
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            fn()
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            stages.setdefault(name, []).append(
+                (r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
+        state.clear()
+    for name, runs in stages.items():
+        user, system = np.median(np.asarray(runs[1:]), axis=0)
+        _emit(what="stage", stage=name, user_s=round(float(user), 4),
+              system_s=round(float(system), 4), cpu_s=round(float(user + system), 4))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -161,11 +206,21 @@ def main(argv):
     base = FLAGS.work_dir or tempfile.mkdtemp(prefix="ingest-bench-")
     root = os.path.join(base, "dicom")
     t = time.perf_counter()
-    cohort = synthetic.generate_cohort(
-        root, FLAGS.num_exams, seed=0, slices=FLAGS.slices, rows=FLAGS.rows, cols=FLAGS.cols,
-        workers=1, overwrite=True,
-    )
-    exams = [os.path.join(root, e.exam) for e in cohort.exams]
+    params = [FLAGS.num_exams, FLAGS.slices, FLAGS.rows, FLAGS.cols]
+    params_file = os.path.join(base, "cohort_params.json")
+    labels = os.path.join(root, synthetic.LABELS_CSV)
+    if os.path.exists(params_file) and json.load(open(params_file)) == params:
+        with open(labels) as f:  # Same cohort as last time in this --work_dir: reuse it.
+            exam_names = [line.split(",")[0] for line in f.read().splitlines()[1:]]
+    else:
+        cohort = synthetic.generate_cohort(
+            root, FLAGS.num_exams, seed=0, slices=FLAGS.slices, rows=FLAGS.rows,
+            cols=FLAGS.cols, workers=1, overwrite=True,
+        )
+        exam_names = [e.exam for e in cohort.exams]
+        with open(params_file, "w") as f:
+            json.dump(params, f)
+    exams = [os.path.join(root, e) for e in exam_names]
     files = [os.path.join(d, f) for d in exams for f in dicom_reader.list_files(d)]
     mb = sum(os.path.getsize(f) for f in files) / 1e6
     for f in files:  # Warm the page cache for both passes.
@@ -180,7 +235,7 @@ def main(argv):
     bare, conv = [], []
     for _ in range(FLAGS.repeats):
         bare.append(_bare(exams, workers))
-        conv.append(_convert(root, cohort.labels_csv, out, key, workers))
+        conv.append(_convert(root, labels, out, key, workers))
     record_mb = sum(
         os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".tfrecord")
     ) / 1e6
@@ -199,6 +254,8 @@ def main(argv):
         load_average=[round(x, 1) for x in os.getloadavg()])
     if FLAGS.dtype_study:
         _dtype_study(out)
+    if FLAGS.stages:
+        _stages(exams[0])
     if not FLAGS.keep and not FLAGS.work_dir:
         shutil.rmtree(base, ignore_errors=True)
 
