@@ -91,7 +91,8 @@ class EnsembleConfig:
         if self.names and len(set(self.names)) != len(self.names):
             raise ValueError(f"Member names must be unique. Received: {self.names}")
         if self.caruana_iterations < 1:
-            raise ValueError(f"caruana_iterations must be >= 1. Received: {self.caruana_iterations}")
+            raise ValueError(
+                f"caruana_iterations must be >= 1. Received: {self.caruana_iterations}")
 
 
 def member_name(path: str) -> str:

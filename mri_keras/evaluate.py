@@ -93,7 +93,8 @@ def iterate_split(data_dir: str, split: str, phases) -> Iterator[dict]:
     files = [os.path.join(data_dir, name) for name in info["shards"]]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise FileNotFoundError(f"{data_dir}: shard(s) listed in manifest.json are missing: {missing}")
+        raise FileNotFoundError(
+            f"{data_dir}: shard(s) listed in manifest.json are missing: {missing}")
     stored = manifest.get("phases", list(constants.PHASES))
     absent = [p for p in phases if p not in stored]
     if absent:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
-import json
 import os
 import re
 from typing import Optional, Sequence

@@ -67,7 +67,8 @@ def locate_model(path: str) -> ModelLocation:
     if os.path.isfile(os.path.join(path, SAVED_MODEL_PB)):
         parent = os.path.dirname(path)
         keras_path = os.path.join(parent, KERAS_FILENAME)
-        has_run = os.path.isfile(os.path.join(parent, CONFIG_FILENAME)) or os.path.isfile(keras_path)
+        has_run = (os.path.isfile(os.path.join(parent, CONFIG_FILENAME))
+                   or os.path.isfile(keras_path))
         return ModelLocation(
             export_dir=path,
             keras_path=keras_path if os.path.isfile(keras_path) else None,

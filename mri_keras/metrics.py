@@ -117,7 +117,8 @@ def patient_bootstrap_indices(patient_ids, n_bootstrap: int = DEFAULT_N_BOOTSTRA
     """
     n = len(patient_ids)
     return [
-        np.repeat(np.arange(n), w) for w in patient_bootstrap_weights(patient_ids, n_bootstrap, seed)
+        np.repeat(np.arange(n), w)
+        for w in patient_bootstrap_weights(patient_ids, n_bootstrap, seed)
     ]
 
 

@@ -31,8 +31,6 @@ import json
 import sys
 from typing import Optional
 
-import numpy as np
-
 from mri_keras import constants
 from mri_keras import heatmap as heatmap_lib
 from mri_keras import inference

@@ -96,7 +96,8 @@ def write_predictions(path: str, predictions: Predictions) -> None:
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
-        for i, (exam_id, patient_id) in enumerate(zip(predictions.exam_ids, predictions.patient_ids)):
+        ids = zip(predictions.exam_ids, predictions.patient_ids)
+        for i, (exam_id, patient_id) in enumerate(ids):
             for side in constants.SIDES:
                 b, m = _column(side, "benign"), _column(side, "malignant")
                 writer.writerow(
@@ -168,7 +169,8 @@ def read_predictions(path: str) -> Predictions:
     for i, exam_id in enumerate(order):
         sides = rows[exam_id]["sides"]
         if set(sides) != set(constants.SIDES):
-            raise ValueError(f"{path}: exam {exam_id} lacks a row for {set(constants.SIDES) - set(sides)}")
+            lacking = sorted(set(constants.SIDES) - set(sides))
+            raise ValueError(f"{path}: exam {exam_id} lacks a row for side(s) {lacking}")
         for side in constants.SIDES:
             for task in constants.TASKS:
                 labels[i, _column(side, task)] = sides[side][f"{task}_label"]
