@@ -1,6 +1,6 @@
 """Trains the Doubly Deep CNN: ``python -m mri_keras.train --flagfile=configs/t2sub.flags``.
 
-Flags: ``mri_keras/flags.py`` (``--helpfull`` lists them). The work is in
+Flags: ``mri_keras/flags.py`` (``--help`` lists them). The work is in
 ``mri_keras.train_lib``; rerunning the same command resumes an interrupted run.
 """
 
@@ -57,6 +57,7 @@ def run(argv: Sequence[str]) -> dict:
 def entry(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point."""
     flags_lib.define_flags()
+    absl_flags.adopt_module_key_flags(flags_lib)  # --help lists the training flags.
     app.run(main, argv=argv)
 
 
