@@ -1,6 +1,6 @@
 r"""Ingest benchmark: DICOM -> TFRecords conversion against a bare pydicom decode.
 
-Generates a synthetic cohort (default 4 exams x 4 phases x 96 slices x 256 x 256), then, in the
+Generates a synthetic cohort (default 4 patients, 1-3 exams each, 4 phases x 96 slices x 256 x 256), then, in the
 same run and with the same number of processes over the same files:
 
 * ``bare``: ``pydicom.dcmread(f).pixel_array`` for every file, one exam per task;
@@ -15,7 +15,7 @@ before timing (a one-off start-up cost, not a per-exam one). The passes alternat
 cost (parse + decode_raw + reshape + cast to float32) of float32 against int16 and float16
 voxels, the figures behind the voxel dtype choice in ``tfrecords_tools/schema.py``.
 
-  .venv/bin/python scripts/bench/ingest.py --num_exams=4 --num_workers=2 --dtype_study
+  .venv/bin/python scripts/bench/ingest.py --num_patients=8 --num_workers=2 --stages --dtype_study
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from tfrecords_tools import convert_lib, dicom_reader, synthetic  # noqa: E402
 
-flags.DEFINE_integer("num_exams", 4, "Exams in the cohort (one per patient).")
+flags.DEFINE_integer("num_patients", 4, "Patients in the synthetic cohort (1-3 exams each).")
 flags.DEFINE_integer("slices", 96, "Slices per phase.")
 flags.DEFINE_integer("rows", 256, "Rows per slice.")
 flags.DEFINE_integer("cols", 256, "Columns per slice.")
@@ -206,7 +206,7 @@ def main(argv):
     base = FLAGS.work_dir or tempfile.mkdtemp(prefix="ingest-bench-")
     root = os.path.join(base, "dicom")
     t = time.perf_counter()
-    params = [FLAGS.num_exams, FLAGS.slices, FLAGS.rows, FLAGS.cols]
+    params = [FLAGS.num_patients, FLAGS.slices, FLAGS.rows, FLAGS.cols]
     params_file = os.path.join(base, "cohort_params.json")
     labels = os.path.join(root, synthetic.LABELS_CSV)
     if os.path.exists(params_file) and json.load(open(params_file)) == params:
@@ -214,7 +214,7 @@ def main(argv):
             exam_names = [line.split(",")[0] for line in f.read().splitlines()[1:]]
     else:
         cohort = synthetic.generate_cohort(
-            root, FLAGS.num_exams, seed=0, slices=FLAGS.slices, rows=FLAGS.rows,
+            root, FLAGS.num_patients, seed=0, slices=FLAGS.slices, rows=FLAGS.rows,
             cols=FLAGS.cols, workers=1, overwrite=True,
         )
         exam_names = [e.exam for e in cohort.exams]
