@@ -73,6 +73,34 @@ class UnfoldSlices(layers.Layer):
         return (volume_shape[0], volume_shape[1]) + tuple(maps_shape[1:])
 
 
+@keras.saving.register_keras_serializable(package="mri_keras")
+class SliceTimeDistributed(layers.TimeDistributed):
+    """keras.layers.TimeDistributed that always maps the wrapped layer over every slice.
+
+    Two problems of Keras 3.15's TimeDistributed on the TensorFlow backend, both measured:
+    for an unknown time axis (our case in a tf.function with a (1, None, ...) signature) it
+    maps over ``arange(batch)`` instead of ``arange(time)`` (it reads the size before
+    transposing), so it silently runs the trunk on the first slice only; and for a known time
+    axis its per-slice Python loop crashed with heap corruption in eager gradients with
+    TF 2.21's oneDNN CPU kernels. This subclass always maps with ``ops.vectorized_map`` over
+    the slices themselves (masks, unused here, go to the parent).
+
+    Known problem: on CPU with oneDNN on (TF 2.21's default), gradients through this mode
+    still intermittently crash the process with heap corruption (also with ``ops.map``);
+    set ``TF_ENABLE_ONEDNN_OPTS=0`` before TensorFlow is imported to train it on CPU. The
+    default "fold" mode is not affected.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            return super().call(inputs, training=training, mask=mask)
+        axes = [1, 0] + list(range(2, len(inputs.shape)))
+        per_slice = ops.transpose(inputs, axes)  # (S, batch, H, W, C)
+        kwargs = {"training": training} if self.layer._call_has_training_arg else {}
+        outputs = ops.vectorized_map(lambda x: self.layer.call(x, **kwargs), per_slice)
+        return ops.transpose(outputs, axes)  # (batch, S, h, w, c)
+
+
 def _check_positive_int(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
@@ -220,7 +248,7 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
     trunk = build_trunk(config)
     volume = keras.Input(shape=(None, None, None, 1), name="volume")  # (batch, S, H, W, 1)
     if config.slice_mode == "time_distributed":
-        maps = layers.TimeDistributed(trunk, name="trunk_td")(volume)  # (batch, S, h, w, 1)
+        maps = SliceTimeDistributed(trunk, name="trunk_td")(volume)  # (batch, S, h, w, 1)
     else:
         folded = FoldSlices(name="fold_slices")(volume)  # (batch*S, H, W, 1)
         if config.remat_chunk:
@@ -231,8 +259,9 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
         else:
             trunk_layer = trunk
         maps = trunk_layer(folded)  # (batch*S, h, w, 1)
-        maps = UnfoldSlices(name="unfold_slices", dtype=dtype)([maps, volume])
-        # maps: (batch, S, h, w, 1)
+        # float32 so the full-size volume (read only for its shape) is never cast; the maps
+        # are tiny. maps: (batch, S, h, w, 1)
+        maps = UnfoldSlices(name="unfold_slices", dtype="float32")([maps, volume])
     x = apply_residual_block_3d(maps, config.channels_3d, "block3d", dtype=dtype)
     x = layers.GlobalMaxPooling3D(name="global_max_pool", dtype=dtype)(x)  # (batch, channels_3d)
     if config.dropout:

@@ -79,6 +79,51 @@ def test_fold_and_time_distributed_give_the_same_outputs(slices):
         )
 
 
+_TD_GRADIENT_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, tensorflow as tf
+    from mri_keras import model as model_lib
+    from mri_keras.config import ModelConfig
+    fold = model_lib.build_model(ModelConfig(width=4, channels_3d=8))
+    td = model_lib.build_model(
+        ModelConfig(width=4, channels_3d=8, slice_mode="time_distributed"))
+    td.set_weights(fold.get_weights())
+    spec = [tf.TensorSpec((1, None, None, None, 1), tf.float32)]
+
+    def loss_and_grads(model, volume):
+        with tf.GradientTape() as tape:
+            out = model(volume, training=True)
+            loss = tf.reduce_sum(out["left_malignant"][:, 1]) - tf.reduce_sum(out["right_benign"])
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    volume = tf.constant(np.random.default_rng(7).normal(size=(1, 5, 48, 40, 1)), tf.float32)
+    maps = tf.function(td.get_layer("trunk_td"), input_signature=spec)(volume)
+    assert tuple(maps.shape) == (1, 5, 2, 2, 1), maps.shape
+    loss_f, grads_f = tf.function(lambda v: loss_and_grads(fold, v), input_signature=spec)(volume)
+    loss_t, grads_t = tf.function(lambda v: loss_and_grads(td, v), input_signature=spec)(volume)
+    np.testing.assert_allclose(loss_t.numpy(), loss_f.numpy(), atol=1e-6)
+    assert sum(g is not None for g in grads_f) > 20
+    for a, b in zip(grads_f, grads_t):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5)
+    print("OK")
+    """
+)
+
+
+def test_time_distributed_maps_every_slice_inside_tf_function():
+    # Keras 3.15's TimeDistributed ran only `batch` slices when S is unknown in a tf.function.
+    # Run in a subprocess with oneDNN off: TF 2.21's oneDNN CPU kernels intermittently corrupt
+    # the heap in gradients through the per-slice map (see SliceTimeDistributed).
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", _TD_GRADIENT_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
 def dataclass_replace(config, **changes):
     import dataclasses
 
