@@ -21,16 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, tiny_cohort_varied):
+    # tiny_cohort_varied (tests/conftest.py): every acquisition variant in turn, plus extra
+    # series and a non-DICOM file per exam, each series in its own sub-folder.
+    cohort = tiny_cohort_varied
     base = tmp_path_factory.mktemp("e2e")
-    cohort = synthetic.generate_cohort(
-        str(base / "dicom"), 6, seed=3, slices=8, rows=32, cols=32,
-        variants=synthetic.VARIANTS, extra_series=True, canonical_dir=str(base / "canon"),
-        workers=1,
-    )
     log = io.StringIO()
     config = convert_lib.ConvertConfig(
-        dicom_root=str(base / "dicom"), labels=cohort.labels_csv, output_dir=str(base / "out"),
+        dicom_root=cohort.root, labels=cohort.labels_csv, output_dir=str(base / "out"),
         pseudonym_key_file=str(base / "private" / "key"), num_workers=2,
     )
     result = convert_lib.convert(config, stream=log)
