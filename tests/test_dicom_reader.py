@@ -210,6 +210,30 @@ def test_multiphase_series_split_by_temporal_position(tmp_path):
         np.testing.assert_array_equal(exam.volumes[p], canon[p].astype(np.float32))
 
 
+@pytest.mark.parametrize("told_apart_by", ["AcquisitionNumber", "TriggerTime",
+                                           "AcquisitionTime"])
+def test_multiphase_series_without_temporal_position(tmp_path, told_apart_by):
+    canon = _canonical_phases((3, 4, 5))
+    u, v = (1, 0, 0), (0, 1, 0)
+    tpl = _template()
+    for t, phase in enumerate((2, 0, 3, 1)):  # Files of later phases written first.
+        ds = copy.deepcopy(tpl)
+        ds.AcquisitionNumber = 1
+        if told_apart_by == "AcquisitionNumber":
+            ds.AcquisitionNumber = phase + 1
+        elif told_apart_by == "TriggerTime":
+            ds.TriggerTime = f"{phase * 60000.5:g}"
+        pixels, positions, ps, _ = _acquire(canon[PHASES[phase]], u, v)
+        _write_series(
+            str(tmp_path), pixels, positions, list(u) + list(v), ps, template=ds,
+            series_uid=f"{_UID_ROOT}7", series_number=7, prefix=f"x{t}",
+            acq_time=f"10{phase}000" if told_apart_by == "AcquisitionTime" else "101000",
+        )
+    exam = load_exam(str(tmp_path))
+    for p in PHASES:
+        np.testing.assert_array_equal(exam.volumes[p], canon[p].astype(np.float32))
+
+
 def test_ignores_non_dicom_localizer_derived_and_other_series(tmp_path):
     canon = _canonical_phases((4, 6, 6))
     u, v = (1, 0, 0), (0, 1, 0)

@@ -109,6 +109,7 @@ class _Image:
     series_uid: str
     temporal_position: object  # int or None
     acquisition_number: object
+    trigger_time: object  # float ms or None
     acq_time: object  # datetime or None
     series_number: object
     rows: int
@@ -150,6 +151,7 @@ _T_STUDY_DATE = 0x00080020
 _T_PATIENT_ID = 0x00100020
 _T_SCANNING_SEQUENCE = 0x00180020
 _T_TR, _T_TE, _T_FLIP = 0x00180080, 0x00180081, 0x00181314
+_T_TRIGGER_TIME = 0x00181060
 _T_SERIES_UID = 0x0020000E
 _T_SERIES_NUMBER, _T_ACQ_NUMBER = 0x00200011, 0x00200012
 _T_IPP, _T_IOP = 0x00200032, 0x00200037
@@ -251,6 +253,7 @@ def _parse_image(exam_dir: str, rel: str, ds) -> "_Image | None":
         series_uid=_text(ds, _T_SERIES_UID) or "",
         temporal_position=None if tpi is None else int(tpi),
         acquisition_number=_number(ds, _T_ACQ_NUMBER),
+        trigger_time=_number(ds, _T_TRIGGER_TIME),
         acq_time=_acquisition_time(ds),
         series_number=None if series_number is None else int(series_number),
         rows=_us(ds, _T_ROWS),
@@ -327,14 +330,12 @@ def _group_images(images: Sequence[_Image]) -> list:
     groups = []
     for (uid, tpi), ims in by_key.items():
         # A multi-phase series without TemporalPositionIdentifier: repeated positions told apart
-        # by AcquisitionNumber.
+        # by AcquisitionNumber, TriggerTime or AcquisitionTime, whichever splits the series
+        # into stacks without repeated positions.
         if tpi is None and _has_repeated_positions(ims):
-            sub: dict = {}
-            for im in ims:
-                sub.setdefault(im.acquisition_number, []).append(im)
-            if len(sub) > 1:
-                for acq, sims in sub.items():
-                    groups.append(_Group(uid, ("acq", acq), sims))
+            split = _split_repeated(ims)
+            if split is not None:
+                groups += [_Group(uid, key, sims) for key, sims in split]
                 continue
         groups.append(_Group(uid, tpi, ims))
     for g in groups:
@@ -342,6 +343,23 @@ def _group_images(images: Sequence[_Image]) -> list:
         g.acq_time = min(times) if len(times) == len(g.images) else None
         g.series_number = g.images[0].series_number
     return groups
+
+
+def _split_repeated(ims):
+    """Splits a series with repeated slice positions into per-phase stacks, or None."""
+    for name, keyfn in (
+        ("acquisition", lambda im: im.acquisition_number),
+        ("trigger", lambda im: im.trigger_time),
+        ("time", lambda im: im.acq_time),
+    ):
+        sub: dict = {}
+        for im in ims:
+            sub.setdefault(keyfn(im), []).append(im)
+        if len(sub) > 1 and None not in sub and not any(
+            _has_repeated_positions(v) for v in sub.values()
+        ):
+            return [((name, k), v) for k, v in sub.items()]
+    return None
 
 
 def _has_repeated_positions(ims) -> bool:
@@ -372,6 +390,10 @@ def _order_phases(exam_dir, groups: list) -> list:
     tpis = [g.temporal_position for g in groups]
     if same_series and all(isinstance(t, int) for t in tpis):
         keyfn = lambda g: g.temporal_position  # noqa: E731
+    elif same_series and all(isinstance(t, tuple) for t in tpis) and len(
+        {t[0] for t in tpis}
+    ) == 1:  # Split by AcquisitionNumber / TriggerTime / AcquisitionTime.
+        keyfn = lambda g: g.temporal_position[1]  # noqa: E731
     elif all(g.acq_time is not None for g in groups):
         keyfn = lambda g: g.acq_time  # noqa: E731
     elif all(g.series_number is not None for g in groups):
