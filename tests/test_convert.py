@@ -227,6 +227,12 @@ def test_shard_size_splits_into_several_shards(tmp_path, cohort):
     assert train["num_exams"] == 6
     assert train["shards"] == [f"train-{i:05d}-of-00003.tfrecord" for i in range(3)]
     assert len(_records(str(tmp_path / "records"))) == 10
+    # One exam per shard: shards are hard links of the cached records, same bytes.
+    single = convert(_config(tmp_path, root, "single", shard_size_mb=record_mb / 2,
+                             progress=False), stream=io.StringIO())
+    assert len(single.manifest["splits"]["train"]["shards"]) == 6
+    assert b"".join(_shard_bytes(tmp_path / "single").values()) == b"".join(
+        _shard_bytes(tmp_path / "records").values())
 
 
 # ---- broken exams and privacy ----------------------------------------------------------------

@@ -329,6 +329,17 @@ def _assemble_shard(job) -> str:
     """Concatenates cached one-record files into one shard (temporary name, then rename)."""
     output_dir, name, paths = job
     tmp = os.path.join(output_dir, f".{name}.tmp")
+    if len(paths) == 1:
+        # One record (exams of half the shard size or more): the cached file already is the
+        # shard; a hard link shares it without copying (the cache name is removed later).
+        try:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.link(paths[0], tmp)
+            os.replace(tmp, os.path.join(output_dir, name))
+            return name
+        except OSError:
+            pass  # No hard links here (another file system): copy instead.
     with open(tmp, "wb") as out:
         for path in paths:
             with open(path, "rb") as src:

@@ -41,6 +41,7 @@ flags.DEFINE_integer("slices", 96, "Slices per phase.")
 flags.DEFINE_integer("rows", 256, "Rows per slice.")
 flags.DEFINE_integer("cols", 256, "Columns per slice.")
 flags.DEFINE_integer("num_workers", 0, "Processes for both passes; 0 = all cores.")
+flags.DEFINE_float("shard_size_mb", 200.0, "Converter --shard_size_mb.")
 flags.DEFINE_integer("repeats", 3, "Alternating repetitions of both passes (median reported).")
 flags.DEFINE_string("work_dir", "", "Where the cohort and records go; default a temp dir.")
 flags.DEFINE_bool("dtype_study", False, "Also measure record size/read cost per voxel dtype.")
@@ -86,7 +87,7 @@ def _convert(root, labels, out, key, workers) -> tuple:
     shutil.rmtree(out, ignore_errors=True)
     config = convert_lib.ConvertConfig(
         dicom_root=root, labels=labels, output_dir=out, pseudonym_key_file=key,
-        num_workers=workers, progress=False,
+        num_workers=workers, progress=False, shard_size_mb=flags.FLAGS.shard_size_mb,
     )
     start, cpu = time.perf_counter(), _cpu()
     with open(os.devnull, "w") as devnull:
