@@ -446,3 +446,16 @@ def test_speed_and_memory_options_train_and_export_float32(data_dir, tmp_path):
     records = [r.numpy() for r in tf.data.TFRecordDataset(glob.glob(f"{data_dir}/val-*"))]
     probs = loaded.predict_examples(records)["probabilities"]
     assert probs.shape == (4, 4) and np.all((probs >= 0) & (probs <= 1))
+
+
+def test_demo_flagfile_shrinks_whatever_it_is_layered_over(monkeypatch):
+    monkeypatch.chdir(REPO)
+    alone = _config(["--flagfile=configs/demo.flags", "--data_dir=d", "--model_dir=m"])
+    assert alone.input.input_variant == "t2-t0" and alone.model.width < 64
+    layered = _config(
+        ["--flagfile=configs/t1sub.flags", "--flagfile=configs/demo.flags", "--data_dir=d",
+         "--model_dir=m"]
+    )
+    assert layered.input.input_variant == "t1-t0"  # The image comes from the paper flagfile.
+    assert layered.model == alone.model and layered.epochs == alone.epochs
+    assert layered.input.crop is None and layered.input.flip
