@@ -65,6 +65,13 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
         "max_consecutive_failed_trials", 3,
         "Stop the sweep after this many failed trials in a row.", lower_bound=1, **fv,
     )
+    absl_flags.DEFINE_bool(
+        "isolate_trials", True,
+        "Train each trial in a fresh child process, so memory (host and GPU) stays flat over "
+        "the sweep and a trial that runs out of memory fails alone. --noisolate_trials trains "
+        "in this process (clearing Keras state between trials; saves a TensorFlow start-up "
+        "per trial).", **fv,
+    )
     absl_flags.DEFINE_integer(
         "top_trials", 10, "Trials listed in summary.csv and printed.", lower_bound=1, **fv
     )
@@ -95,6 +102,7 @@ def tune_config_from_flags(fv: absl_flags.FlagValues = absl_flags.FLAGS):
         overwrite=fv.overwrite,
         top_trials=fv.top_trials,
         verbose=1 if fv.progress else 0,
+        isolate_trials=fv.isolate_trials,
     )
 
 

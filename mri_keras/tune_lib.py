@@ -32,9 +32,11 @@ import gc
 import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import socket
+from concurrent import futures
 from typing import Any, List, Mapping, Optional, Sequence
 
 import keras
@@ -86,6 +88,11 @@ class TuneConfig:
         (only a local or chief process may). Defaults to False.
       top_trials: int. Rows of the summary. Defaults to 10.
       verbose: int. keras-tuner's per-trial display (0 silent). Defaults to 1.
+      isolate_trials: bool. Train each trial in a fresh child process: the sweep's memory
+        (host and GPU) stays flat however many trials run, a trial killed by the OS (out of
+        memory) only fails that trial, and every trial can set up its own devices (e.g.
+        cpu_replicas). Costs a TensorFlow start-up per trial; trial callbacks must then be
+        picklable. Defaults to False (in-process: Keras state is cleared between trials).
     """
 
     train: Any
@@ -102,6 +109,7 @@ class TuneConfig:
     overwrite: bool = False
     top_trials: int = 10
     verbose: int = 1
+    isolate_trials: bool = False
 
     def __post_init__(self):
         if self.tuner not in TUNERS:
@@ -218,12 +226,16 @@ class DoublyDeepHyperModel(kt.HyperModel):
     Args:
       base_config: train_lib.TrainConfig. Settings every trial starts from.
       search_space: tune_space.SearchSpace. The searched settings.
+      isolate_trials: bool. Train in a fresh child process per trial (see
+        ``TuneConfig.isolate_trials``). Defaults to False.
     """
 
-    def __init__(self, base_config, search_space: tune_space.SearchSpace):
+    def __init__(self, base_config, search_space: tune_space.SearchSpace, *,
+                 isolate_trials: bool = False):
         super().__init__(name="doubly_deep_cnn", tunable=True)
         self.base_config = base_config
         self.search_space = search_space
+        self.isolate_trials = isolate_trials
 
     def build(self, hp):
         return tune_space.apply_values(self.base_config, self.search_space.declare(hp))
@@ -266,7 +278,10 @@ class DoublyDeepHyperModel(kt.HyperModel):
             "start": _now(),
         }
         try:
-            history = train_lib.train(config, extra_callbacks=list(callbacks or []))
+            if self.isolate_trials:
+                history = _train_in_child_process(config, list(callbacks or []))
+            else:
+                history = train_lib.train(config, extra_callbacks=list(callbacks or []))
             results = metrics_from_history(history)
         except BaseException as e:
             logging.exception("Trial in %s failed.", trial_dir)
@@ -276,6 +291,24 @@ class DoublyDeepHyperModel(kt.HyperModel):
         _append_jsonl(os.path.join(trial_dir, RUNS_LOG),
                       dict(entry, end=_now(), status="completed", **results))
         return results
+
+
+def _train_in_child_process(config, callbacks) -> dict:
+    """``train_lib.train`` in a fresh (spawned, not forked) Python process; its history.
+
+    Spawned, because a forked child would inherit the parent's TensorFlow runtime threads.
+    Exceptions come back with the child's traceback; a child killed by the OS raises
+    ``BrokenProcessPool``. Either way the trial fails and the sweep goes on.
+    """
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_train_child, config, callbacks).result()
+
+
+def _train_child(config, callbacks) -> dict:
+    history = train_lib.train(config, extra_callbacks=callbacks)
+    # Plain values only: the history travels back pickled.
+    return json.loads(json.dumps(history, default=str))
 
 
 def _retarget_run(copy_dir: str, run_dir: str) -> None:
@@ -417,7 +450,9 @@ def build_tuner(config: TuneConfig, *, hypermodel: Optional[kt.HyperModel] = Non
     if role != "worker":
         _check_or_write_sweep_record(dataclasses.replace(config, train=dataclasses.replace(
             config.train, model_dir=sweep_dir)), resuming)
-    hypermodel = hypermodel or DoublyDeepHyperModel(config.train, config.search_space)
+    hypermodel = hypermodel or DoublyDeepHyperModel(
+        config.train, config.search_space, isolate_trials=config.isolate_trials
+    )
     common = dict(
         hypermodel=hypermodel,
         objective=kt.Objective(OBJECTIVE, direction="max"),

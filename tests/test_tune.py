@@ -251,7 +251,7 @@ def test_interrupted_sweep_resumes_the_unfinished_trial(records, space_file, tmp
         train=train_lib.TrainConfig(data_dir=records, model_dir=str(tmp_path / "sweep"),
                                     verbose=0),
         search_space=ts.load_search_space(space_file),
-        tuner="hyperband", max_trials=1, max_epochs=2, hyperband_factor=2, verbose=0,
+        tuner="random", max_trials=1, max_epochs=2, verbose=0,
     )
     with pytest.raises(KeyboardInterrupt):
         tune_lib.run_search(config, callbacks=[Interrupt()])
@@ -301,7 +301,8 @@ def test_six_trials_in_one_process_free_their_models_and_bounded_rss(
     assert len(result.rows) == 6 and len(rss) == 6
     gc.collect()
     # No trial's model outlives its trial.
-    assert len(models) == 6 and not [r for r in models if r() is not None]
+    # (Training builds each trial's model, and its export builds one more.)
+    assert len(models) >= 6 and not [r for r in models if r() is not None]
     growth_mb = (rss[-1] - rss[0]) / 2**20
     print(f"RSS after each trial (MB): {[round(r / 2**20) for r in rss]}")
     # Measured on CPU: ~11 MB per tiny trial stays behind inside TensorFlow once the models
@@ -333,18 +334,23 @@ def test_chief_and_two_workers_share_four_trials(records, space_file, tmp_path):
          *_sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=4")],
         env=env, capture_output=True, text=True, timeout=420,
     )
-    log_text = "".join(
-        f"--- {n}\n{open(os.path.join(logs, n)).read()[-3000:]}" for n in sorted(os.listdir(logs))
-    ) if os.path.isdir(logs) else ""
-    assert proc.returncode == 0, proc.stdout + proc.stderr + log_text
+    def diagnostics():
+        logs_text = "".join(
+            f"\n--- {n}\n{open(os.path.join(logs, n)).read()[-4000:]}"
+            for n in sorted(os.listdir(logs))
+        ) if os.path.isdir(logs) else ""
+        runs_text = json.dumps(_runs(sweep), indent=1) if os.path.isdir(sweep) else "no sweep"
+        return f"{proc.stdout}\n{proc.stderr}\nruns: {runs_text}{logs_text}"
+
+    assert proc.returncode == 0, diagnostics()
     runs = _runs(sweep)
-    assert sorted(runs) == ["0", "1", "2", "3"]
+    assert sorted(runs) == ["0", "1", "2", "3"], diagnostics()
     # Every trial ran exactly once, on a worker (the chief only serves the oracle).
-    assert all(len(v) == 1 and v[0]["status"] == "completed" for v in runs.values()), runs
-    assert {v[0]["tuner_id"] for v in runs.values()} <= {"tuner0", "tuner1"}
+    assert all(len(v) == 1 and v[0]["status"] == "completed" for v in runs.values()), diagnostics()
+    assert {v[0]["tuner_id"] for v in runs.values()} <= {"tuner0", "tuner1"}, diagnostics()
     for trial_id in runs:
         with open(os.path.join(sweep, f"trial_{trial_id}", "trial.json")) as f:
-            assert json.load(f)["status"] == "COMPLETED"
-    assert len(_read_csv(os.path.join(sweep, "summary.csv"))) == 4
+            assert json.load(f)["status"] == "COMPLETED", diagnostics()
+    assert len(_read_csv(os.path.join(sweep, "summary.csv"))) == 4, diagnostics()
     assert os.path.isfile(os.path.join(sweep, "best_trial.flags"))
-    assert "Top trials" in proc.stdout
+    assert "Top trials" in proc.stdout, diagnostics()
