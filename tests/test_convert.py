@@ -375,6 +375,10 @@ def test_phase_map_checked_and_applied(tmp_path):
     rec = _records(str(tmp_path / "records"))[exam_id][1]
     reversed_exam = dicom_reader.load_exam(str(root / "A/1"))
     np.testing.assert_array_equal(rec["t0"], reversed_exam.volumes["t3"])
+    pm.write_text("exam,series_instance_uid,phase,temporal_position\n" + "".join(
+        f"A/1,{uids[4 - t]},t{t},\n" for t in range(4)) + "B/1,1.2.3,t0,x\n")
+    with pytest.raises(labels_csv.InputError, match="line 6: temporal_position 'x'"):
+        convert(_config(tmp_path, root, phase_map=str(pm)))
     pm.write_text("exam,series_instance_uid,phase\nA/1,1.2.3,t5\nZ/9,1.2.3,t0\n")
     with pytest.raises(labels_csv.InputError, match="phase 't5'.*\n.*'Z/9' is not in the lab"):
         convert(_config(tmp_path, root, phase_map=str(pm)))

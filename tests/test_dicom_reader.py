@@ -234,6 +234,29 @@ def test_multiphase_series_without_temporal_position(tmp_path, told_apart_by):
         np.testing.assert_array_equal(exam.volumes[p], canon[p].astype(np.float32))
 
 
+def test_phase_overrides_pick_temporal_positions_of_one_series(tmp_path):
+    canon = _canonical_phases((3, 4, 5))
+    u, v = (1, 0, 0), (0, 1, 0)
+    for t, phase in enumerate(PHASES):
+        pixels, positions, ps, _ = _acquire(canon[phase], u, v)
+        _write_series(
+            str(tmp_path), pixels, positions, list(u) + list(v), ps,
+            series_uid=f"{_UID_ROOT}7", series_number=7, temporal_position=t + 1,
+            prefix=f"tp{t}",
+        )
+    uid = f"{_UID_ROOT}7"
+    overrides = {f"{uid}:4": "t0", f"{uid}:1": "t1", f"{uid}:2": "t2", f"{uid}:3": "t3"}
+    exam = load_exam(str(tmp_path), phase_overrides=overrides)
+    np.testing.assert_array_equal(exam.volumes["t0"], canon["t3"].astype(np.float32))
+    np.testing.assert_array_equal(exam.volumes["t1"], canon["t0"].astype(np.float32))
+    with pytest.raises(ExamError, match="several temporal positions.*temporal_position"):
+        load_exam(str(tmp_path), phase_overrides={uid: "t0", f"{uid}:1": "t1",
+                                                   f"{uid}:2": "t2", f"{uid}:3": "t3"})
+    with pytest.raises(ExamError, match="no temporal position 9"):
+        load_exam(str(tmp_path), phase_overrides={f"{uid}:9": "t0", f"{uid}:1": "t1",
+                                                   f"{uid}:2": "t2", f"{uid}:3": "t3"})
+
+
 def test_ignores_non_dicom_localizer_derived_and_other_series(tmp_path):
     canon = _canonical_phases((4, 6, 6))
     u, v = (1, 0, 0), (0, 1, 0)

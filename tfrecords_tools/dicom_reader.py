@@ -472,14 +472,20 @@ def _override_phases(exam_dir, groups: list, overrides: Mapping[str, str]) -> li
         raise ExamError(exam_dir, f"phase map lacks phase(s) {', '.join(missing)}")
     selected = []
     for phase in PHASES:
-        matches = [g for g in groups if g.series_uid == phase_to_uid[phase]]
+        uid, _, position = phase_to_uid[phase].partition(":")
+        matches = [g for g in groups if g.series_uid == uid]
+        if position:  # "UID:N" picks TemporalPositionIdentifier N of a multi-phase series.
+            matches = [g for g in matches if str(g.temporal_position) == position.strip()]
         if not matches:
-            raise ExamError(exam_dir, f"phase map series for {phase} is not in the exam folder")
+            raise ExamError(
+                exam_dir, f"phase map series for {phase} is not in the exam folder"
+                + (f" (or has no temporal position {position})" if position else ""),
+            )
         if len(matches) > 1:
             raise ExamError(
                 exam_dir,
-                f"phase map series for {phase} holds several temporal positions; "
-                "a multi-phase series cannot be split by the phase map",
+                f"phase map series for {phase} holds several temporal positions; give one "
+                "with the phase map's temporal_position column",
             )
         selected.append(matches[0])
     return selected
@@ -645,7 +651,9 @@ def load_exam(
     Args:
       exam_dir: str. Folder holding the exam's DICOM files (any nesting and names).
       phase_overrides: optional mapping SeriesInstanceUID -> phase (``t0``..``t3``) for this
-        exam, all four phases given; replaces the phase heuristics. Defaults to None.
+        exam, all four phases given; replaces the phase heuristics. A key
+        ``"<SeriesInstanceUID>:<N>"`` picks TemporalPositionIdentifier N of a multi-phase
+        series. Defaults to None.
       options: ReaderOptions. Tolerances. Defaults to ReaderOptions().
 
     Returns:

@@ -17,6 +17,7 @@ from tfrecords_tools import schema
 EXAM_COLUMN = "exam"
 SPLIT_COLUMN = "split"
 PHASE_MAP_COLUMNS = ("exam", "series_instance_uid", "phase")
+TEMPORAL_POSITION_COLUMN = "temporal_position"  # Optional: picks one phase of a series.
 _MAX_LISTED = 50
 
 
@@ -167,7 +168,11 @@ def find_unlabelled_folders(dicom_root: str, labelled: Sequence[str]) -> list:
 
 
 def read_phase_map(path: str, exams: Sequence[str]) -> dict:
-    """Reads the ``exam,series_instance_uid,phase`` CSV into {exam: {uid: phase}}.
+    """Reads the ``exam,series_instance_uid,phase[,temporal_position]`` CSV.
+
+    Returns:
+      {exam: {key: phase}}, key the SeriesInstanceUID, or ``"UID:N"`` where the optional
+      ``temporal_position`` column gives TemporalPositionIdentifier N (multi-phase series).
 
     Raises:
       InputError: listing missing columns, unknown exams or phases and repeated series.
@@ -184,6 +189,12 @@ def read_phase_map(path: str, exams: Sequence[str]) -> dict:
     for line, row in rows:
         exam = normalise_exam(row["exam"])
         uid, phase = row["series_instance_uid"], row["phase"]
+        position = row.get(TEMPORAL_POSITION_COLUMN, "")
+        if position and not position.isdigit():
+            problems.append(f"line {line}: temporal_position {position!r} is not a number")
+            continue
+        if position:
+            uid = f"{uid}:{int(position)}"
         if exam not in known:
             problems.append(f"line {line}: exam {row['exam']!r} is not in the labels CSV")
         elif phase not in schema.PHASES:
@@ -191,7 +202,8 @@ def read_phase_map(path: str, exams: Sequence[str]) -> dict:
         elif not uid:
             problems.append(f"line {line}: empty series_instance_uid")
         elif uid in out.get(exam, {}):
-            problems.append(f"line {line}: series repeated for exam {row['exam']!r}")
+            problems.append(f"line {line}: series (and position) repeated for exam "
+                            f"{row['exam']!r}")
         else:
             out.setdefault(exam, {})[uid] = phase
     for exam, mapping in out.items():
