@@ -37,8 +37,9 @@ def define_flags() -> None:
         "id_map.csv next to the key file.")
     flags.DEFINE_string(
         "phase_map", "",
-        "Optional CSV exam,series_instance_uid,phase naming the series of t0..t3 for some "
-        "exams (replaces the phase heuristics for those exams).")
+        "Optional CSV exam,series_instance_uid,phase[,temporal_position] naming the series "
+        "(and, in a multi-phase series, the TemporalPositionIdentifier) of t0..t3 for some "
+        "exams; replaces the phase heuristics for those exams.")
     flags.DEFINE_string("split_ratios", "0.6,0.2,0.2",
                         "train,val,test fractions of patients (ignored with a split column).")
     flags.DEFINE_integer("seed", 0, "Seed of the patient-level split.")
