@@ -1,59 +1,163 @@
 #!/usr/bin/env bash
-# The main job, interim version: sets up .venv (if missing) and writes the bundled synthetic
-# breast DCE-MRI cohort as DICOM exam folders, then says where it is. Safe to rerun: an
-# existing cohort made with the same settings is reused.
+# The main job on the bundled synthetic cohort, end to end:
+#   synthetic DICOM archive -> TFRecords -> trained Doubly Deep CNN (configs/demo.flags)
+#   -> evaluation on the test split (AUCs with 95% CIs) -> prediction with heatmaps on one
+#   test exam -> a short report.
+# Creates .venv (with the python3 on PATH) and installs the package if needed. Idempotent:
+# a rerun reuses the cohort, the records, a finished training run and the evaluation.
 #
 # Usage: scripts/demo.sh [--output_dir=DIR] [--num_patients=N] [--seed=S]
-#   or set DEMO_OUTPUT_DIR / DEMO_NUM_PATIENTS / DEMO_SEED.
-# Defaults: demo_output/cohort, 120 patients, seed 0 (24 x 96 x 96 voxels per phase).
+#                        [--size=SLICES,ROWS,COLS] [--train_flags="--epochs=3 ..."]
+#                        [--n_bootstrap=N]
+#   or set DEMO_OUTPUT_DIR / DEMO_NUM_PATIENTS / DEMO_SEED / DEMO_SIZE / DEMO_TRAIN_FLAGS.
+# Defaults: demo_output/, 120 patients, seed 0, 24 x 96 x 96 voxels per phase.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPO="$(pwd)"
 
-COHORT="${DEMO_OUTPUT_DIR:-demo_output/cohort}"
+OUT="${DEMO_OUTPUT_DIR:-demo_output}"
 NUM_PATIENTS="${DEMO_NUM_PATIENTS:-120}"
 SEED="${DEMO_SEED:-0}"
+SIZE="${DEMO_SIZE:-24,96,96}"
+TRAIN_FLAGS="${DEMO_TRAIN_FLAGS:-}"
+N_BOOTSTRAP="${DEMO_N_BOOTSTRAP:-2000}"
 for arg in "$@"; do
   case "$arg" in
-    --output_dir=*) COHORT="${arg#*=}" ;;
+    --output_dir=*) OUT="${arg#*=}" ;;
     --num_patients=*) NUM_PATIENTS="${arg#*=}" ;;
     --seed=*) SEED="${arg#*=}" ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --size=*) SIZE="${arg#*=}" ;;
+    --train_flags=*) TRAIN_FLAGS="${arg#*=}" ;;
+    --n_bootstrap=*) N_BOOTSTRAP="${arg#*=}" ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
+IFS=, read -r SLICES ROWS COLS <<<"$SIZE"
+if [ -z "${COLS:-}" ]; then
+  echo "demo.sh: --size must be SLICES,ROWS,COLS (received '$SIZE')" >&2
+  exit 2
+fi
 
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+COHORT="$OUT/cohort"
+RECORDS="$OUT/records"
+PRIVATE="$OUT/private"          # pseudonym key and id map: never inside the records
+MODEL_DIR="$OUT/model"
+EVAL_DIR="$OUT/evaluation"
+PRED_DIR="$OUT/prediction"
+START=$(date +%s)
+step() { echo; echo "==> [$1/6] $2  (+$(( $(date +%s) - START )) s)"; }
+
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+
+step 0 "Python environment"
 if [ ! -x .venv/bin/python ]; then
-  echo "==> Creating .venv with $(command -v python3)"
+  echo "Creating .venv with $(command -v python3)"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import tfrecords_tools.synthetic, pydicom, absl" 2>/dev/null; then
-  echo "==> Installing the package into .venv"
+if ! .venv/bin/python -c "import mri_keras.train, tfrecords_tools.convert, keras_tuner, pydicom" 2>/dev/null; then
+  echo "Installing mri_keras and its dependencies into .venv (a few minutes, once)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e .
+  .venv/bin/python -m pip install --quiet -e ".[dicom-codecs]"
 fi
+PY="$REPO/.venv/bin/python"
 
-# Reuse the cohort if cohort.json says it was made with these settings.
-if .venv/bin/python - "$COHORT" "$NUM_PATIENTS" "$SEED" <<'EOF' 2>/dev/null
+step 1 "Synthetic DICOM cohort ($NUM_PATIENTS patients, ${SLICES}x${ROWS}x${COLS}, seed $SEED)"
+if "$PY" - "$COHORT" "$NUM_PATIENTS" "$SEED" "$SLICES" "$ROWS" "$COLS" <<'PYEOF' 2>/dev/null
 import json, os, sys
-root, patients, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+root, patients, seed, s, r, c = sys.argv[1], *map(int, sys.argv[2:])
 info = json.load(open(os.path.join(root, "cohort.json")))
-ok = info["num_patients"] == patients and info["seed"] == seed
-ok = ok and os.path.isfile(os.path.join(root, "labels.csv"))
-sys.exit(0 if ok else 1)
-EOF
+ok = (info["num_patients"], info["seed"]) == (patients, seed)
+ok = ok and list(info.get("shape", info.get("size", [s, r, c]))) == [s, r, c]
+sys.exit(0 if ok and os.path.isfile(os.path.join(root, "labels.csv")) else 1)
+PYEOF
 then
-  echo "==> Reusing the synthetic cohort in $COHORT (seed $SEED, $NUM_PATIENTS patients)"
+  echo "Reusing $COHORT"
 else
-  echo "==> Generating the synthetic cohort ($NUM_PATIENTS patients, seed $SEED)"
   overwrite=""
   if [ -f "$COHORT/cohort.json" ]; then overwrite="--overwrite"; fi
-  .venv/bin/python -m tfrecords_tools.synthetic --output_dir="$COHORT" \
-    --num_patients="$NUM_PATIENTS" --seed="$SEED" $overwrite
+  "$PY" -m tfrecords_tools.synthetic --output_dir="$COHORT" --num_patients="$NUM_PATIENTS" \
+    --seed="$SEED" --slices="$SLICES" --rows="$ROWS" --cols="$COLS" $overwrite
+  rm -rf "$RECORDS" "$PRIVATE" "$MODEL_DIR" "$EVAL_DIR" "$PRED_DIR"
 fi
 
-ABS="$(cd "$COHORT" && pwd)"
-echo
-echo "Synthetic cohort: $ABS"
-echo "  one folder per exam (e.g. $(head -2 "$ABS/labels.csv" | tail -1 | cut -d, -f1)), DICOM files inside"
-echo "  labels:      $ABS/labels.csv"
-echo "  annotations: $ABS/annotations.csv"
+step 2 "Convert DICOM -> TFRecords (patient-level splits, pseudonymised ids)"
+if [ -f "$RECORDS/manifest.json" ] && [ ! -d "$RECORDS/.work" ]; then
+  echo "Reusing $RECORDS"
+else
+  "$PY" -m tfrecords_tools.convert --dicom_root="$COHORT" --labels="$COHORT/labels.csv" \
+    --output_dir="$RECORDS" --pseudonym_key_file="$PRIVATE/pseudonym.key" \
+    --id_map="$PRIVATE/id_map.csv" --seed="$SEED"
+fi
+"$PY" -m tfrecords_tools.inspect "$RECORDS"
+
+step 3 "Train the Doubly Deep CNN (configs/demo.flags; resumes if interrupted)"
+# shellcheck disable=SC2086
+"$PY" -m mri_keras.train --flagfile=configs/demo.flags --data_dir="$RECORDS" \
+  --model_dir="$MODEL_DIR" $TRAIN_FLAGS
+
+step 4 "Evaluate on the test split (breast-level AUCs, 95% bootstrap CIs by patient)"
+"$PY" -m mri_keras.evaluate --model="$MODEL_DIR" --data_dir="$RECORDS" --split=test \
+  --output_dir="$EVAL_DIR" --n_bootstrap="$N_BOOTSTRAP" --name=demo
+
+step 5 "Predict one test exam from its DICOM folder, with heatmaps"
+EXAM_DIR="$("$PY" - "$RECORDS" "$PRIVATE/id_map.csv" "$COHORT" <<'PYEOF'
+import csv, json, os, sys
+records, id_map, cohort = sys.argv[1:]
+manifest = json.load(open(os.path.join(records, "manifest.json")))
+test = manifest["splits"]["test"]["exams"]
+# Prefer a test exam with a malignant lesion, so the heatmap has something to show.
+test = sorted(test, key=lambda e: -(e["labels"][1] + e["labels"][3]))
+rows = list(csv.DictReader(open(id_map)))
+by_id = {r["exam_id"]: r["exam"] for r in rows}  # pseudonym -> folder relative to the root
+path = by_id[test[0]["exam_id"]]
+print(path if os.path.isabs(path) else os.path.join(cohort, path))
+PYEOF
+)"
+rm -rf "$PRED_DIR"; mkdir -p "$PRED_DIR"
+"$PY" -m mri_keras.predict --model="$MODEL_DIR/export" --exam_dir="$EXAM_DIR" \
+  --heatmap_dir="$PRED_DIR/heatmaps" | tee "$PRED_DIR/prediction.json"
+
+step 6 "Report"
+"$PY" - "$EVAL_DIR/metrics.json" "$MODEL_DIR" <<'PYEOF'
+import csv, json, os, sys
+m = json.load(open(sys.argv[1]))
+def find(d, *names):
+    for n in names:
+        if isinstance(d, dict) and n in d:
+            d = d[n]
+        else:
+            return None
+    return d
+def fmt(entry):
+    if isinstance(entry, dict):
+        auc = entry.get("auc", entry.get("value"))
+        lo, hi = entry.get("ci_low", entry.get("low")), entry.get("ci_high", entry.get("high"))
+        if lo is None and isinstance(entry.get("ci"), (list, tuple)):
+            lo, hi = entry["ci"]
+        return f"{auc:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+    return f"{entry:.3f}" if isinstance(entry, float) else str(entry)
+bl = m.get("breast_level", m)
+print("Test split, breast level (left and right pooled):")
+print("  malignant AUC:", fmt(find(bl, "malignant")))
+print("  benign AUC:   ", fmt(find(bl, "benign")))
+el = find(m, "exam_level", "malignant")
+if el is not None:
+    print("Test split, exam level malignant AUC:", fmt(el))
+rows = list(csv.DictReader(open(os.path.join(sys.argv[2], "metrics.csv"))))
+best = max(rows, key=lambda r: float(r["val_malignant_auc"] or "nan") if r["val_malignant_auc"] not in ("", "nan") else -1)
+print(f"Best epoch by val_malignant_auc: {best['epoch']} ({float(best['val_malignant_auc']):.3f}) of {len(rows)}")
+PYEOF
+cat <<TXT
+
+Artefacts (all under $OUT):
+  cohort/            synthetic DICOM exams, labels.csv, annotations.csv
+  records/           TFRecords, manifest.json, failures.csv
+  private/           pseudonym key and id map (keep these private; never inside records/)
+  model/             best.keras, export/ (SavedModel), metrics.csv, tensorboard/, checkpoints/
+  evaluation/        predictions.csv, metrics.json, roc.png
+  prediction/        prediction.json, heatmaps/ (PNG overlays + heatmap.npy)
+Total time: $(( $(date +%s) - START )) s
+TXT
