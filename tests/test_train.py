@@ -459,3 +459,36 @@ def test_demo_flagfile_shrinks_whatever_it_is_layered_over(monkeypatch):
     assert layered.input.input_variant == "t1-t0"  # The image comes from the paper flagfile.
     assert layered.model == alone.model and layered.epochs == alone.epochs
     assert layered.input.crop is None and layered.input.flip
+
+
+def test_trains_on_a_converted_synthetic_cohort_without_leaking_identifiers(
+    tiny_cohort, tmp_path, capsys
+):
+    from tfrecords_tools import convert_lib
+
+    records = str(tmp_path / "records")
+    result = convert_lib.convert(
+        convert_lib.ConvertConfig(
+            dicom_root=tiny_cohort.root,
+            labels=tiny_cohort.labels_csv,
+            output_dir=records,
+            pseudonym_key_file=str(tmp_path / "private" / "key"),
+            num_workers=1,
+            progress=False,
+        )
+    )
+    assert result.ok
+    model_dir = str(tmp_path / "run")
+    history = train.run(_argv(records, model_dir, "--epochs=1", "--input=t3sub"))
+    out = capsys.readouterr().out
+    assert history["epoch"] == [1]
+    for name in ("metrics.csv", "best.keras", os.path.join("export", "saved_model.pb")):
+        assert os.path.isfile(os.path.join(model_dir, name)), name
+    # Nothing the run writes or prints names a patient.
+    texts = [out]
+    for path in glob.glob(os.path.join(model_dir, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                texts.append(f.read().decode("latin-1"))
+    for identifier in tiny_cohort.identifiers.distinctive:
+        assert not any(identifier in text for text in texts), identifier
