@@ -89,20 +89,39 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         **fv,
     )
     flags.DEFINE_integer(
-        "crop_slices", 0, "Train-time random crop to this many slices (0: none).", lower_bound=0, **fv
+        "crop_slices",
+        0,
+        "Train-time random crop to this many slices (0: none).",
+        lower_bound=0,
+        **fv,
     )
     flags.DEFINE_integer(
         "shuffle_buffer", 64, "Training exams in the shuffle buffer.", lower_bound=1, **fv
     )
     # Model.
     flags.DEFINE_integer(
-        "width", 64, "Channels of the first trunk stage (stages: x1, x2, x4, x8).", lower_bound=1, **fv
+        "width",
+        64,
+        "Channels of the first trunk stage (stages: x1, x2, x4, x8).",
+        lower_bound=1,
+        **fv,
     )
-    flags.DEFINE_list("blocks", ["2", "2", "2", "2"], "Basic blocks per trunk stage (4 ints).", **fv)
-    flags.DEFINE_integer("stem_kernel", 5, "Kernel size of the stride-2 stem conv.", lower_bound=1, **fv)
-    flags.DEFINE_integer("channels_3d", 128, "Channels of the 3D residual block.", lower_bound=1, **fv)
+    flags.DEFINE_list(
+        "blocks", ["2", "2", "2", "2"], "Basic blocks per trunk stage (4 ints).", **fv
+    )
+    flags.DEFINE_integer(
+        "stem_kernel", 5, "Kernel size of the stride-2 stem conv.", lower_bound=1, **fv
+    )
+    flags.DEFINE_integer(
+        "channels_3d", 128, "Channels of the 3D residual block.", lower_bound=1, **fv
+    )
     flags.DEFINE_float(
-        "dropout", 0.0, "Dropout before the heads (0: none).", lower_bound=0.0, upper_bound=1.0, **fv
+        "dropout",
+        0.0,
+        "Dropout before the heads (0: none).",
+        lower_bound=0.0,
+        upper_bound=1.0,
+        **fv,
     )
     flags.DEFINE_enum(
         "slice_mode",

@@ -59,7 +59,9 @@ BEST_MODEL_NAME = "best.keras"
 EXPORT_DIR = "export"
 METRICS_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
-RUN_FILES = (CONFIG_NAME, CHECKPOINT_DIR, BEST_MODEL_NAME, EXPORT_DIR, METRICS_NAME, TENSORBOARD_DIR)
+RUN_FILES = (
+    CONFIG_NAME, CHECKPOINT_DIR, BEST_MODEL_NAME, EXPORT_DIR, METRICS_NAME, TENSORBOARD_DIR
+)
 
 METRIC_KEYS = ("loss", "val_loss", "val_malignant_auc", "val_benign_auc")
 # Settings that may change between a run and its resumption: they do not change what is trained
@@ -408,9 +410,8 @@ def predict_split(model, records_dir: str, split: str, input_config, *, exam_ids
     ids, pids, labels, probs = [], [], [], []
     for volume, targets, meta in ds:
         probs.append(fn(volume).numpy())
-        labels.append(
-            np.stack([targets[k][:, 1].numpy() for k in constants.LABELS], -1).round().astype(np.int64)
-        )
+        positive = [targets[k][:, 1].numpy() for k in constants.LABELS]
+        labels.append(np.stack(positive, -1).round().astype(np.int64))
         ids.extend(v.decode() for v in meta["exam_id"].numpy())
         pids.extend(v.decode() for v in meta["patient_id"].numpy())
     if not probs:
@@ -739,7 +740,8 @@ def _startup_summary(config, strategy, info, model, steps, resuming, latest) -> 
         f"{', '.join(constants.phases_needed(config.input.input_variant))}), "
         f"{config.input.normalization}, flip={config.input.flip}, crop={config.input.crop}, "
         f"crop_slices={config.input.crop_slices}",
-        f"  model:         width {config.model.width}, blocks {tuple(config.model.blocks_per_stage)}, "
+        f"  model:         width {config.model.width}, "
+        f"blocks {tuple(config.model.blocks_per_stage)}, "
         f"{model.count_params():,} parameters, {config.model.dtype_policy}, "
         f"jit_compile={config.jit_compile}, remat={config.model.remat_chunk}",
         f"  recipe:        Adam lr {config.learning_rate:g}, {config.epochs} epochs x {steps} "
@@ -760,7 +762,8 @@ def _end_summary(config, result) -> str:
         f"Finished {len(epochs)} epoch(s) of {config.epochs}; best epoch {best} "
         f"(val_malignant_auc {auc if auc is None else round(auc, 4)}).",
         f"  best model:   {os.path.join(d, BEST_MODEL_NAME)}",
-        f"  SavedModel:   {os.path.join(d, EXPORT_DIR)} (signatures serving_default, serving_example)",
+        f"  SavedModel:   {os.path.join(d, EXPORT_DIR)} "
+        "(signatures serving_default, serving_example)",
         f"  metrics:      {os.path.join(d, METRICS_NAME)}",
         f"  checkpoints:  {os.path.join(d, CHECKPOINT_DIR)}",
         f"  TensorBoard:  tensorboard --logdir {os.path.join(d, TENSORBOARD_DIR)}",

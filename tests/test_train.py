@@ -21,7 +21,6 @@ import train_fixtures
 from mri_keras import config as config_lib
 from mri_keras import export as export_lib
 from mri_keras import flags as flags_lib
-from mri_keras import input_pipeline
 from mri_keras import model as model_lib
 from mri_keras import train
 from mri_keras import train_lib
@@ -152,7 +151,8 @@ def test_export_parity_for_both_signatures(two_epoch_run):
 
     for i, exam_id in enumerate(ids):
         exam = schema.decode_example_numpy(by_id[exam_id])
-        res = saved.signatures["serving_default"](t0=tf.constant(exam["t0"]), t2=tf.constant(exam["t2"]))
+        serve = saved.signatures["serving_default"]
+        res = serve(t0=tf.constant(exam["t0"]), t2=tf.constant(exam["t2"]))
         np.testing.assert_allclose(res["probabilities"].numpy(), probs[i], atol=1e-5)
         np.testing.assert_allclose(res["right_malignant"].numpy(), probs[i, 3], atol=1e-5)
 
@@ -250,7 +250,9 @@ def test_bad_data_dirs(tmp_path):
 
     missing_shard = _records(tmp_path / "gone")
     os.remove(glob.glob(os.path.join(missing_shard, "train-*"))[0])
-    _expect_error(_argv(missing_shard, model_dir), "train-00000-of-00001.tfrecord", "does not exist")
+    _expect_error(
+        _argv(missing_shard, model_dir), "train-00000-of-00001.tfrecord", "does not exist"
+    )
 
 
 def test_unreadable_schema_versions(tmp_path):
