@@ -59,7 +59,7 @@ def configure_cpu_replicas(count: int) -> list:
     there are enough of them.
 
     Raises:
-      RuntimeError: the runtime already started with fewer logical CPUs than ``count``.
+      ValueError: the runtime already started with fewer logical CPUs than ``count``.
     """
     if count < 1:
         raise ValueError(f"cpu_replicas must be >= 1. Received: cpu_replicas={count}")
@@ -73,7 +73,7 @@ def configure_cpu_replicas(count: int) -> list:
             pass  # Runtime already initialised: check below what we have.
     logical = tf.config.list_logical_devices("CPU")
     if len(logical) < count:
-        raise RuntimeError(
+        raise ValueError(
             f"cpu_replicas={count} needs {count} logical CPU devices, but TensorFlow already "
             f"started in this process with {len(logical)}. Run training in a fresh process "
             "(e.g. `python -m mri_keras.train ...`)."

@@ -539,6 +539,11 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other TF work.
     strategy, role = strategy_lib.make_strategy(config.strategy, config.cpu_replicas)
     info = inspect_data(config)
+    if info.num_train < strategy.num_replicas_in_sync:
+        raise SetupError(
+            f"{info.num_train} training exam(s) for {strategy.num_replicas_in_sync} replicas: "
+            "every replica needs at least one exam per step; use fewer replicas."
+        )
     resuming = prepare_model_dir(config, role.is_chief)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _barrier(strategy)  # Workers look at model_dir only after the chief has prepared it.

@@ -167,3 +167,16 @@ def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 1
     assert "TF_CONFIG" in proc.stderr and "mri_keras.train: error:" in proc.stderr
+
+
+def test_fewer_training_exams_than_replicas_is_a_clear_error(tmp_path):
+    data_dir = str(tmp_path / "records")
+    train_fixtures.write_records(data_dir, {"train": 1, "val": 2})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mri_keras.train", f"--data_dir={data_dir}",
+         f"--model_dir={tmp_path / 'run'}", "--strategy=mirrored", "--cpu_replicas=2"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "1 training exam(s) for 2 replicas" in proc.stderr
+    assert not os.path.exists(tmp_path / "run")
