@@ -92,7 +92,9 @@ class TuneConfig:
         (host and GPU) stays flat however many trials run, a trial killed by the OS (out of
         memory) only fails that trial, and every trial can set up its own devices (e.g.
         cpu_replicas). Costs a TensorFlow start-up per trial; trial callbacks must then be
-        picklable. Defaults to False (in-process: Keras state is cleared between trials).
+        picklable, and a script calling ``run_search`` must guard its top level with
+        ``if __name__ == "__main__":`` (children are spawned and import the main module).
+        Defaults to False (in-process: Keras state is cleared between trials).
     """
 
     train: Any

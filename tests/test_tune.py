@@ -176,13 +176,17 @@ def _runs(sweep):
     return out
 
 
+@pytest.mark.slow
 def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
     records, space_file, tmp_path
 ):
     from mri_keras import train, train_lib, tune
 
     sweep = str(tmp_path / "sweep")
-    args = _sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=2")
+    # In-process trials keep this test quick; the workers of the distributed test run the
+    # command line's default, a child process per trial.
+    args = _sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=2",
+                       "--noisolate_trials")
     result = tune.run(args)
 
     rows = _read_csv(os.path.join(sweep, "summary.csv"))
@@ -225,7 +229,8 @@ def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
     tune.run(args)
     assert {k: len(v) for k, v in _runs(sweep).items()} == {"0": 1, "1": 1}
     # More trials: the sweep continues with new trials only.
-    tune.run(_sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=3"))
+    tune.run(_sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=3",
+                         "--noisolate_trials"))
     runs = _runs(sweep)
     assert {k: len(v) for k, v in runs.items()} == {"0": 1, "1": 1, "2": 1}
     assert all(v[0]["status"] == "completed" for v in runs.values())
