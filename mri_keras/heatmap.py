@@ -236,8 +236,13 @@ def write_heatmaps(output_dir: str, heatmap: np.ndarray, image: np.ndarray,
             ax.imshow(image[s], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
                       aspect=aspect, interpolation="nearest")
             if overlay:
-                ax.imshow(np.ma.masked_less(heatmap[s], 0.05), cmap="jet", alpha=0.45,
-                          vmin=0, vmax=1, aspect=aspect, interpolation="bilinear")
+                # Colours span this slice's own range up to its 99.5th percentile (the slice
+                # peak relative to the volume's is in the title), so sparse full-resolution
+                # maps stay visible.
+                top = float(np.percentile(heatmap[s], 99.5))
+                top = top if top > 0 else max(float(heatmap[s].max()), 1e-6)
+                ax.imshow(np.ma.masked_less(heatmap[s], 0.2 * top), cmap="jet", alpha=0.6,
+                          vmin=0, vmax=top, aspect=aspect, interpolation="nearest")
             # Radiological view: the patient's right (col 0) on the image's left.
             for x, text in ((0.02, "R"), (0.93, "L")):
                 ax.text(x, 0.5, text, color="yellow", transform=ax.transAxes, fontsize=11,
