@@ -372,8 +372,10 @@ class _TrainLibTrials:
 
     def load_model(self, trial):
         """The best model of a finished trial (its ``best.keras``)."""
-        path = os.path.join(trial_model_dir(self.project_dir, trial.trial_id), "best.keras")
-        return keras.saving.load_model(path, compile=False)
+        from mri_keras import inference  # Deferred: only needed to load models.
+
+        run_dir = trial_model_dir(self.project_dir, trial.trial_id)
+        return inference.load_keras_model(os.path.join(run_dir, train_lib.BEST_MODEL_NAME))
 
 
 class HyperbandTuner(_TrainLibTrials, kt.Hyperband):

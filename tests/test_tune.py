@@ -268,6 +268,9 @@ def test_interrupted_sweep_resumes_the_unfinished_trial(records, space_file, tmp
     # Trained to the end, the first epoch kept from before the interruption.
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert result.rows[0]["epochs"] == 2
+    # keras-tuner's own API reaches the trial's best model.
+    best = tune_lib.build_tuner(config).get_best_models(1)[0]
+    assert isinstance(best, keras.Model) and best.count_params() > 0
 
 
 @pytest.mark.slow
