@@ -150,7 +150,8 @@ def tuner_role() -> str:
     """
     if "KERASTUNER_ORACLE_IP" not in os.environ:
         return "local"
-    missing = [v for v in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if not os.environ.get(v)]
+    required = ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID")
+    missing = [v for v in required if not os.environ.get(v)]
     if missing:
         raise ValueError(
             f"Distributed tuning: KERASTUNER_ORACLE_IP is set but {missing} are not. Set "
@@ -449,7 +450,14 @@ def build_tuner(config: TuneConfig, *, hypermodel: Optional[kt.HyperModel] = Non
     sweep_dir = os.path.abspath(config.train.model_dir)
     overwrite = config.overwrite and role != "worker"  # A worker never deletes the chief's sweep.
     resuming = not overwrite and os.path.exists(os.path.join(sweep_dir, "oracle.json"))
-    if overwrite and os.path.isdir(sweep_dir):
+    if overwrite and os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
+        markers = [n for n in (SWEEP_RECORD_NAME, "oracle.json")
+                   if os.path.exists(os.path.join(sweep_dir, n))]
+        if not markers:
+            raise ValueError(
+                f"overwrite: {sweep_dir} is not empty and holds no sweep ({SWEEP_RECORD_NAME}, "
+                "oracle.json); refusing to delete it. Pick another --model_dir."
+            )
         shutil.rmtree(sweep_dir)
     if role != "worker":
         _check_or_write_sweep_record(dataclasses.replace(config, train=dataclasses.replace(

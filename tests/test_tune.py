@@ -130,6 +130,53 @@ def test_bad_search_space_file_stops_the_cli_naming_file_and_entry(tmp_path):
     assert f"{path}: not valid JSON (line 1" in str(e.value.code)
 
 
+def test_distributed_role_from_keras_tuner_environment(monkeypatch):
+    from mri_keras import tune_lib
+
+    for name in ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert tune_lib.tuner_role() == "local"
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "chief")
+    with pytest.raises(ValueError, match=r"KERASTUNER_ORACLE_PORT"):
+        tune_lib.tuner_role()
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "8000")
+    assert tune_lib.tuner_role() == "chief"
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner3")
+    assert tune_lib.tuner_role() == "worker"
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(tuner="grid"), "tuner must be one of"),
+        (dict(tuner="random", max_trials=0), "max_trials must be >= 1 for tuner='random'"),
+        (dict(max_epochs=0), "max_epochs must be >= 1"),
+        (dict(hyperband_factor=1), "hyperband_factor must be >= 2"),
+    ],
+)
+def test_bad_sweep_settings_are_refused(changes, expected):
+    from mri_keras import train_lib, tune_lib
+
+    base = dict(train=train_lib.TrainConfig(data_dir="/d", model_dir="/m"),
+                search_space=tune_space.load_search_space(None))
+    with pytest.raises(ValueError, match=expected):
+        tune_lib.TuneConfig(**base, **changes)
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_sweep(tmp_path):
+    from mri_keras import train_lib, tune_lib
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    config = tune_lib.TuneConfig(
+        train=train_lib.TrainConfig(data_dir="/d", model_dir=str(tmp_path)),
+        search_space=tune_space.load_search_space(None), overwrite=True,
+    )
+    with pytest.raises(ValueError, match="refusing to delete"):
+        tune_lib.build_tuner(config)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_tuner_names_agree():
     from mri_keras import tune, tune_lib
 
