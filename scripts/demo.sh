@@ -50,7 +50,7 @@ PRED_DIR="$OUT/prediction"
 START=$(date +%s)
 step() { echo; echo "==> [$1/6] $2  (+$(( $(date +%s) - START )) s)"; }
 
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 
 step 0 "Python environment"
 if [ ! -x .venv/bin/python ]; then
@@ -121,34 +121,25 @@ rm -rf "$PRED_DIR"; mkdir -p "$PRED_DIR"
   --heatmap_dir="$PRED_DIR/heatmaps" | tee "$PRED_DIR/prediction.json"
 
 step 6 "Report"
-"$PY" - "$EVAL_DIR/metrics.json" "$MODEL_DIR" <<'PYEOF'
-import csv, json, os, sys
+"$PY" - "$EVAL_DIR/metrics.json" "$MODEL_DIR/metrics.csv" <<'PYEOF'
+import csv, json, math, sys
 m = json.load(open(sys.argv[1]))
-def find(d, *names):
-    for n in names:
-        if isinstance(d, dict) and n in d:
-            d = d[n]
-        else:
-            return None
-    return d
-def fmt(entry):
-    if isinstance(entry, dict):
-        auc = entry.get("auc", entry.get("value"))
-        lo, hi = entry.get("ci_low", entry.get("low")), entry.get("ci_high", entry.get("high"))
-        if lo is None and isinstance(entry.get("ci"), (list, tuple)):
-            lo, hi = entry["ci"]
-        return f"{auc:.3f} (95% CI {lo:.3f}-{hi:.3f})"
-    return f"{entry:.3f}" if isinstance(entry, float) else str(entry)
-bl = m.get("breast_level", m)
-print("Test split, breast level (left and right pooled):")
-print("  malignant AUC:", fmt(find(bl, "malignant")))
-print("  benign AUC:   ", fmt(find(bl, "benign")))
-el = find(m, "exam_level", "malignant")
-if el is not None:
-    print("Test split, exam level malignant AUC:", fmt(el))
-rows = list(csv.DictReader(open(os.path.join(sys.argv[2], "metrics.csv"))))
-best = max(rows, key=lambda r: float(r["val_malignant_auc"] or "nan") if r["val_malignant_auc"] not in ("", "nan") else -1)
-print(f"Best epoch by val_malignant_auc: {best['epoch']} ({float(best['val_malignant_auc']):.3f}) of {len(rows)}")
+def fmt(r):
+    if r["auc"] is None:
+        return f"undefined ({r['positives']} positive, {r['negatives']} negative)"
+    return f"{r['auc']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f})"
+c = m["counts"]
+print(f"Test split: {c['exams']} exams, {c['patients']} patients, {c['breasts']} breasts")
+print("  breast-level malignant AUC:", fmt(m["breast_level"]["malignant"]))
+print("  breast-level benign AUC:   ", fmt(m["breast_level"]["benign"]))
+print("  exam-level malignant AUC:  ", fmt(m["exam_level"]["malignant"]))
+rows = list(csv.DictReader(open(sys.argv[2])))
+def auc(r):
+    v = float(r["val_malignant_auc"] or "nan")
+    return -1.0 if math.isnan(v) else v
+best = max(rows, key=auc)
+print(f"  best epoch by val_malignant_auc: {best['epoch']} of {len(rows)} "
+      f"(val malignant AUC {float(best['val_malignant_auc'] or 'nan'):.3f})")
 PYEOF
 cat <<TXT
 
