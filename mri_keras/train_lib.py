@@ -377,10 +377,13 @@ _PREDICT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _predict_fn(model):
     fn = _PREDICT_FNS.get(model)
     if fn is None:
+        # A weak reference: a value that held the model strongly would keep its key (and every
+        # trained model) alive for the life of the process.
+        model_ref = weakref.ref(model)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, 1], tf.float32)])
         def fn(volume):
-            out = model(volume, training=False)
+            out = model_ref()(volume, training=False)
             # (batch, 4): probability of the positive class of each head, LABELS order.
             return tf.stack([tf.cast(out[k][:, 1], tf.float32) for k in constants.LABELS], -1)
 
