@@ -6,9 +6,10 @@ Left, exactly the axes of the volumes `tfrecords_tools.dicom_reader.load_exam` r
 TFRecords store):
 
 - ``gradient`` (default): the absolute gradient of the target with respect to the input
-  volume, at full resolution. Best on the synthetic cohort's pointing game (maximum inside an
-  annotated malignant lesion in 9 of 16 val+test exams with a demo model; chance 0.2%), where
-  lesions are a few voxels wide and the 3D block's grid is 3 x 3 in-plane.
+  volume, at full resolution. Best on the synthetic cohort's pointing game
+  (``scripts/bench/pointing_game.py``, a ``configs/demo.flags`` t2-t0 model: maximum inside an
+  annotated malignant lesion in 9 of 16 val+test exams, 3 of 8 test exams; a random voxel
+  0.2%), where lesions are a few voxels wide and the 3D block's grid is 3 x 3 in-plane.
 - ``hirescam``: HiResCAM (Draelos & Carin, 2020) on the output of the 3D residual
   block (layer ``block3d_out``, ``(S, H/32, W/32, C)``): the element-wise product of the
   features and the target's gradient, summed over channels, ReLU. The heads read the block
@@ -16,8 +17,8 @@ TFRecords store):
   arg-max position only, and the map is an exact decomposition of the target's log-odds
   (minus the bias) over the positions whose features the heads actually read. Upsampled
   bilinearly in-plane (and along slices if the grid differs) to ``(S, H, W)``; coarse (one
-  cell per 32 x 32 pixels): its maximum was on the lesion's breast in 14 of 16 exams but
-  never inside the small synthetic lesions.
+  cell per 32 x 32 pixels): on the synthetic cohort its maximum was on the lesion's breast
+  in 10 of 16 exams but never inside the small lesions.
 - ``gradcam``: Grad-CAM (Selvaraju et al., 2017) on the same layer: channel weights are the
   mean gradient over slices and positions, the map is the ReLU of the weighted channel sum.
   With this architecture's global max pool the mean gradients are small and of mixed sign,
