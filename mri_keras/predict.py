@@ -101,7 +101,10 @@ def predict_exam(config: PredictConfig, predictor: Optional[inference.Predictor]
             f"({predictor.location.model_dir or config.model}): a SavedModel has no "
             "intermediate layers to compute Grad-CAM on."
         )
-    exam = dicom_reader.load_exam(config.exam_dir)
+    # New exams are often anonymised: prediction needs no PatientID (only splits do).
+    exam = dicom_reader.load_exam(
+        config.exam_dir, options=dicom_reader.ReaderOptions(require_patient_id=False)
+    )
     phases = {p: exam.volumes[p] for p in predictor.phases}
     probs = predictor(phases)
     shape = [int(v) for v in exam.volumes[predictor.phases[0]].shape]

@@ -426,6 +426,12 @@ def test_missing_folder_and_patient_id(tmp_path):
     _write_dce(str(tmp_path), canon, (1, 0, 0), (0, 1, 0), template=tpl)
     with pytest.raises(ExamError, match="no PatientID"):
         load_exam(str(tmp_path))
+    # Prediction on an anonymised exam: the same folder reads when a PatientID is not required.
+    from tfrecords_tools.dicom_reader import ReaderOptions
+
+    exam = load_exam(str(tmp_path), options=ReaderOptions(require_patient_id=False))
+    assert exam.patient_id == ""
+    np.testing.assert_array_equal(exam.volumes["t2"], canon["t2"])
 
 
 # ---- pydicom's bundled MR files: every transfer syntax through the reader -------------------

@@ -71,11 +71,14 @@ class ReaderOptions:
       min_slices: int. Series with fewer images are ignored (localizers, single-slice scouts).
       spacing_tolerance: float. Relative deviation of a slice gap from the median gap that is
         still "uniform".
+      require_patient_id: bool. Reject exams without a PatientID. The converter needs one
+        (patient-level splits); prediction on an anonymised exam does not. Defaults to True.
     """
 
     max_obliquity_deg: float = 15.0
     min_slices: int = 2
     spacing_tolerance: float = 0.05
+    require_patient_id: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -703,7 +706,7 @@ def load_exam(
     if len(patient_ids) != 1:
         raise ExamError(exam_dir, "the DCE series carry different PatientIDs")
     patient_id = patient_ids.pop()
-    if not patient_id:
+    if not patient_id and options.require_patient_id:
         raise ExamError(exam_dir, "no PatientID in the DCE series (needed for patient splits)")
 
     perm, flips = _axis_permutation(exam_dir, ref_dirs, options.max_obliquity_deg)
