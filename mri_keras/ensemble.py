@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -309,8 +310,11 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = config_from_flags(flags.FLAGS)
-    description = run_ensemble(config)
+    try:  # Missing predictions, members over different exams...: a message, not a traceback.
+        config = config_from_flags(flags.FLAGS)
+        description = run_ensemble(config)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"mri_keras.ensemble: error: {e}")
     chosen = ", ".join(f"{n} x{c}" for n, c in description["chosen"].items() if c)
     print(f"{config.method} ensemble: {chosen}")
     for task in ("malignant", "benign"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Iterator, Optional
 
@@ -306,12 +307,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    config = EvalConfig(
-        model=f.model, data_dir=f.data_dir, output_dir=f.output_dir, split=f.split,
-        n_bootstrap=f.n_bootstrap, seed=f.seed, confidence=f.confidence,
-        model_format=f.model_format, name=f.name,
-    )
-    summary = evaluate(config)
+    try:  # Bad input (no model, no manifest, a bad split...): a message, not a traceback.
+        config = EvalConfig(
+            model=f.model, data_dir=f.data_dir, output_dir=f.output_dir, split=f.split,
+            n_bootstrap=f.n_bootstrap, seed=f.seed, confidence=f.confidence,
+            model_format=f.model_format, name=f.name,
+        )
+        summary = evaluate(config)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"mri_keras.evaluate: error: {e}")
     for task in ("malignant", "benign"):
         print(f"{summary['name']} {config.split} breast-level {task} AUC: "
               f"{metrics_lib.format_auc(summary['breast_level'][task])}")

@@ -7,6 +7,9 @@ with ``--flagfile=``.
 
 from __future__ import annotations
 
+import os
+from typing import List, Sequence
+
 from absl import flags
 
 from mri_keras import buckets as buckets_lib
@@ -19,6 +22,80 @@ _PRECISIONS = {
     "bfloat16": "mixed_bfloat16",
     "float16": "mixed_float16",
 }
+
+
+def _resolve_nested(path: str, including_file: str) -> str:
+    """A nested flagfile path as given if it exists (absl: relative to the working directory),
+    else relative to the including flagfile's directory or the nearest parent that has it."""
+    path = os.path.expanduser(path)
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    directory = os.path.dirname(os.path.abspath(including_file))
+    while True:
+        candidate = os.path.join(directory, path)
+        if os.path.exists(candidate):
+            return candidate
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return path  # Not found anywhere: absl reports it, naming the path.
+        directory = parent
+
+
+def _flagfile_lines(path: str, stack: List[str]) -> List[str]:
+    real = os.path.realpath(path)
+    if real in stack:
+        raise flags.CantOpenFlagFileError(f"circular --flagfile include of {path}")
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise flags.CantOpenFlagFileError(f"Unable to open flagfile: {e}") from None
+    stack.append(real)
+    out = []
+    for line in lines:
+        text = line.strip()
+        if not text or text.startswith("#") or text.startswith("//"):
+            continue
+        if text.startswith(("--flagfile=", "-flagfile=")):
+            nested = text.split("=", 1)[1].strip()
+            if nested:
+                out.extend(_flagfile_lines(_resolve_nested(nested, path), stack))
+            continue
+        out.append(text)
+    stack.pop()
+    return out
+
+
+def expand_flagfiles(argv: Sequence[str]) -> List[str]:
+    """Inlines every ``--flagfile=PATH`` of ``argv`` (``argv[0]`` is the program name).
+
+    As absl does, except that a nested ``--flagfile=`` inside a flagfile that does not exist
+    relative to the working directory is looked up relative to the including flagfile's
+    directory and its parents: ``configs/t2sub.flags`` includes ``configs/base.flags``, which
+    is then found from any working directory. Stops at ``--``.
+
+    Raises:
+      absl.flags.CantOpenFlagFileError: a flagfile cannot be read (the message names it).
+    """
+    argv = list(argv)
+    out = argv[:1]
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        if arg.startswith(("--flagfile=", "-flagfile=")):
+            path = arg.split("=", 1)[1]
+            if path:  # absl ignores an empty --flagfile=.
+                out.extend(_flagfile_lines(os.path.expanduser(path), []))
+        elif arg in ("--flagfile", "-flagfile") and i + 1 < len(argv):
+            out.extend(_flagfile_lines(os.path.expanduser(argv[i + 1]), []))
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -171,6 +171,8 @@ def main(argv):
     except dicom_reader.ExamError as e:
         print(f"error: not a usable exam: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_EXAM)
+    except (FileNotFoundError, ValueError) as e:  # No model at --model, a bad setting.
+        sys.exit(f"mri_keras.predict: error: {e}")
     print(json.dumps(result, indent=None if f.heatmap_dir is None else 2))
 
 

@@ -46,7 +46,7 @@ def run(argv: Sequence[str]) -> dict:
     fv = absl_flags.FlagValues()
     flags_lib.define_flags(fv)
     try:
-        rest = fv(["mri_keras.train", *argv])
+        rest = fv(flags_lib.expand_flagfiles(["mri_keras.train", *argv]))
     except absl_flags.Error as e:
         sys.exit(f"mri_keras.train: error: {e}")
     if len(rest) > 1:
@@ -58,6 +58,10 @@ def entry(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point."""
     flags_lib.define_flags()
     absl_flags.adopt_module_key_flags(flags_lib)  # --help lists the training flags.
+    try:  # Nested flagfiles resolve from any working directory (flags_lib.expand_flagfiles).
+        argv = flags_lib.expand_flagfiles(sys.argv if argv is None else argv)
+    except absl_flags.Error as e:
+        sys.exit(f"mri_keras.train: error: {e}")
     app.run(main, argv=argv)
 
 

@@ -10,6 +10,7 @@ The work is in ``mri_keras.tune_lib``.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -77,6 +78,17 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
     )
 
 
+def _search_space_path(path: str) -> str:
+    """``path`` as given, or, when it is relative and not found from the working directory,
+    the same path in this checkout (``configs/tune.flags`` names ``configs/tune_space.json``,
+    so the flagfile works from any directory)."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidate = os.path.join(checkout, path)
+    return candidate if os.path.exists(candidate) else path
+
+
 def tune_config_from_flags(fv: absl_flags.FlagValues = absl_flags.FLAGS):
     """Converts parsed flags into a ``tune_lib.TuneConfig`` (the only place they are read).
 
@@ -89,7 +101,7 @@ def tune_config_from_flags(fv: absl_flags.FlagValues = absl_flags.FLAGS):
     train = flags_lib.train_config_from_flags(fv)
     return tune_lib.TuneConfig(
         train=train,
-        search_space=tune_space.load_search_space(fv.search_space),
+        search_space=tune_space.load_search_space(_search_space_path(fv.search_space)),
         tuner=fv.tuner,
         max_trials=fv.max_trials,
         max_epochs=fv.max_epochs or train.epochs,
@@ -144,7 +156,7 @@ def run(argv: Sequence[str]):
     fv = absl_flags.FlagValues()
     define_tune_flags(fv)
     try:
-        rest = fv(["mri_keras.tune", *argv])
+        rest = fv(flags_lib.expand_flagfiles(["mri_keras.tune", *argv]))
     except absl_flags.Error as e:
         sys.exit(f"mri_keras.tune: error: {e}")
     if len(rest) > 1:
@@ -155,6 +167,10 @@ def run(argv: Sequence[str]):
 def entry(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point."""
     define_tune_flags()
+    try:  # Nested flagfiles resolve from any working directory (flags_lib.expand_flagfiles).
+        argv = flags_lib.expand_flagfiles(sys.argv if argv is None else argv)
+    except absl_flags.Error as e:
+        sys.exit(f"mri_keras.tune: error: {e}")
     app.run(main, argv=argv)
 
 

@@ -173,6 +173,13 @@ def test_ensemble_cli(tmp_path):
          f"--test_predictions={dirs['good_a']}/test"], capture_output=True, text=True,
         timeout=300)
     assert proc.returncode != 0 and "validation" in proc.stderr
+    assert "mri_keras.ensemble: error:" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(  # A member without evaluation outputs: named, no traceback.
+        [sys.executable, "-m", "mri_keras.ensemble", f"--output_dir={out}",
+         f"--eval_dirs={dirs['good_a']},{tmp_path / 'missing'}"], capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"mri_keras.ensemble: error: {tmp_path / 'missing'}" in proc.stderr
 
 
 def test_ensemble_reports_paired_differences_with_members(tmp_path):

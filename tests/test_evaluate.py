@@ -111,3 +111,8 @@ def test_cli(setup, tmp_path):
     assert saved["split"] == "val" and saved["bootstrap"]["seed"] == 1
     stray = subprocess.run(cmd + ["stray"], capture_output=True, text=True, env=env, timeout=300)
     assert stray.returncode != 0
+    # --model naming a folder without a model (here the records): a message, no traceback.
+    bad = subprocess.run(cmd + [f"--model={setup['records']}"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert f"mri_keras.evaluate: error: No model at '{setup['records']}'" in bad.stderr

@@ -111,6 +111,11 @@ def test_predict_cli_prints_json_without_identifiers_and_rejects_bad_folders(run
     assert proc.returncode == predict.EXIT_BAD_EXAM
     assert "no DICOM images" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+    proc = subprocess.run(  # --model naming a folder without a model: a message, no traceback.
+        [sys.executable, "-m", "mri_keras.predict", f"--model={bad}",
+         f"--exam_dir={bad}"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"mri_keras.predict: error: No model at '{bad}'" in proc.stderr
 
 
 def _flatten(obj):

@@ -463,6 +463,23 @@ def test_demo_flagfile_shrinks_whatever_it_is_layered_over(monkeypatch):
     assert layered.input.crop is None and layered.input.flip
 
 
+def test_flagfiles_work_from_any_working_directory(tmp_path, monkeypatch):
+    # configs/t2sub.flags includes configs/base.flags relative to the checkout: found from
+    # elsewhere too (relative to the including flagfile's directory or a parent of it).
+    monkeypatch.chdir(tmp_path)
+    argv = flags_lib.expand_flagfiles(
+        ["prog", f"--flagfile={REPO}/configs/t2sub.flags", "--data_dir=d", "--model_dir=m",
+         "--epochs=3"]
+    )
+    config = _config(argv[1:])
+    assert config.input.input_variant == "t2-t0" and config.model == config_lib.ModelConfig()
+    assert (config.epochs, config.learning_rate) == (3, 1e-5)  # Later flags still win.
+    _expect_error(["--flagfile=no_such.flags", "--data_dir=d", "--model_dir=m"],
+                  "Unable to open flagfile", "no_such.flags")
+    (tmp_path / "loop.flags").write_text("--flagfile=loop.flags\n")
+    _expect_error(["--flagfile=loop.flags"], "circular")
+
+
 def test_trains_on_a_converted_synthetic_cohort_without_leaking_identifiers(
     tiny_cohort, tmp_path, capsys
 ):

@@ -130,6 +130,24 @@ def test_bad_search_space_file_stops_the_cli_naming_file_and_entry(tmp_path):
     assert f"{path}: not valid JSON (line 1" in str(e.value.code)
 
 
+def test_tune_flagfile_works_from_any_working_directory(tmp_path, monkeypatch):
+    # configs/tune.flags names configs/t2sub.flags (-> configs/base.flags) and
+    # configs/tune_space.json relative to the checkout; all are found from elsewhere.
+    from absl import flags as absl_flags
+    from mri_keras import flags as flags_lib
+    from mri_keras import tune
+
+    monkeypatch.chdir(tmp_path)
+    fv = absl_flags.FlagValues()
+    tune.define_tune_flags(fv)
+    fv(flags_lib.expand_flagfiles(
+        ["prog", f"--flagfile={REPO}/configs/tune.flags", "--data_dir=d", "--model_dir=m"]))
+    config = tune.tune_config_from_flags(fv)
+    assert config.train.input.input_variant == "t2-t0"
+    assert config.search_space == tune_space.load_search_space(
+        os.path.join(REPO, "configs", "tune_space.json"))
+
+
 def test_distributed_role_from_keras_tuner_environment(monkeypatch):
     from mri_keras import tune_lib
 
