@@ -356,6 +356,47 @@ def test_all_label_problems_reported_together(tmp_path):
         assert text in msg
 
 
+def test_labels_csv_as_spreadsheets_save_it(tmp_path):
+    root = tmp_path / "dicom"
+    (root / "P00" / "E0").mkdir(parents=True)
+    (root / "P00" / "E1").mkdir(parents=True)
+    path = root / "labels.csv"
+    # BOM, CRLF, spaces, "./" and trailing "/", a trailing comma, blank and ",,,," rows.
+    path.write_bytes(("\ufeff exam , " + HEADER[5:].replace(",", " , ") + "\r\n"
+                      " ./P00/E0/ , 0, 1 ,0,0,\r\nP00/E1,1,0,0,0\r\n,,,,\r\n\r\n"
+                      ).encode("utf-8"))
+    rows = labels_csv.read_labels(str(path), str(root))
+    assert [(r.exam, r.labels) for r in rows] == [("P00/E0", (0, 1, 0, 0)),
+                                                  ("P00/E1", (1, 0, 0, 0))]
+    path.write_bytes((HEADER + "\nP00/E0,0,0,0,0\nM\u00fcller/E1,0,0,0,0\n").encode("cp1252"))
+    with pytest.raises(labels_csv.InputError, match=r"labels.csv: line 3 is not UTF-8"):
+        labels_csv.read_labels(str(path), str(root))
+    path.write_text(HEADER.replace(",", ";") + "\nP00/E0;0;0;0;0\n")
+    with pytest.raises(labels_csv.InputError, match="semicolon-separated"):
+        labels_csv.read_labels(str(path), str(root))
+    path.write_text(HEADER + "\nP00/E0,0.0,1.0,0,0\nP00/E1,0,0,0,0\n")
+    with pytest.raises(labels_csv.InputError, match=r"line 2 .*left_benign='0.0'"):
+        labels_csv.read_labels(str(path), str(root))
+
+
+def test_convert_archive_layout_quirks(tmp_path):
+    # An exam folder that is a link to storage elsewhere, a dangling link inside an exam and a
+    # labels line with a trailing comma: both exams are converted.
+    root = tmp_path / "dicom"
+    storage = tmp_path / "storage"
+    _write_exam(str(root / "P00" / "E0"), 0, seed=0, slices=2, size=4)
+    _write_exam(str(storage / "E1"), 1, seed=1, slices=2, size=4)
+    (root / "P01").mkdir()
+    (root / "P01" / "E1").symlink_to(storage / "E1", target_is_directory=True)
+    (root / "P00" / "E0" / "old.dcm").symlink_to(tmp_path / "deleted.dcm")
+    (root / "labels.csv").write_text(HEADER + "\nP00/E0,0,1,0,0,\nP01/E1/,0,0,0,1\n")
+    result = convert(_config(tmp_path, root))
+    assert result.failures == [] and result.num_converted == 2
+    records = _records(str(tmp_path / "records")).values()
+    labels = sorted(list(map(int, rec["labels"])) for _, rec in records)
+    assert labels == [[0, 0, 0, 1], [0, 1, 0, 0]]
+
+
 def test_phase_map_checked_and_applied(tmp_path):
     root = tmp_path / "dicom"
     _cohort(str(root), [("A/1", 0, (0, 1, 0, 0)), ("A/2", 0, (0, 0, 0, 0)),

@@ -383,6 +383,42 @@ def test_duplicate_slice_rejected(tmp_path):
         load_exam(_dce_then(tmp_path, dup))
 
 
+def test_archive_folder_quirks_read_like_a_clean_exam(tmp_path):
+    # One exam with what real archive exports carry: an exact copy of an image under another
+    # name (same SOPInstanceUID), a series linked in from another folder, a file without the
+    # 128-byte preamble, a zero-byte file and a dangling link.
+    canon = _canonical_phases((5, 4, 4))
+    clean = tmp_path / "clean"
+    _write_dce(str(clean), canon, (1, 0, 0), (0, 1, 0))
+    expected = load_exam(str(clean))
+    exam = tmp_path / "exam"
+    _write_dce(str(exam), canon, (1, 0, 0), (0, 1, 0))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for f in exam.glob("img_12_*.dcm"):
+        f.rename(elsewhere / f.name)
+    (exam / "t2").symlink_to(elsewhere, target_is_directory=True)
+    (exam / "loop").symlink_to(exam, target_is_directory=True)  # Listed once, no endless walk.
+    (exam / "IMG_10_000 (copy).DCM").write_bytes((exam / "img_10_000.dcm").read_bytes())
+    bare = exam / "img_11_001.dcm"
+    bare.write_bytes(bare.read_bytes()[132:])  # No preamble and no "DICM".
+    (exam / "empty").write_bytes(b"")
+    (exam / "gone.dcm").symlink_to(tmp_path / "missing.dcm")
+    got = load_exam(str(exam))
+    for phase in PHASES:
+        np.testing.assert_array_equal(got.volumes[phase], expected.volumes[phase])
+
+
+def test_monochrome1_rejected_not_silently_inverted(tmp_path):
+    def invert(files):
+        ds = pydicom.dcmread(files[0])
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(files[0])
+    with pytest.raises(ExamError, match="MONOCHROME1") as e:
+        load_exam(_dce_then(tmp_path, invert))
+    assert e.value.file == "img_10_000.dcm"
+
+
 def test_phases_on_different_grids_rejected(tmp_path):
     def regrid(files):
         for f in files:

@@ -164,7 +164,10 @@ def scrub(reason: str) -> str:
 def _exam_fingerprint(exam_dir: str) -> list:
     listing = []
     for rel in dicom_reader.list_files(exam_dir):
-        st = os.stat(os.path.join(exam_dir, rel))
+        try:
+            st = os.stat(os.path.join(exam_dir, rel))
+        except OSError:  # A dangling link: the reader skips it too.
+            continue
         listing.append([rel, st.st_size, st.st_mtime_ns])
     return listing
 

@@ -8,6 +8,11 @@ ImagePositionPatient projected on the slice normal, applies RescaleSlope/Interce
 reorients each volume by axis permutation and flips only to the canonical axes
 ``(slice, row, col)`` = (toward Superior, toward Posterior, toward patient Left).
 
+Archive export debris is tolerated: files are found under any name (also without the DICOM
+preamble), links to folders are followed, non-DICOM files, zero-byte files and dangling links
+are skipped, and an exact copy of an image (same SOPInstanceUID and position) counts once.
+MONOCHROME1 (inverted grey scale) images are rejected rather than read inverted.
+
 Each file is read once, completely: grouping uses the headers already in memory and only the
 pixels of the selected series are decoded.
 
@@ -110,6 +115,7 @@ class _Image:
     iop: np.ndarray  # (6,)
     ipp: np.ndarray  # (3,)
     series_uid: str
+    sop_uid: str
     temporal_position: object  # int or None
     acquisition_number: object
     trigger_time: object  # float ms or None
@@ -134,9 +140,19 @@ class _Group:
 
 
 def list_files(exam_dir: str) -> list:
-    """All regular files below ``exam_dir``, relative paths in sorted order (deterministic)."""
+    """All files below ``exam_dir``, relative paths in sorted order (deterministic).
+
+    Symbolic links to folders are followed (archives link series in from elsewhere); a folder
+    reached twice (a link loop or two links to one folder) is listed once.
+    """
     out = []
-    for root, dirs, files in os.walk(exam_dir):
+    seen = set()
+    for root, dirs, files in os.walk(exam_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs.sort()
         for name in sorted(files):
             out.append(os.path.relpath(os.path.join(root, name), exam_dir))
@@ -147,6 +163,7 @@ def list_files(exam_dir: str) -> list:
 # parsing them directly is several times cheaper than pydicom's validated value conversion,
 # and the header work is most of the reader's cost beyond the file read itself.
 _T_IMAGE_TYPE = 0x00080008
+_T_SOP_INSTANCE_UID = 0x00080018
 _T_ACQ_DATE, _T_ACQ_TIME = 0x00080022, 0x00080032
 _T_CONTENT_DATE, _T_CONTENT_TIME = 0x00080023, 0x00080033
 _T_SERIES_DATE, _T_SERIES_TIME = 0x00080021, 0x00080031
@@ -166,6 +183,7 @@ _T_SAMPLES_PER_PIXEL, _T_NUMBER_OF_FRAMES = 0x00280002, 0x00280008
 _T_ROWS, _T_COLUMNS = 0x00280010, 0x00280011
 _T_BITS_ALLOCATED, _T_BITS_STORED = 0x00280100, 0x00280101
 _T_PIXEL_REPRESENTATION = 0x00280103
+_T_PHOTOMETRIC = 0x00280004
 
 
 # Only these elements are parsed from each file (the others are skipped over): the header
@@ -174,7 +192,6 @@ _T_PIXEL_REPRESENTATION = 0x00280103
 _READ_TAGS = sorted(
     {v for k, v in list(globals().items()) if k.startswith("_T_") and isinstance(v, int)}
     | {
-        0x00280004,  # PhotometricInterpretation
         0x00280006,  # PlanarConfiguration
         0x00280102,  # HighBit
         0x7FE00001,  # ExtendedOffsetTable
@@ -254,6 +271,7 @@ def _parse_image(exam_dir: str, rel: str, ds) -> "_Image | None":
         iop=iop,
         ipp=ipp,
         series_uid=_text(ds, _T_SERIES_UID) or "",
+        sop_uid=_text(ds, _T_SOP_INSTANCE_UID) or "",
         temporal_position=None if tpi is None else int(tpi),
         acquisition_number=_number(ds, _T_ACQ_NUMBER),
         trigger_time=_number(ds, _T_TRIGGER_TIME),
@@ -278,19 +296,55 @@ def _rounded(value):
     return None if value is None else round(value, 2)
 
 
+def looks_like_bare_dicom(path: str) -> bool:
+    """A DICOM data set written without the 128-byte preamble and "DICM" (older exports).
+
+    Such files start with an element of group 0002 (file meta) or 0008 (identification), in
+    little-endian, with an explicit VR of two capital letters or an implicit 4-byte length.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    return head[4:6].isalpha() and head[4:6].isupper() or head[6:8] == b"\x00\x00"
+
+
 def _read_images(exam_dir: str) -> list:
     images = []
+    sop_uids = set()
     for rel in list_files(exam_dir):
         path = os.path.join(exam_dir, rel)
+        if not os.path.isfile(path):
+            continue  # A dangling link, a socket, ...: not an image.
         try:
             ds = pydicom.dcmread(path, specific_tags=_READ_TAGS)
         except pydicom.errors.InvalidDicomError:
-            continue  # Not DICOM (notes, DICOMDIR without preamble, ...).
+            if not looks_like_bare_dicom(path):
+                continue  # Not DICOM (notes, DICOMDIR without preamble, ...).
+            try:
+                ds = pydicom.dcmread(path, specific_tags=_READ_TAGS, force=True)
+            except Exception as e:  # noqa: BLE001
+                raise ExamError(exam_dir, f"unreadable DICOM header ({type(e).__name__})", rel)
         except Exception as e:  # noqa: BLE001 - a DICOM file whose header cannot be parsed.
             raise ExamError(exam_dir, f"unreadable DICOM header ({type(e).__name__})", rel)
         image = _parse_image(exam_dir, rel, ds)
-        if image is not None:
-            images.append(image)
+        if image is None:
+            continue
+        # The same image twice (a file copied into the folder, a series exported twice): one
+        # SOPInstanceUID at one position and time of one series is one image, so later copies
+        # are dropped (file order is sorted). Position and time keep apart the images of
+        # anonymisers that reuse one UID for several images.
+        if image.sop_uid:
+            key = (image.sop_uid, image.series_uid, image.temporal_position,
+                   tuple(np.round(image.ipp, 2)), image.acquisition_number,
+                   image.trigger_time, image.acq_time)
+            if key in sop_uids:
+                continue
+            sop_uids.add(key)
+        images.append(image)
     return images
 
 
@@ -566,6 +620,15 @@ def _decode(exam_dir, im: _Image) -> np.ndarray:
         raise ExamError(exam_dir, "multi-frame (enhanced) images are not supported", im.file)
     if _us(ds, _T_SAMPLES_PER_PIXEL, 1) != 1:
         raise ExamError(exam_dir, "colour images are not MR magnitude images", im.file)
+    if (_text(ds, _T_PHOTOMETRIC) or "").upper() == "MONOCHROME1":
+        # Inverted grey scale (bright = low value); never seen in original MR magnitude data,
+        # and reading it as-is would silently invert the contrast uptake.
+        raise ExamError(
+            exam_dir,
+            "MONOCHROME1 (inverted grey scale) images are not supported; export the original "
+            "MONOCHROME2 images",
+            im.file,
+        )
     pixels = _native_pixels(exam_dir, im, ts)
     if pixels is not None:
         return pixels

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import posixpath
 from typing import Sequence
 
-from tfrecords_tools import schema
+from tfrecords_tools import dicom_reader, schema
 
 EXAM_COLUMN = "exam"
 SPLIT_COLUMN = "split"
@@ -50,15 +51,37 @@ def _listing(items: Sequence[str]) -> str:
 def _read_csv(path: str):
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found.")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = []
-        for row in reader:
-            rows.append(
-                (reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in row.items()})
-            )
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save the CSV "
+            "as UTF-8 (in Excel: 'CSV UTF-8')."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    rows = []
+    for row in reader:
+        cleaned = {(k or "").strip(): _cell(v) for k, v in row.items()}
+        if not any(cleaned.values()):
+            continue  # ",,,,": a blank row as spreadsheets export them.
+        rows.append((reader.line_num, cleaned))
     return header, rows
+
+
+def _cell(value) -> str:
+    if isinstance(value, list):  # Cells beyond the header (DictReader's restkey).
+        return ",".join(v.strip() for v in value)
+    return (value or "").strip()
+
+
+def _header_hint(header: Sequence[str]) -> str:
+    if len(header) == 1 and ";" in header[0]:
+        return " The file looks semicolon-separated; save it comma-separated."
+    return ""
 
 
 def read_labels(path: str, dicom_root: str) -> list:
@@ -83,7 +106,7 @@ def read_labels(path: str, dicom_root: str) -> list:
         raise InputError(
             f"{path}: missing column(s) {', '.join(missing)}; the header must be "
             f"{','.join((EXAM_COLUMN,) + schema.LABELS)}[,{SPLIT_COLUMN}]. "
-            f"Found: {','.join(header)}"
+            f"Found: {','.join(header)}.{_header_hint(header)}"
         )
     if not rows:
         raise InputError(f"{path}: no exams listed.")
@@ -137,7 +160,9 @@ def _looks_like_dicom(path: str) -> bool:
             head = f.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    if len(head) == 132 and head[128:] == b"DICM":
+        return True
+    return dicom_reader.looks_like_bare_dicom(path)
 
 
 def find_unlabelled_folders(dicom_root: str, labelled: Sequence[str]) -> list:
@@ -182,7 +207,7 @@ def read_phase_map(path: str, exams: Sequence[str]) -> dict:
     if missing:
         raise InputError(
             f"{path}: missing column(s) {', '.join(missing)}; the header must be "
-            f"{','.join(PHASE_MAP_COLUMNS)}."
+            f"{','.join(PHASE_MAP_COLUMNS)}.{_header_hint(header)}"
         )
     known = set(exams)
     problems, out = [], {}
