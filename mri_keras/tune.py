@@ -167,6 +167,7 @@ def run(argv: Sequence[str]):
 def entry(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point."""
     define_tune_flags()
+    absl_flags.adopt_module_key_flags(flags_lib)  # --help lists the training flags too.
     try:  # Nested flagfiles resolve from any working directory (flags_lib.expand_flagfiles).
         argv = flags_lib.expand_flagfiles(sys.argv if argv is None else argv)
     except absl_flags.Error as e:

@@ -148,6 +148,13 @@ def test_tune_flagfile_works_from_any_working_directory(tmp_path, monkeypatch):
         os.path.join(REPO, "configs", "tune_space.json"))
 
 
+def test_help_lists_the_training_flags_too():
+    proc = subprocess.run([sys.executable, "-m", "mri_keras.tune", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    for flag in ("--tuner", "--search_space", "--data_dir", "--model_dir", "--learning_rate"):
+        assert f"  {flag}:" in proc.stdout + proc.stderr, flag
+
+
 def test_distributed_role_from_keras_tuner_environment(monkeypatch):
     from mri_keras import tune_lib
 
