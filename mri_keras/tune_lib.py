@@ -459,6 +459,16 @@ def build_tuner(config: TuneConfig, *, hypermodel: Optional[kt.HyperModel] = Non
                 "oracle.json); refusing to delete it. Pick another --model_dir."
             )
         shutil.rmtree(sweep_dir)
+    if role != "worker" and not resuming and os.path.isdir(sweep_dir):
+        # A training run or a records directory is not a sweep: writing trials into it would mix
+        # the sweep's files with the run's (or the records').
+        foreign = [n for n in ("config.json", "best.keras", "manifest.json")
+                   if os.path.exists(os.path.join(sweep_dir, n))]
+        if foreign and not os.path.exists(os.path.join(sweep_dir, SWEEP_RECORD_NAME)):
+            raise ValueError(
+                f"{sweep_dir} holds a training run or records ({', '.join(foreign)}), not a "
+                "sweep; pick another --model_dir for the sweep."
+            )
     if role != "worker":
         _check_or_write_sweep_record(dataclasses.replace(config, train=dataclasses.replace(
             config.train, model_dir=sweep_dir)), resuming)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import json
 import os
@@ -200,6 +201,11 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_sweep(tmp_path):
     with pytest.raises(ValueError, match="refusing to delete"):
         tune_lib.build_tuner(config)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+    # Nor starts a sweep inside a training run (or records): refused, nothing written there.
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds a training run or records \(config.json\)"):
+        tune_lib.build_tuner(dataclasses.replace(config, overwrite=False))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "notes.txt"]
 
 
 def test_tuner_names_agree():
