@@ -156,6 +156,18 @@ def test_help_lists_the_training_flags_too():
         assert f"  {flag}:" in proc.stdout + proc.stderr, flag
 
 
+def test_records_that_cannot_train_stop_the_cli_before_any_trial(tmp_path):
+    from mri_keras import tune
+
+    (tmp_path / "records").mkdir()
+    with pytest.raises(SystemExit) as e:
+        tune.run([f"--data_dir={tmp_path / 'records'}", f"--model_dir={tmp_path / 'sweep'}",
+                  "--tuner=random", "--max_trials=1"])
+    assert str(e.value.code).startswith("mri_keras.tune: error: data_dir ")
+    assert "is empty" in str(e.value.code)
+    assert not (tmp_path / "sweep").exists()  # No trials failed, nothing written.
+
+
 def test_distributed_role_from_keras_tuner_environment(monkeypatch):
     from mri_keras import tune_lib
 
