@@ -196,6 +196,7 @@ def _load(paths, names):
 
 def run_ensemble(config: EnsembleConfig) -> dict:
     """Builds the ensemble and writes its reports; returns the ensemble description."""
+    evaluate_lib.check_output_dir(config.output_dir)
     names = tuple(config.names) or tuple(member_name(p) for p in config.test_predictions)
     if len(set(names)) != len(names):
         names = tuple(f"{i}:{n}" for i, n in enumerate(names))

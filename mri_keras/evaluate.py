@@ -220,6 +220,13 @@ def json_safe(obj):
     return obj
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Raises ValueError when ``output_dir`` exists as something other than a directory (found
+    before the work, not when writing the report)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} exists and is not a directory.")
+
+
 def write_report(output_dir: str, predictions: predictions_io.Predictions, summary: dict,
                  title: str = "") -> dict:
     """Writes predictions.csv, metrics.json and roc.png; returns the paths."""
@@ -262,6 +269,7 @@ def evaluate(config: EvalConfig) -> dict:
     from mri_keras import inference
 
     start = time.time()
+    check_output_dir(config.output_dir)
     predictor = inference.load_predictor(config.model, config.model_format)
     predictions = predict_split(predictor, config.data_dir, config.split)
     summary = summarize(predictions, config.n_bootstrap, config.seed, config.confidence)

@@ -755,6 +755,8 @@ def run_search(config: TuneConfig, *, callbacks: Optional[list] = None) -> Sweep
       written summary.csv and best_trial.flags); a worker returns once the oracle has no more
       trials for it, with an empty summary.
     """
+    if os.path.exists(config.train.model_dir) and not os.path.isdir(config.train.model_dir):
+        raise ValueError(f"model_dir {config.train.model_dir!r} exists and is not a directory.")
     # Records that cannot feed training fail every trial alike: say so once, before any trial.
     train_lib.inspect_data(config.train)  # Raises SetupError (a ValueError) naming the problem.
     tuner = build_tuner(config)

@@ -125,6 +125,12 @@ def test_members_must_cover_the_same_exams(tmp_path):
             method="mean", output_dir=str(tmp_path / "x"), n_bootstrap=10))
     with pytest.raises(ValueError, match="validation"):
         ensemble.EnsembleConfig(test_predictions=("a",), method="caruana", output_dir="x")
+    (tmp_path / "a_file").write_text("keep")  # --output_dir naming a file: refused up front.
+    with pytest.raises(ValueError, match="a_file' exists and is not a directory"):
+        ensemble.run_ensemble(ensemble.EnsembleConfig(
+            test_predictions=(os.path.join(dirs["good_a"], "test"),), method="mean",
+            output_dir=str(tmp_path / "a_file"), n_bootstrap=10))
+    assert (tmp_path / "a_file").read_text() == "keep"
 
 
 def test_table1_and_data_fraction_reports(tmp_path):

@@ -96,6 +96,11 @@ def test_clear_errors(setup, tmp_path):
                                               output_dir=str(tmp_path / "o"), n_bootstrap=5))
     with pytest.raises(ValueError, match="split"):
         evaluate.EvalConfig(model="m", data_dir="d", output_dir="o", split="dev")
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(ValueError, match="output_dir .*a_file' exists and is not a directory"):
+        evaluate.evaluate(evaluate.EvalConfig(model=setup["model_dir"], data_dir=setup["records"],
+                                              output_dir=str(tmp_path / "a_file"), n_bootstrap=5))
+    assert (tmp_path / "a_file").read_text() == "keep"
 
 
 def test_cli(setup, tmp_path):

@@ -166,6 +166,10 @@ def test_records_that_cannot_train_stop_the_cli_before_any_trial(tmp_path):
     assert str(e.value.code).startswith("mri_keras.tune: error: data_dir ")
     assert "is empty" in str(e.value.code)
     assert not (tmp_path / "sweep").exists()  # No trials failed, nothing written.
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        tune.run([f"--data_dir={tmp_path / 'records'}", f"--model_dir={tmp_path / 'a_file'}"])
+    assert "a_file' exists and is not a directory" in str(e.value.code)
 
 
 def test_distributed_role_from_keras_tuner_environment(monkeypatch):
