@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Optional
 
@@ -91,9 +92,13 @@ def predict_exam(config: PredictConfig, predictor: Optional[inference.Predictor]
     Raises:
       tfrecords_tools.dicom_reader.ExamError: the folder is not a usable exam.
       FileNotFoundError: no model, or heatmaps asked for without best.keras.
+      ValueError: heatmap_dir is a file.
     """
     from tfrecords_tools import dicom_reader
 
+    if config.heatmap_dir and os.path.exists(config.heatmap_dir) and not os.path.isdir(
+            config.heatmap_dir):
+        raise ValueError(f"heatmap_dir {config.heatmap_dir!r} exists and is not a directory.")
     predictor = predictor or inference.load_predictor(config.model, config.model_format)
     if config.heatmap_dir and predictor.location.keras_path is None:
         raise FileNotFoundError(

@@ -207,3 +207,9 @@ def test_heatmap_needs_the_keras_model(tmp_path):
             model=str(export_only), exam_dir=str(tmp_path), heatmap_dir=str(tmp_path / "h")))
     with pytest.raises(ValueError, match="target"):
         predict.PredictConfig(model="m", exam_dir="e", heatmap_target="spleen")
+    (tmp_path / "a_file").write_text("keep")  # --heatmap_dir naming a file: refused up front.
+    with pytest.raises(ValueError, match="a_file' exists and is not a directory"):
+        predict.predict_exam(predict.PredictConfig(
+            model=str(tmp_path / "run"), exam_dir=str(tmp_path),
+            heatmap_dir=str(tmp_path / "a_file")))
+    assert (tmp_path / "a_file").read_text() == "keep"
