@@ -456,6 +456,10 @@ def test_no_dce_series(tmp_path):
 def test_missing_folder_and_patient_id(tmp_path):
     with pytest.raises(ExamError, match="does not exist"):
         load_exam(str(tmp_path / "nope"))
+    (tmp_path / "one.dcm").write_bytes(b"")
+    with pytest.raises(ExamError, match="is a file, not an exam folder"):
+        load_exam(str(tmp_path / "one.dcm"))
+    (tmp_path / "one.dcm").unlink()
     tpl = _template()
     tpl.PatientID = ""
     canon = _canonical_phases((3, 4, 4))

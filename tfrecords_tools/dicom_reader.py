@@ -728,6 +728,9 @@ def load_exam(
     Raises:
       ExamError: the folder holds no usable DCE acquisition (see ``reason``).
     """
+    if os.path.isfile(exam_dir):
+        raise ExamError(exam_dir, "is a file, not an exam folder (give the folder holding the "
+                        "exam's DICOM series)")
     if not os.path.isdir(exam_dir):
         raise ExamError(exam_dir, "exam folder does not exist")
     images = _read_images(exam_dir)
