@@ -207,6 +207,10 @@ def main(argv):
     FLAGS = flags.FLAGS
     import tensorflow  # noqa: F401 - start-up cost outside the timed region.
 
+    # As the converter's command line does (it matters with --num_workers=1, where the
+    # conversion runs in this process; worker processes call it themselves).
+    convert_lib.tune_malloc()
+
     workers = FLAGS.num_workers or len(os.sched_getaffinity(0))
     base = FLAGS.work_dir or tempfile.mkdtemp(prefix="ingest-bench-")
     root = os.path.join(base, "dicom")
