@@ -17,43 +17,19 @@
 # Rerunning resumes finished runs and keeps up-to-date evaluations.
 # Outputs: OUT/models/frac_<pct>/, OUT/eval/frac_<pct>/test/, OUT/data_fraction.{png,csv,md}.
 set -euo pipefail
-ORIG_PWD="$PWD"
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$REPO"
-abspath() { case "$1" in /*) echo "$1" ;; *) echo "$ORIG_PWD/$1" ;; esac; }
-PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+source "$(dirname "$0")/experiment_common.sh"
 
-DATA_DIR="" OUT="" SCALE="paper" VARIANT="t2sub" PERCENTS="100,50,20,10,5,2,1" EPOCHS=""
-N_BOOTSTRAP=2000 SEED=0 CONFIGS="" EXTRA=()
+VARIANT="t2sub" PERCENTS="100,50,20,10,5,2,1"
 for arg in "$@"; do
   if [ "${#EXTRA[@]}" -gt 0 ] || [ "$arg" = "--" ]; then EXTRA+=("$arg"); continue; fi
+  common_arg "$arg" && continue
   case "$arg" in
-    --data_dir=*) DATA_DIR="${arg#*=}" ;;
-    --output_dir=*) OUT="${arg#*=}" ;;
-    --scale=*) SCALE="${arg#*=}" ;;
     --variant=*) VARIANT="${arg#*=}" ;;
     --percents=*) PERCENTS="${arg#*=}" ;;
-    --epochs=*) EPOCHS="${arg#*=}" ;;
-    --n_bootstrap=*) N_BOOTSTRAP="${arg#*=}" ;;
-    --seed=*) SEED="${arg#*=}" ;;
-    --configs_dir=*) CONFIGS="${arg#*=}" ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "data_fraction.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
-[ "${#EXTRA[@]}" -gt 0 ] && EXTRA=("${EXTRA[@]:1}")
-if [ -z "$DATA_DIR" ] || [ -z "$OUT" ]; then
-  echo "data_fraction.sh: --data_dir and --output_dir are required (see --help)" >&2; exit 2
-fi
-DATA_DIR="$(abspath "$DATA_DIR")" OUT="$(abspath "$OUT")"
-CONFIGS="$( [ -n "$CONFIGS" ] && abspath "$CONFIGS" || echo "$REPO/configs")"
-case "$SCALE" in
-  paper) SCALE_FLAGS=() ;;
-  demo) SCALE_FLAGS=(--flagfile="$CONFIGS/demo.flags" --noprogress) ;;
-  *) echo "data_fraction.sh: --scale must be demo or paper, got $SCALE" >&2; exit 2 ;;
-esac
-[ -n "$EPOCHS" ] && SCALE_FLAGS+=(--epochs="$EPOCHS")
+finish_args data_fraction.sh
 [ -f "$CONFIGS/$VARIANT.flags" ] || { echo "data_fraction.sh: $CONFIGS/$VARIANT.flags not found" >&2; exit 2; }
 
 IFS=',' read -r -a PERCENT_LIST <<< "$PERCENTS"

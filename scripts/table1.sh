@@ -21,42 +21,18 @@
 # Outputs: OUT/models/<variant>/ (training runs), OUT/eval/<row>/{val,test}/ (evaluate and
 # ensemble outputs), OUT/table1.md, OUT/table1.csv.
 set -euo pipefail
-ORIG_PWD="$PWD"
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$REPO"
-abspath() { case "$1" in /*) echo "$1" ;; *) echo "$ORIG_PWD/$1" ;; esac; }
-PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+source "$(dirname "$0")/experiment_common.sh"
 
-DATA_DIR="" OUT="" SCALE="paper" VARIANTS="t0,t1,t2,t3,t1sub,t2sub,t3sub" EPOCHS=""
-N_BOOTSTRAP=2000 SEED=0 CONFIGS="" EXTRA=()
+VARIANTS="t0,t1,t2,t3,t1sub,t2sub,t3sub"
 for arg in "$@"; do
   if [ "${#EXTRA[@]}" -gt 0 ] || [ "$arg" = "--" ]; then EXTRA+=("$arg"); continue; fi
+  common_arg "$arg" && continue
   case "$arg" in
-    --data_dir=*) DATA_DIR="${arg#*=}" ;;
-    --output_dir=*) OUT="${arg#*=}" ;;
-    --scale=*) SCALE="${arg#*=}" ;;
     --variants=*) VARIANTS="${arg#*=}" ;;
-    --epochs=*) EPOCHS="${arg#*=}" ;;
-    --n_bootstrap=*) N_BOOTSTRAP="${arg#*=}" ;;
-    --seed=*) SEED="${arg#*=}" ;;
-    --configs_dir=*) CONFIGS="${arg#*=}" ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "table1.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
-[ "${#EXTRA[@]}" -gt 0 ] && EXTRA=("${EXTRA[@]:1}")
-if [ -z "$DATA_DIR" ] || [ -z "$OUT" ]; then
-  echo "table1.sh: --data_dir and --output_dir are required (see --help)" >&2; exit 2
-fi
-DATA_DIR="$(abspath "$DATA_DIR")" OUT="$(abspath "$OUT")"
-CONFIGS="$( [ -n "$CONFIGS" ] && abspath "$CONFIGS" || echo "$REPO/configs")"
-case "$SCALE" in
-  paper) SCALE_FLAGS=() ;;
-  demo) SCALE_FLAGS=(--flagfile="$CONFIGS/demo.flags" --noprogress) ;;
-  *) echo "table1.sh: --scale must be demo or paper, got $SCALE" >&2; exit 2 ;;
-esac
-[ -n "$EPOCHS" ] && SCALE_FLAGS+=(--epochs="$EPOCHS")
+finish_args table1.sh
 
 IFS=',' read -r -a VARIANT_LIST <<< "$VARIANTS"
 for v in "${VARIANT_LIST[@]}"; do

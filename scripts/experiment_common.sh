@@ -1,0 +1,43 @@
+# Shared by scripts/table1.sh and scripts/data_fraction.sh (sourced, not run): working
+# directories, the interpreter, and the arguments both drivers take.
+#   common_arg ARG     consumes one shared --flag=value; returns 1 for anything else.
+#   finish_args NAME   checks and resolves the shared arguments; sets SCALE_FLAGS.
+ORIG_PWD="$PWD"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$ORIG_PWD/$1" ;; esac; }
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+
+DATA_DIR="" OUT="" SCALE="paper" EPOCHS="" N_BOOTSTRAP=2000 SEED=0 CONFIGS="" EXTRA=()
+
+common_arg() {
+  case "$1" in
+    --data_dir=*) DATA_DIR="${1#*=}" ;;
+    --output_dir=*) OUT="${1#*=}" ;;
+    --scale=*) SCALE="${1#*=}" ;;
+    --epochs=*) EPOCHS="${1#*=}" ;;
+    --n_bootstrap=*) N_BOOTSTRAP="${1#*=}" ;;
+    --seed=*) SEED="${1#*=}" ;;
+    --configs_dir=*) CONFIGS="${1#*=}" ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+finish_args() {
+  local name="$1"
+  # EXTRA starts with the "--" that introduced it.
+  if [ "${#EXTRA[@]}" -gt 0 ]; then EXTRA=("${EXTRA[@]:1}"); fi
+  if [ -z "$DATA_DIR" ] || [ -z "$OUT" ]; then
+    echo "$name: --data_dir and --output_dir are required (see --help)" >&2; exit 2
+  fi
+  DATA_DIR="$(abspath "$DATA_DIR")" OUT="$(abspath "$OUT")"
+  CONFIGS="$( [ -n "$CONFIGS" ] && abspath "$CONFIGS" || echo "$REPO/configs")"
+  case "$SCALE" in
+    paper) SCALE_FLAGS=() ;;
+    demo) SCALE_FLAGS=(--flagfile="$CONFIGS/demo.flags" --noprogress) ;;
+    *) echo "$name: --scale must be demo or paper, got $SCALE" >&2; exit 2 ;;
+  esac
+  if [ -n "$EPOCHS" ]; then SCALE_FLAGS+=(--epochs="$EPOCHS"); fi
+}
