@@ -98,6 +98,29 @@ def expand_flagfiles(argv: Sequence[str]) -> List[str]:
     return out
 
 
+def parse_in_process(program: str, define, argv: Sequence[str]) -> flags.FlagValues:
+    """Parses ``argv`` into fresh flag values, leaving the global ``FLAGS`` untouched.
+
+    For running an entry point in-process (tests, notebooks). Flagfiles are expanded as on the
+    command line; bad flags or stray arguments exit (``SystemExit``) with the command line's
+    one-line message.
+
+    Args:
+      program: str. Name used in messages, e.g. "mri_keras.train".
+      define: callable taking a ``FlagValues`` and defining the program's flags on it.
+      argv: flags and ``--flagfile``s, without the program name.
+    """
+    fv = flags.FlagValues()
+    define(fv)
+    try:
+        rest = fv(expand_flagfiles([program, *argv]))
+    except flags.Error as e:
+        raise SystemExit(f"{program}: error: {e}")
+    if len(rest) > 1:
+        raise SystemExit(f"{program}: error: unexpected command-line arguments: {rest[1:]}")
+    return fv
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines every training flag on ``flag_values`` (a no-op when already defined)."""
     if "data_dir" in flag_values:

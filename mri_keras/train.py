@@ -43,14 +43,7 @@ def run(argv: Sequence[str]) -> dict:
     touch the global ``absl.flags.FLAGS``. Exits (``SystemExit``) on bad flags or bad input,
     with the same message as the command line.
     """
-    fv = absl_flags.FlagValues()
-    flags_lib.define_flags(fv)
-    try:
-        rest = fv(flags_lib.expand_flagfiles(["mri_keras.train", *argv]))
-    except absl_flags.Error as e:
-        sys.exit(f"mri_keras.train: error: {e}")
-    if len(rest) > 1:
-        sys.exit(f"mri_keras.train: error: unexpected command-line arguments: {rest[1:]}")
+    fv = flags_lib.parse_in_process("mri_keras.train", flags_lib.define_flags, argv)
     return _train(fv)
 
 

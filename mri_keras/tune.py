@@ -153,14 +153,7 @@ def run(argv: Sequence[str]):
     For in-process use (tests, notebooks): the global ``absl.flags.FLAGS`` is not touched.
     Exits (``SystemExit``) on bad flags or settings, with the command line's message.
     """
-    fv = absl_flags.FlagValues()
-    define_tune_flags(fv)
-    try:
-        rest = fv(flags_lib.expand_flagfiles(["mri_keras.tune", *argv]))
-    except absl_flags.Error as e:
-        sys.exit(f"mri_keras.tune: error: {e}")
-    if len(rest) > 1:
-        sys.exit(f"mri_keras.tune: error: unexpected command-line arguments: {rest[1:]}")
+    fv = flags_lib.parse_in_process("mri_keras.tune", define_tune_flags, argv)
     return _tune(fv)
 
 
