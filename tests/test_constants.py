@@ -45,7 +45,39 @@ def test_schema_round_trip_and_validation():
     assert out["phases"] == ("t0", "t2")
     np.testing.assert_array_equal(out["t2"], vol * 2)
     assert out["labels"].tolist() == [0, 1, 0, 0]
+    assert out["voxel_dtype"] == "float32"
     with pytest.raises(ValueError, match="one grid"):
         schema.encode_example("e", "p", {"t0": vol, "t1": vol[:1]}, (1, 1, 1), [0, 0, 0, 0])
     with pytest.raises(ValueError, match="labels"):
         schema.encode_example("e", "p", {"t0": vol}, (1, 1, 1), [0, 2, 0, 0])
+    with pytest.raises(ValueError, match="one voxel dtype"):
+        schema.encode_example("e", "p", {"t0": vol.astype(np.int16), "t1": vol}, (1, 1, 1),
+                              [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="non-zero slope"):
+        schema.encode_example("e", "p", {"t0": vol}, (1, 1, 1), [0, 0, 0, 0],
+                              rescale={"t0": (0.0, 1.0)})
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint16"])
+def test_stored_integers_decode_to_exact_voxel_values(dtype):
+    """16-bit stored values + float64 rescale: numpy and TF readers give the same float32."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    stored = {p: rng.integers(info.min, info.max, size=(3, 4, 5), endpoint=True).astype(dtype)
+              for p in schema.PHASES}
+    # Decimal DICOM slopes are not float32-exact: the reader must compute in float64.
+    rescale = {"t0": (1.0, 0.0), "t1": (0.0123456789, -1024.0), "t2": (3.3, 0.1)}
+    blob = schema.encode_example("e", "p", stored, (1, 1, 1), [0, 0, 1, 0], rescale)
+    numpy_out = schema.decode_example_numpy(blob)
+    tf_out = schema.decode_example(tf.constant(blob), schema.PHASES)
+    assert numpy_out["voxel_dtype"] == dtype
+    assert len(blob) < sum(v.nbytes for v in stored.values()) + 1000  # 2 bytes per voxel.
+    for p in schema.PHASES:
+        slope, intercept = rescale.get(p, (1.0, 0.0))
+        expected = (stored[p].astype(np.float64) * slope + intercept).astype(np.float32)
+        np.testing.assert_array_equal(numpy_out[p], expected)
+        np.testing.assert_array_equal(tf_out[p].numpy(), expected)
+        assert tf_out[p].dtype == tf.float32

@@ -220,9 +220,10 @@ def test_assign_splits_stratified_seeded_and_disjoint():
 
 def test_shard_size_splits_into_several_shards(tmp_path, cohort):
     root, _ = cohort
-    record_mb = 4 * 4 * 8 * 8 * 4 / 2**20
+    record_mb = 4 * 4 * 8 * 8 * 2 / 2**20  # 16-bit stored values (DICOM's own integers).
     result = convert(_config(tmp_path, root, shard_size_mb=2.5 * record_mb, progress=False),
                      stream=io.StringIO())
+    assert set(result.manifest["voxel_dtypes"]) <= {"int16", "uint16"}
     train = result.manifest["splits"]["train"]
     assert train["num_exams"] == 6
     assert train["shards"] == [f"train-{i:05d}-of-00003.tfrecord" for i in range(3)]
@@ -502,5 +503,10 @@ def test_record_encoder_matches_schema_bytes(phases):
     args = ("E" + "ab" * 8, "P" + "cd" * 8, volumes, (2.5, 0.65, 0.7), (1, 0, 0, 1))
     assert record_encoder.encode_record(*args) == schema.encode_example(*args)
     assert record_encoder.matches_schema()
+    for dtype in (np.int16, np.uint16):  # Stored integers with a per-phase rescale.
+        ints = {p: np.abs(v).astype(dtype) for p, v in volumes.items()}
+        rescale = {phases[0]: (1.6875, -16.0)}
+        int_args = args[:2] + (ints,) + args[3:] + (rescale,)
+        assert record_encoder.encode_record(*int_args) == schema.encode_example(*int_args)
     with pytest.raises(ValueError, match="labels"):
         record_encoder.encode_record(*args[:4], (0, 2, 0, 0))

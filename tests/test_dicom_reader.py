@@ -340,6 +340,60 @@ def test_rescale_slope_and_intercept_per_slice(tmp_path):
     np.testing.assert_array_equal(exam.volumes["t1"], expected.astype(np.float32))
 
 
+def test_keep_stored_gives_dicom_integers_and_rescale(tmp_path):
+    canon = _canonical_phases((3, 4, 4))
+    u, v = (0, 1, 0), (0, 0, -1)  # Sagittal: reorientation permutes and flips the axes.
+    for t, phase in enumerate(PHASES):
+        pixels, positions, ps, _ = _acquire(canon[phase], u, v)
+        _write_series(str(tmp_path), pixels, positions, list(u) + list(v), ps,
+                      f"{_UID_ROOT}{t}", acq_time=f"10{t}000", series_number=t,
+                      slope=[0.75 + t] * 8, intercept=[-8.0 * t] * 8)
+    values = load_exam(str(tmp_path))
+    stored = load_exam(str(tmp_path), keep_stored=True)
+    assert values.rescale is None
+    assert stored.rescale == {p: (0.75 + t, -8.0 * t) for t, p in enumerate(PHASES)}
+    for phase in PHASES:
+        assert stored.volumes[phase].dtype == np.int16
+        np.testing.assert_array_equal(stored.volumes[phase], canon[phase])
+        np.testing.assert_array_equal(stored.voxel_values(phase), values.volumes[phase])
+        np.testing.assert_array_equal(values.voxel_values(phase), values.volumes[phase])
+
+
+def test_keep_stored_falls_back_to_float32_for_per_slice_rescale(tmp_path):
+    canon = _canonical_phases((3, 4, 4))
+    u, v = (1, 0, 0), (0, 1, 0)
+    for t, phase in enumerate(PHASES):
+        pixels, positions, ps, _ = _acquire(canon[phase], u, v)
+        slope = [0.5, 2.25, 1.0] if phase == "t2" else [1.5] * 3
+        _write_series(str(tmp_path), pixels, positions, list(u) + list(v), ps,
+                      f"{_UID_ROOT}{t}", acq_time=f"10{t}000", series_number=t,
+                      slope=slope, intercept=[0.0] * 3)
+    stored = load_exam(str(tmp_path), keep_stored=True)
+    values = load_exam(str(tmp_path))
+    assert stored.rescale is None  # One phase cannot be stored exactly as integers: none are.
+    for phase in PHASES:
+        assert stored.volumes[phase].dtype == np.float32
+        np.testing.assert_array_equal(stored.volumes[phase], values.volumes[phase])
+
+
+def test_keep_stored_picks_uint16_above_int16_range(tmp_path):
+    canon = _canonical_phases((3, 4, 4))
+    canon = {p: v.astype(np.uint16) + np.uint16(40000 if p == "t3" else 0)
+             for p, v in canon.items()}
+    template = _template()
+    template.PixelRepresentation = 0
+    u, v = (1, 0, 0), (0, 1, 0)
+    for t, phase in enumerate(PHASES):
+        pixels, positions, ps, _ = _acquire(canon[phase], u, v)
+        _write_series(str(tmp_path), pixels.astype(np.uint16).view(np.int16), positions,
+                      list(u) + list(v), ps, f"{_UID_ROOT}{t}", template=template,
+                      acq_time=f"10{t}000", series_number=t)
+    stored = load_exam(str(tmp_path), keep_stored=True)
+    for phase in PHASES:
+        assert stored.volumes[phase].dtype == np.uint16
+        np.testing.assert_array_equal(stored.volumes[phase], canon[phase])
+
+
 def test_slight_obliquity_accepted_strong_rejected(tmp_path):
     canon = _canonical_phases((3, 4, 4))
     for angle, ok in ((5.0, True), (30.0, False)):

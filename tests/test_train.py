@@ -257,13 +257,16 @@ def test_bad_data_dirs(tmp_path):
 
 def test_unreadable_schema_versions(tmp_path):
     model_dir = str(tmp_path / "run")
-    manifest_v2 = _records(tmp_path / "m2")
-    _edit_manifest(manifest_v2, lambda m: m.update(schema_version=2))
-    _expect_error(_argv(manifest_v2, model_dir), "schema version 2", "not readable")
+    future = schema.SCHEMA_VERSION + 1
+    manifest_future = _records(tmp_path / "m2")
+    _edit_manifest(manifest_future, lambda m: m.update(schema_version=future))
+    _expect_error(_argv(manifest_future, model_dir), f"schema version {future}", "not readable")
 
-    records_v2 = _records(tmp_path / "r2", schema_version=2)
-    _edit_manifest(records_v2, lambda m: m.update(schema_version=schema.SCHEMA_VERSION))
-    _expect_error(_argv(records_v2, model_dir), "train-00000-of-00001.tfrecord", "version 2")
+    records_future = _records(tmp_path / "r2", schema_version=future)
+    _edit_manifest(records_future, lambda m: m.update(schema_version=schema.SCHEMA_VERSION))
+    _expect_error(
+        _argv(records_future, model_dir), "train-00000-of-00001.tfrecord", f"version {future}"
+    )
 
 
 def test_input_variant_needing_missing_phases(tmp_path):

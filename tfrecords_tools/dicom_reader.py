@@ -33,6 +33,8 @@ import pydicom
 import pydicom.errors
 from pydicom.pixels import get_decoder
 
+from tfrecords_tools import schema
+
 PHASES = ("t0", "t1", "t2", "t3")
 
 CODECS_HINT = "pip install 'mri_keras[dicom-codecs]'"
@@ -91,15 +93,26 @@ class CanonicalExam:
     """One exam in canonical orientation.
 
     Attributes:
-      volumes: dict phase -> float32 ``(S, H, W)``; slice toward Superior, row toward Posterior,
-        col toward patient Left. All phases share one grid.
+      volumes: dict phase -> ``(S, H, W)`` array; slice toward Superior, row toward Posterior,
+        col toward patient Left. All phases share one grid and one dtype: float32 voxel values
+        (stored value x RescaleSlope + RescaleIntercept), or, when ``rescale`` is set, the
+        DICOM's stored int16/uint16 values.
       spacing: (slice, row, col) voxel spacing in mm.
       patient_id: raw DICOM PatientID, only for pseudonymisation; never write it anywhere.
+      rescale: None (volumes are voxel values), or dict phase -> (slope, intercept) with
+        voxel values ``schema.voxel_values(volumes[phase], slope, intercept)``.
     """
 
     volumes: dict
     spacing: tuple
     patient_id: str = dataclasses.field(repr=False)
+    rescale: dict | None = None
+
+    def voxel_values(self, phase: str) -> np.ndarray:
+        """float32 voxel values of ``phase`` (whichever form ``volumes`` holds)."""
+        if self.rescale is None:
+            return self.volumes[phase]
+        return schema.voxel_values(self.volumes[phase], *self.rescale[phase])
 
     @property
     def shape(self) -> tuple:
@@ -690,27 +703,66 @@ def _slice_stack(exam_dir, phase: str, g: _Group, options: ReaderOptions):
     return images, spacing, directions
 
 
-def _volume(exam_dir, phase: str, images: list) -> np.ndarray:
+def _volume(exam_dir, phase: str, images: list, keep_stored: bool = False) -> tuple:
+    """Decodes one phase's slices (in order) into an ``(n, rows, cols)`` array.
+
+    Returns:
+      ``(stored values, (slope, intercept))`` when ``keep_stored`` and every slice has
+      16-bit-or-narrower integer pixels and one rescale (the array has the pixels' dtype, int16
+      for 8-bit pixels, int32 if slices mix signed and unsigned); otherwise ``(float32 voxel
+      values, None)``, each slice rescaled in float64 and rounded once to float32.
+    """
     rows, cols = images[0].rows, images[0].cols
-    out = np.empty((len(images), rows, cols), np.float32)
+    stored = keep_stored and len({(im.slope, im.intercept) for im in images}) == 1
+    out = None
     for k, im in enumerate(images):
         pixels = _decode(exam_dir, im)
         if pixels.shape != (rows, cols):
             raise ExamError(
                 exam_dir, f"{phase}: image of {pixels.shape} in a {rows}x{cols} series", im.file
             )
-        if im.slope == 1.0 and im.intercept == 0.0:
+        if stored and not (pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2):
+            # Not 16-bit integers after all: voxel values for what was read, then go on.
+            done = out[:k] if out is not None else np.empty((0, rows, cols), np.int16)
+            out = np.empty((len(images), rows, cols), np.float32)
+            out[:k] = schema.voxel_values(done, images[0].slope, images[0].intercept)
+            stored = False
+        if out is None:
+            dtype = np.float32
+            if stored:
+                dtype = np.int16 if pixels.dtype.itemsize == 1 else pixels.dtype
+            out = np.empty((len(images), rows, cols), dtype)
+        elif stored and not np.can_cast(pixels.dtype, out.dtype):
+            out = out.astype(np.int32)  # Signed and unsigned slices: checked by the caller.
+        if stored or (im.slope == 1.0 and im.intercept == 0.0):
             out[k] = pixels
         else:  # In float64, then one rounding to float32.
             out[k] = pixels * np.float64(im.slope) + np.float64(im.intercept)
         im.ds = None  # The decoded pixels are all that is needed from here on.
-    return out
+    return out, ((float(images[0].slope), float(images[0].intercept)) if stored else None)
+
+
+def _stored_dtype(volumes: dict, rescale: dict):
+    """The 16-bit dtype holding every phase's stored values, or None (store float32)."""
+    if any(r is None for r in rescale.values()):
+        return None
+    dtypes = {v.dtype for v in volumes.values()}
+    if len(dtypes) == 1 and dtypes <= {np.dtype(np.int16), np.dtype(np.uint16)}:
+        return dtypes.pop()  # No range scan needed.
+    low = min(int(v.min()) for v in volumes.values())
+    high = max(int(v.max()) for v in volumes.values())
+    if low >= -(1 << 15) and high < (1 << 15):
+        return np.int16
+    if low >= 0 and high < (1 << 16):
+        return np.uint16
+    return None
 
 
 def load_exam(
     exam_dir: str,
     phase_overrides: Mapping[str, str] | None = None,
     options: ReaderOptions = ReaderOptions(),
+    keep_stored: bool = False,
 ) -> CanonicalExam:
     """Reads the four DCE phases of one exam folder into canonical orientation.
 
@@ -721,9 +773,12 @@ def load_exam(
         ``"<SeriesInstanceUID>:<N>"`` picks TemporalPositionIdentifier N of a multi-phase
         series. Defaults to None.
       options: ReaderOptions. Tolerances. Defaults to ReaderOptions().
+      keep_stored: bool. Return the DICOM's stored integers and each phase's rescale instead
+        of voxel values where that is exact (see ``CanonicalExam``). Defaults to False.
 
     Returns:
-      CanonicalExam with float32 ``(S, H, W)`` volumes for ``t0``..``t3``.
+      CanonicalExam with ``(S, H, W)`` volumes for ``t0``..``t3``: float32 voxel values, or
+      with ``keep_stored`` int16/uint16 stored values and ``rescale`` where possible.
 
     Raises:
       ExamError: the folder holds no usable DCE acquisition (see ``reason``).
@@ -776,15 +831,28 @@ def load_exam(
         raise ExamError(exam_dir, "no PatientID in the DCE series (needed for patient splits)")
 
     perm, flips = _axis_permutation(exam_dir, ref_dirs, options.max_obliquity_deg)
-    volumes = {}
+    decoded, rescale = {}, {}
     for phase, (ims, _, _) in zip(PHASES, stacks):
-        vol = np.transpose(_volume(exam_dir, phase, ims), perm)
+        decoded[phase], rescale[phase] = _volume(exam_dir, phase, ims, keep_stored)
+    dtype = _stored_dtype(decoded, rescale) if keep_stored else None
+    volumes = {}
+    for phase in PHASES:
+        if dtype is not None:
+            vol = decoded.pop(phase).astype(dtype, copy=False)
+        elif rescale[phase] is not None:
+            vol = schema.voxel_values(decoded.pop(phase), *rescale[phase])
+        else:
+            vol = decoded.pop(phase)
+        vol = np.transpose(vol, perm)
         flip_axes = tuple(a for a in range(3) if flips[a])
         if flip_axes:
             vol = np.flip(vol, flip_axes)
         volumes[phase] = np.ascontiguousarray(vol)
     spacing = tuple(float(ref_spacing[perm[a]]) for a in range(3))
-    return CanonicalExam(volumes=volumes, spacing=spacing, patient_id=patient_id)
+    return CanonicalExam(
+        volumes=volumes, spacing=spacing, patient_id=patient_id,
+        rescale=dict(rescale) if dtype is not None else None,
+    )
 
 
 def _fmt(spacing: Iterable[float]) -> str:

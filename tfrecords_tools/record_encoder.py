@@ -4,7 +4,7 @@
 again into the protobuf, and once more when serializing). For a 4 x 96 x 256 x 256 exam that
 is 300 MB of copies, which costs more than decoding the DICOM files. Here the protobuf wire
 format of the same message is written directly: small headers around zero-copy views of the
-float32 arrays, joined once.
+voxel arrays, joined once.
 
 ``schema`` stays the single definition of the record: ``encode_record`` checks once per
 process, on a small example covering every feature type, that its bytes equal
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -67,7 +67,8 @@ def _int64_feature(values: Sequence[int]) -> tuple:
 
 
 def encode_parts(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray],
-                 spacing: Sequence[float], labels: Sequence[int]) -> list:
+                 spacing: Sequence[float], labels: Sequence[int],
+                 rescale: Optional[Mapping[str, Sequence[float]]] = None) -> list:
     """The serialized example as a list of buffers (voxels as zero-copy views).
 
     Same arguments and checks as ``schema.encode_example``.
@@ -85,6 +86,8 @@ def encode_parts(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray
         raise ValueError(f"labels must be 4 values in {{0,1}}. Received: {labels}")
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 values. Received: {spacing}")
+    dtype_name = schema.voxel_dtype_name({p: volumes[p] for p in phases})
+    rescale = schema.checked_rescale(phases, volumes, rescale)
 
     features = {
         schema.KEY_SCHEMA_VERSION: _int64_feature([schema.SCHEMA_VERSION]),
@@ -94,10 +97,12 @@ def encode_parts(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray
         schema.KEY_SPACING: _float_feature([float(s) for s in spacing]),
         schema.KEY_LABELS: _int64_feature(labels),
         schema.KEY_PHASES: _bytes_feature([p.encode() for p in phases]),
+        schema.KEY_VOXEL_DTYPE: _bytes_feature([dtype_name.encode()]),
     }
     for p in phases:
-        arr = np.ascontiguousarray(volumes[p], dtype=schema.VOXEL_DTYPE)
+        arr = np.ascontiguousarray(volumes[p], dtype=schema.VOXEL_DTYPES[dtype_name])
         features[schema.volume_key(p)] = _bytes_feature([memoryview(arr).cast("B")])
+        features[schema.rescale_key(p)] = _bytes_feature([schema.rescale_bytes(*rescale[p])])
 
     entries, total = [], 0
     for key in sorted(features, key=lambda k: k.encode()):  # Deterministic: map keys sorted.
@@ -116,17 +121,23 @@ def encode_parts(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray
 def matches_schema() -> bool:
     """True when ``encode_parts`` gives exactly ``schema.encode_example``'s bytes."""
     rng = np.random.default_rng(0)
-    for phases in (schema.PHASES, schema.PHASES[:1]):
-        volumes = {p: rng.normal(size=(2, 3, 5)).astype(np.float32) * 1e3 for p in phases}
-        args = ("E0123abc", "P9876fed", volumes, (3.0, 0.7, 0.6875), (0, 1, 1, 0))
+    for phases, dtype, rescale in (
+        (schema.PHASES, np.float32, None),
+        (schema.PHASES[:1], np.float32, None),
+        (schema.PHASES, np.int16, {"t0": (0.75, -16.0), "t2": (2.0, 0.0)}),
+        (schema.PHASES[:2], np.uint16, {"t1": (1.5, 8.0)}),
+    ):
+        volumes = {p: (rng.normal(size=(2, 3, 5)) * 1e3).astype(dtype) for p in phases}
+        args = ("E0123abc", "P9876fed", volumes, (3.0, 0.7, 0.6875), (0, 1, 1, 0), rescale)
         if b"".join(encode_parts(*args)) != schema.encode_example(*args):
             return False
     return True
 
 
 def encode_record(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray],
-                  spacing: Sequence[float], labels: Sequence[int]) -> bytes:
+                  spacing: Sequence[float], labels: Sequence[int],
+                  rescale: Optional[Mapping[str, Sequence[float]]] = None) -> bytes:
     """``schema.encode_example(...)``, byte for byte, with one copy of the voxels."""
     if not matches_schema():
-        return schema.encode_example(exam_id, patient_id, volumes, spacing, labels)
-    return b"".join(encode_parts(exam_id, patient_id, volumes, spacing, labels))
+        return schema.encode_example(exam_id, patient_id, volumes, spacing, labels, rescale)
+    return b"".join(encode_parts(exam_id, patient_id, volumes, spacing, labels, rescale))

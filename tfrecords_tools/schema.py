@@ -13,19 +13,26 @@ shape              int64[3]   ``(S, H, W)``: slices (toward Superior), rows (tow
 spacing            float[3]   voxel spacing in mm along ``(slice, row, col)``
 labels             int64[4]   0/1 in ``LABELS`` order
 phases             bytes[P]   names of the phases stored, a subset of ``PHASES`` in order
-volume/<phase>     bytes[1]   raw voxels of that phase: ``VOXEL_DTYPE``, little-endian,
-                              C order ``(S, H, W)``, already rescaled
-                              (stored value x RescaleSlope + RescaleIntercept)
+voxel_dtype        bytes[1]   dtype of every ``volume/<phase>``: one of ``VOXEL_DTYPES``
+volume/<phase>     bytes[1]   raw voxels of that phase, little-endian, C order ``(S, H, W)``
+rescale/<phase>    bytes[1]   16 bytes: float64 little-endian ``(slope, intercept)``
 =================  =========  ==============================================================
 
-Voxel dtype: float32. Rescaled MR values are not integers in general (RescaleSlope is often
-fractional and on some scanners varies per slice), so an integer dtype would need a per-slice
-scale. float16 overflows at 65504 (seen with Philips-scaled values) and quantises to steps of
-2 above 2048, which shows up in subtraction images. float32 holds every 16-bit stored value
-times any slope exactly enough. The price, measured (BENCHMARKS.md, "Voxel dtype"): a
-4 x 96 x 256 x 256 exam is 100.7 MB instead of 50.3 MB, and parsing it in tf.data takes about
-twice as long as the 16-bit forms (333 vs 151 ms for int16 with a per-slice scale, 129 ms for
-float16, on 2 busy vCPUs); the int16 form was off by up to 0.02 and float16 by up to 0.25.
+The voxel value of a phase is ``float32(float64(v) * slope + intercept)`` for each stored
+``v`` (``voxel_values``): the DICOM rescale (RescaleSlope/RescaleIntercept), applied at read
+time in float64 and rounded once to float32 - exactly what the DICOM reader computes. With
+``slope = 1, intercept = 0`` the stored values are the voxel values.
+
+Voxel dtype, chosen by measurement (BENCHMARKS.md, "Voxel dtype"): the converter stores the
+scanner's own integers (``int16`` or ``uint16``, whichever holds every stored value of the
+exam) with the phase's rescale, so a record is the size of the DICOM pixel data and exact.
+``float32`` (already rescaled, identity rescale) is the fallback for exams whose rescale varies
+from slice to slice within a phase (some Philips series) or whose stored values are not 16-bit
+integers. Rejected: float32 for every exam (twice the bytes to write, store and read: a
+4 x 96 x 256 x 256 exam is 100.7 MB instead of 50.3 MB; on the development VM writing it was
+the largest cost of conversion after decoding), float16 (overflows at 65504, steps of 2 above
+2048, which shows in subtraction images) and integers re-quantised with a per-slice scale
+(off by up to 0.02).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Labels, always in this order (heads, losses, metrics and CSV columns key off this tuple).
 LABELS = ("left_benign", "left_malignant", "right_benign", "right_malignant")
@@ -44,7 +51,9 @@ LABELS = ("left_benign", "left_malignant", "right_benign", "right_malignant")
 PHASES = ("t0", "t1", "t2", "t3")
 SPLITS = ("train", "val", "test")
 
-VOXEL_DTYPE = np.dtype("<f4")
+# Stored voxel dtypes (little-endian), by name as written in ``voxel_dtype``.
+VOXEL_DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2"), "uint16": np.dtype("<u2")}
+IDENTITY_RESCALE = (1.0, 0.0)
 
 KEY_SCHEMA_VERSION = "schema_version"
 KEY_EXAM_ID = "exam_id"
@@ -53,7 +62,9 @@ KEY_SHAPE = "shape"
 KEY_SPACING = "spacing"
 KEY_LABELS = "labels"
 KEY_PHASES = "phases"
+KEY_VOXEL_DTYPE = "voxel_dtype"
 VOLUME_KEY_PREFIX = "volume/"
+RESCALE_KEY_PREFIX = "rescale/"
 
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.csv"
@@ -67,6 +78,57 @@ def volume_key(phase: str) -> str:
     return VOLUME_KEY_PREFIX + phase
 
 
+def rescale_key(phase: str) -> str:
+    """Returns the feature key holding the ``(slope, intercept)`` of ``phase``."""
+    return RESCALE_KEY_PREFIX + volume_key(phase)[len(VOLUME_KEY_PREFIX):]
+
+
+def voxel_dtype_name(volumes: Mapping[str, np.ndarray]) -> str:
+    """The ``VOXEL_DTYPES`` name the volumes are stored as.
+
+    16-bit integer volumes (either byte order) are stored as they are; anything else
+    (float or other integer types) as float32. Raises ValueError when the phases would be
+    stored as different dtypes.
+    """
+    names = set()
+    for v in volumes.values():
+        dt = np.asarray(v).dtype
+        names.add({("i", 2): "int16", ("u", 2): "uint16"}.get((dt.kind, dt.itemsize), "float32"))
+    if len(names) != 1:
+        raise ValueError(f"All phases must share one voxel dtype. Received: {sorted(names)}")
+    return names.pop()
+
+
+def rescale_bytes(slope: float, intercept: float) -> bytes:
+    """The 16-byte ``rescale/<phase>`` value."""
+    return np.asarray([slope, intercept], "<f8").tobytes()
+
+
+def voxel_values(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored voxels -> float32 voxel values, as every reader of the records computes them."""
+    if slope == 1.0 and intercept == 0.0:
+        return np.asarray(stored).astype(np.float32)
+    return (np.asarray(stored, np.float64) * np.float64(slope) + np.float64(intercept)).astype(
+        np.float32
+    )
+
+
+def checked_rescale(phases, volumes, rescale) -> dict:
+    """``rescale`` completed with ``IDENTITY_RESCALE`` and checked (for the encoders)."""
+    rescale = dict(rescale or {})
+    unknown = set(rescale) - set(phases)
+    if unknown:
+        raise ValueError(f"rescale given for phases not stored: {sorted(unknown)}")
+    out = {}
+    for p in phases:
+        slope, intercept = (float(v) for v in rescale.get(p, IDENTITY_RESCALE))
+        if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0.0:
+            raise ValueError(f"rescale of {p} must be finite with a non-zero slope. "
+                             f"Received: {(slope, intercept)}")
+        out[p] = (slope, intercept)
+    return out
+
+
 def shard_glob(split: str) -> str:
     """Glob pattern matching every shard file of ``split`` inside a records directory."""
     return f"{split}-*-of-*.tfrecord"
@@ -78,16 +140,19 @@ def encode_example(
     volumes: Mapping[str, np.ndarray],
     spacing: Sequence[float],
     labels: Sequence[int],
+    rescale: Mapping[str, Sequence[float]] | None = None,
 ) -> bytes:
     """Serializes one exam as a ``tf.train.Example``.
 
     Args:
       exam_id: str. Pseudonymised exam id.
       patient_id: str. Pseudonymised patient id.
-      volumes: mapping phase name -> array ``(S, H, W)`` in canonical orientation. All phases
-        must share one shape. Stored in ``PHASES`` order.
+      volumes: mapping phase name -> array ``(S, H, W)`` in canonical orientation, all of one
+        dtype in ``VOXEL_DTYPES`` (stored as is) and one shape. Stored in ``PHASES`` order.
       spacing: 3 floats, mm along (slice, row, col).
       labels: 4 ints (0/1) in ``LABELS`` order.
+      rescale: optional mapping phase -> ``(slope, intercept)`` turning stored values into
+        voxel values (see ``voxel_values``); phases not given get ``IDENTITY_RESCALE``.
 
     Returns:
       The serialized example.
@@ -112,6 +177,8 @@ def encode_example(
         raise ValueError(f"labels must be 4 values in {{0,1}}. Received: {labels}")
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 values. Received: {spacing}")
+    dtype_name = voxel_dtype_name({p: volumes[p] for p in phases})
+    rescale = checked_rescale(phases, volumes, rescale)
 
     def _bytes(values):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
@@ -129,10 +196,12 @@ def encode_example(
         ),
         KEY_LABELS: _int(labels),
         KEY_PHASES: _bytes([p.encode() for p in phases]),
+        KEY_VOXEL_DTYPE: _bytes([dtype_name.encode()]),
     }
     for p in phases:
-        arr = np.ascontiguousarray(volumes[p], dtype=VOXEL_DTYPE)
+        arr = np.ascontiguousarray(volumes[p], dtype=VOXEL_DTYPES[dtype_name])
         feature[volume_key(p)] = _bytes([arr.tobytes()])
+        feature[rescale_key(p)] = _bytes([rescale_bytes(*rescale[p])])
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     # Deterministic: map entries in key order. Without it the feature order (and so the bytes)
     # changes from one process to the next, and a resumed conversion would not be
@@ -151,10 +220,49 @@ def feature_spec(phases: Sequence[str]) -> dict:
         KEY_SHAPE: tf.io.FixedLenFeature([3], tf.int64),
         KEY_SPACING: tf.io.FixedLenFeature([3], tf.float32),
         KEY_LABELS: tf.io.FixedLenFeature([len(LABELS)], tf.int64),
+        KEY_VOXEL_DTYPE: tf.io.FixedLenFeature([], tf.string),
     }
     for p in phases:
         spec[volume_key(p)] = tf.io.FixedLenFeature([], tf.string)
+        spec[rescale_key(p)] = tf.io.FixedLenFeature([], tf.string)
     return spec
+
+
+def decode_volume(raw, dtype_name, rescale, shape):
+    """One phase's stored bytes -> float32 ``(S, H, W)`` voxel values, with TF ops.
+
+    Args:
+      raw: string scalar tensor, the ``volume/<phase>`` bytes.
+      dtype_name: string scalar tensor, the record's ``voxel_dtype``.
+      rescale: string scalar tensor, the ``rescale/<phase>`` bytes.
+      shape: int32[3] tensor.
+
+    Returns:
+      float32 ``(S, H, W)``: ``float32(float64(v) * slope + intercept)``, as ``voxel_values``.
+    """
+    import tensorflow as tf
+
+    def as_float(tf_dtype):
+        return lambda: tf.cast(tf.io.decode_raw(raw, tf_dtype, little_endian=True), tf.float32)
+
+    names = list(VOXEL_DTYPES)
+    index = tf.reduce_max(
+        tf.where(tf.equal(dtype_name, tf.constant(names)), tf.range(len(names)), -1)
+    )
+    checked = tf.debugging.Assert(
+        index >= 0, ["Record voxel_dtype is not one of", names, "Received:", dtype_name]
+    )
+    with tf.control_dependencies([checked]):
+        index = tf.identity(index)
+    flat = tf.switch_case(index, [as_float(tf.as_dtype(VOXEL_DTYPES[n])) for n in names])
+    slope_intercept = tf.io.decode_raw(rescale, tf.float64, little_endian=True)
+    slope, intercept = slope_intercept[0], slope_intercept[1]
+    values = tf.cond(
+        tf.logical_and(tf.equal(slope, 1.0), tf.equal(intercept, 0.0)),
+        lambda: flat,
+        lambda: tf.cast(tf.cast(flat, tf.float64) * slope + intercept, tf.float32),
+    )
+    return tf.reshape(values, shape)
 
 
 def decode_example(serialized, phases: Sequence[str]) -> dict:
@@ -182,8 +290,9 @@ def decode_example(serialized, phases: Sequence[str]) -> dict:
         KEY_SCHEMA_VERSION: parsed[KEY_SCHEMA_VERSION][0],
     }
     for p in phases:
-        flat = tf.io.decode_raw(parsed[volume_key(p)], tf.float32, little_endian=True)
-        out[p] = tf.reshape(flat, shape)
+        out[p] = decode_volume(
+            parsed[volume_key(p)], parsed[KEY_VOXEL_DTYPE], parsed[rescale_key(p)], shape
+        )
     return out
 
 
@@ -215,10 +324,13 @@ def decode_example_numpy(serialized: bytes) -> dict:
         KEY_SPACING: np.asarray(f[KEY_SPACING].float_list.value, np.float32),
         KEY_LABELS: np.asarray(f[KEY_LABELS].int64_list.value, np.int64),
         KEY_PHASES: phases,
+        KEY_VOXEL_DTYPE: f[KEY_VOXEL_DTYPE].bytes_list.value[0].decode(),
     }
+    dtype = VOXEL_DTYPES[out[KEY_VOXEL_DTYPE]]
     for p in phases:
         raw = f[volume_key(p)].bytes_list.value[0]
-        out[p] = np.frombuffer(raw, dtype=VOXEL_DTYPE).reshape(shape).astype(np.float32)
+        slope, intercept = np.frombuffer(f[rescale_key(p)].bytes_list.value[0], "<f8")
+        out[p] = voxel_values(np.frombuffer(raw, dtype=dtype).reshape(shape), slope, intercept)
     return out
 
 

@@ -11,9 +11,10 @@ Files are read once beforehand so both passes see a warm page cache; TensorFlow 
 before timing (a one-off start-up cost, not a per-exam one). The passes alternate
 ``--repeats`` times and the median of each is reported. Prints JSON lines.
 
-``--dtype_study`` also measures, on one converted exam, the record size and the tf.data read
-cost (parse + decode_raw + reshape + cast to float32) of float32 against int16 and float16
-voxels, the figures behind the voxel dtype choice in ``tfrecords_tools/schema.py``.
+``--dtype_study`` also measures, on one converted exam, the record size, the tf.data read
+cost (parse, decode, rescale to float32) and the exactness of the converter's record (16-bit
+stored values + rescale) against float32, float16 and per-slice re-quantised int16 voxels,
+the figures behind the voxel dtype choice in ``tfrecords_tools/schema.py``.
 
   .venv/bin/python scripts/bench/ingest.py --num_patients=8 --num_workers=2 --stages --dtype_study
 """
@@ -99,60 +100,78 @@ def _convert(root, labels, out, key, workers) -> tuple:
 
 
 def _dtype_study(records_dir: str) -> None:
+    """Record size, read cost and exactness of one converted exam stored four ways.
+
+    ``stored`` is the converter's record (the DICOM's 16-bit integers + rescale) and
+    ``float32`` the same exam as float32 voxel values, both read by ``schema.decode_example``
+    (the pipeline's parser); ``float16`` and ``int16_slice_scale`` (values re-quantised with a
+    per-slice scale) are the rejected alternatives, read by an equivalent ad hoc parser.
+    """
     import numpy as np
     import tensorflow as tf
 
-    from tfrecords_tools import inspect_lib, schema
+    from tfrecords_tools import schema
 
-    _, rec = next(inspect_lib.iter_records(records_dir))
+    shard = os.path.join(records_dir, sorted(
+        f for f in os.listdir(records_dir) if f.endswith(".tfrecord"))[0])
+    stored = next(iter(tf.data.TFRecordDataset(shard))).numpy()
+    rec = schema.decode_example_numpy(stored)
     vols = {p: rec[p] for p in schema.PHASES}
+    shape = vols["t0"].shape
 
-    def example(dtype):
+    def adhoc(dtype):
         feats = {}
         for p, v in vols.items():
-            if dtype == "int16":  # Per-slice scale to hold rescaled values in 16 bits.
+            if dtype == "int16_slice_scale":
                 scale = np.maximum(np.abs(v).max(axis=(1, 2)), 1e-6) / 32767.0
                 data = np.rint(v / scale[:, None, None]).astype("<i2").tobytes()
                 feats[p + "_scale"] = tf.train.Feature(
                     float_list=tf.train.FloatList(value=scale.tolist()))
             else:
-                data = v.astype("<f4" if dtype == "float32" else "<f2").tobytes()
+                data = v.astype("<f2").tobytes()
             feats[p] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
-        return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
-
-    shape = vols["t0"].shape
-    for dtype in ("float32", "int16", "float16"):
-        serialized = example(dtype)
-        path = os.path.join(records_dir, f"dtype-{dtype}.tfrecord")
-        with tf.io.TFRecordWriter(path) as w:
-            for _ in range(8):
-                w.write(serialized)
+        serialized = tf.train.Example(features=tf.train.Features(feature=feats))
         spec = {p: tf.io.FixedLenFeature([], tf.string) for p in vols}
-        if dtype == "int16":
+        if dtype == "int16_slice_scale":
             spec.update({p + "_scale": tf.io.FixedLenFeature([shape[0]], tf.float32)
                          for p in vols})
-        tf_dtype = {"float32": tf.float32, "int16": tf.int16, "float16": tf.float16}[dtype]
+        tf_dtype = tf.int16 if dtype == "int16_slice_scale" else tf.float16
 
-        def parse(s, spec=spec, tf_dtype=tf_dtype, dtype=dtype):
+        def parse(s):
             f = tf.io.parse_single_example(s, spec)
             out = []
             for p in vols:
-                v = tf.reshape(tf.io.decode_raw(f[p], tf_dtype), shape)
-                v = tf.cast(v, tf.float32)
-                if dtype == "int16":
+                v = tf.cast(tf.reshape(tf.io.decode_raw(f[p], tf_dtype), shape), tf.float32)
+                if dtype == "int16_slice_scale":
                     v = v * f[p + "_scale"][:, None, None]
                 out.append(v)
             return tf.stack(out)
 
+        return serialized.SerializeToString(), parse
+
+    def schema_parse(s):
+        d = schema.decode_example(s, schema.PHASES)
+        return tf.stack([d[p] for p in schema.PHASES])
+
+    as_float32 = schema.encode_example("E0", "P0", vols, rec["spacing"], rec["labels"])
+    variants = {"stored": (stored, schema_parse), "float32": (as_float32, schema_parse)}
+    variants.update({d: adhoc(d) for d in ("float16", "int16_slice_scale")})
+    truth = np.stack(list(vols.values()))
+    for dtype, (serialized, parse) in variants.items():
+        path = os.path.join(records_dir, f"dtype-{dtype}.tfrecord")
+        with tf.io.TFRecordWriter(path) as w:
+            for _ in range(8):
+                w.write(serialized)
         ds = tf.data.TFRecordDataset(path).map(parse).repeat(4)
         for _ in ds.take(2):
             pass
         start = time.perf_counter()
         n = sum(1 for _ in ds)
         per_exam = (time.perf_counter() - start) / n
-        err = float(np.max(np.abs(parse(serialized).numpy() - np.stack(list(vols.values())))))
+        err = float(np.max(np.abs(parse(tf.constant(serialized)).numpy() - truth)))
         _emit(what="dtype", dtype=dtype, record_mb=len(serialized) / 1e6,
               read_ms_per_exam=per_exam * 1e3, max_abs_error=err)
+        os.unlink(path)
 
 
 def _stages(exam_dir: str, repeats: int = 4) -> None:
@@ -176,9 +195,11 @@ def _stages(exam_dir: str, repeats: int = 4) -> None:
         state = {}
         steps = [
             ("bare_decode", lambda: [pydicom.dcmread(f).pixel_array for f in files]),
-            ("load_exam", lambda: state.update(exam=dicom_reader.load_exam(exam_dir))),
+            ("load_exam", lambda: state.update(
+                exam=dicom_reader.load_exam(exam_dir, keep_stored=True))),
             ("encode", lambda: state.update(record=record_encoder.encode_record(
-                "E0", "P0", state["exam"].volumes, state["exam"].spacing, (0, 0, 0, 0)))),
+                "E0", "P0", state["exam"].volumes, state["exam"].spacing, (0, 0, 0, 0),
+                state["exam"].rescale))),
             ("cache_write", lambda: convert_lib._frame_record(rec, state["record"])),
             ("shard_copy", copy),
             ("cleanup", lambda: (os.unlink(shard))),
