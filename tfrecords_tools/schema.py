@@ -257,12 +257,34 @@ def decode_volume(raw, dtype_name, rescale, shape):
     flat = tf.switch_case(index, [as_float(tf.as_dtype(VOXEL_DTYPES[n])) for n in names])
     slope_intercept = tf.io.decode_raw(rescale, tf.float64, little_endian=True)
     slope, intercept = slope_intercept[0], slope_intercept[1]
-    values = tf.cond(
-        tf.logical_and(tf.equal(slope, 1.0), tf.equal(intercept, 0.0)),
+    identity = tf.logical_and(tf.equal(slope, 1.0), tf.equal(intercept, 0.0))
+    branch = tf.where(identity, 0, tf.where(_float32_exact(slope, intercept), 1, 2))
+    values = tf.switch_case(branch, [
         lambda: flat,
+        lambda: flat * tf.cast(slope, tf.float32) + tf.cast(intercept, tf.float32),
         lambda: tf.cast(tf.cast(flat, tf.float64) * slope + intercept, tf.float32),
-    )
+    ])
     return tf.reshape(values, shape)
+
+
+def _float32_exact(slope, intercept):
+    """True where float32 arithmetic gives ``voxel_values``' float64 result for 16-bit values.
+
+    With at most 8 significant bits in ``slope`` (2^-28 <= |slope| < 2^28) every ``v * slope``
+    of a 16-bit ``v`` is exact in float32, and with an integer ``intercept`` (|intercept| <
+    2^24) the sum is exact in float64, so both paths round the same exact value once. Typical
+    rescales (1, 0.5, 1.6875; intercepts 0, -1024) qualify; arbitrary decimal slopes do not
+    and take the float64 path.
+    """
+    import tensorflow as tf
+
+    bits = tf.bitcast(slope, tf.int64)
+    few_bits = tf.equal(tf.bitwise.bitwise_and(bits, tf.constant((1 << 45) - 1, tf.int64)), 0)
+    magnitude = tf.abs(slope)
+    in_range = tf.logical_and(magnitude >= 2.0**-28, magnitude < 2.0**28)
+    integer = tf.logical_and(tf.equal(intercept, tf.round(intercept)),
+                             tf.abs(intercept) < 2.0**24)
+    return tf.logical_and(tf.logical_and(few_bits, in_range), integer)
 
 
 def decode_example(serialized, phases: Sequence[str]) -> dict:
