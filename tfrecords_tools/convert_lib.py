@@ -413,8 +413,9 @@ def _assemble_shard(job) -> str:
 
     ``job`` is ``(output_dir, shard name, cached record paths, move_first)``. With
     ``move_first`` (every exam converted, so the cache is dropped afterwards anyway) the first
-    record's cache file is renamed into the shard and only the others are copied; a run killed
-    during assembly then converts those exams again.
+    record's cache file is renamed into the shard, only the others are copied, and their cache
+    files are removed once the shard is complete; a run killed during assembly then converts
+    those exams again.
     """
     output_dir, name, paths, move_first = job
     tmp = os.path.join(output_dir, f".{name}.tmp")
@@ -428,6 +429,8 @@ def _assemble_shard(job) -> str:
             _sync(out.fileno())
             _release(out.fileno())
         os.replace(tmp, os.path.join(output_dir, name))
+        for path in paths[1:]:  # The cache goes anyway; dropping it here runs in parallel.
+            os.unlink(path)
         return name
     if len(paths) == 1:
         # One record (exams of half the shard size or more): the cached file already is the

@@ -1,7 +1,7 @@
 """Input pipeline throughput against a raw sequential read of the same shard files.
 
-Writes synthetic records (all four phases stored, as the converter writes them) unless given a
-records directory, then measures in one run, alternating:
+Writes synthetic records (all four phases stored as 16-bit integers with a rescale, as the
+converter writes them) unless given a records directory, then measures in one run, alternating:
 
 * ``raw_read``: plain ``readinto`` of every shard file of the split, 8 MiB at a time;
 * ``tfrecord_read``: ``TFRecordDataset`` over the same files (parallel interleave as in the
@@ -68,13 +68,16 @@ def write_synthetic_records(
     exams = []
     shape = (slices, height, width)
     for i in range(num_exams):
-        base = rng.gamma(2.0, 150.0, size=shape).astype(np.float32)
-        volumes = {p: base * (1.0 + 0.3 * k) for k, p in enumerate(schema.PHASES)}
+        base = rng.gamma(2.0, 150.0, size=shape)
+        # As the converter writes them: the scanner's 16-bit integers with a rescale.
+        volumes = {p: np.rint(base * (1.0 + 0.3 * k)).astype(np.int16)
+                   for k, p in enumerate(schema.PHASES)}
+        rescale = {p: (1.6875, -16.0) for p in schema.PHASES}
         labels = [int(v) for v in rng.integers(0, 2, size=4)]
         exam_id, patient_id = f"bench{i:05d}", f"benchpatient{i:05d}"
-        writers[i % num_shards].write(
-            schema.encode_example(exam_id, patient_id, volumes, (3.0, 0.7, 0.7), labels)
-        )
+        writers[i % num_shards].write(schema.encode_example(
+            exam_id, patient_id, volumes, (3.0, 0.7, 0.7), labels, rescale
+        ))
         exams.append(
             {"exam_id": exam_id, "patient_id": patient_id, "labels": labels, "shape": list(shape)}
         )
