@@ -240,6 +240,16 @@ def _write_pending(path: str, record: bytes) -> str:
     return tmp
 
 
+def _sync_release_rename(tmp: str, path: str) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        _sync(fd)
+        _release(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def _publish(tmp: str, rec_path: str, meta_path: str, meta: dict) -> None:
     """Makes a written record a cache entry: sync, drop from the page cache, rename, meta.
 
@@ -247,13 +257,7 @@ def _publish(tmp: str, rec_path: str, meta_path: str, meta: dict) -> None:
     (record + meta file) never names a record that was not completely written. By the time a
     record is published its write-back has usually finished, so the sync rarely waits.
     """
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        _sync(fd)
-        _release(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, rec_path)
+    _sync_release_rename(tmp, rec_path)
     _atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
 
 
@@ -264,14 +268,7 @@ def _publish_pending() -> None:
 
 def _frame_record(path: str, record: bytes) -> None:
     """Writes ``record`` as a one-record TFRecord file at ``path`` and publishes it at once."""
-    tmp = _write_pending(path, record)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        _sync(fd)
-        _release(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    _sync_release_rename(_write_pending(path, record), path)
 
 
 def _convert_one(task: _Task) -> dict:

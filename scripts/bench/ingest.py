@@ -47,6 +47,10 @@ flags.DEFINE_integer("repeats", 3, "Alternating repetitions of both passes (medi
 flags.DEFINE_string("work_dir", "", "Where the cohort and records go; default a temp dir.")
 flags.DEFINE_bool("dtype_study", False, "Also measure record size/read cost per voxel dtype.")
 flags.DEFINE_bool("keep", False, "Keep the work dir.")
+flags.DEFINE_bool("page_cache_study", False,
+                  "Also measure the system time of writing 100 MB files into fresh page cache "
+                  "against writing them into pages just freed (why the converter releases "
+                  "what it writes).")
 flags.DEFINE_bool("stages", False,
                   "Also time each stage on one exam in this process (steady state, after a "
                   "warm-up exam): bare decode vs read, encode, cache write, shard copy.")
@@ -174,6 +178,38 @@ def _dtype_study(records_dir: str) -> None:
         os.unlink(path)
 
 
+def _page_cache_study(base: str, files: int = 12, mb: int = 100) -> None:
+    """System seconds per 100 MB written: fresh page cache, then pages freed just before.
+
+    Round 1 writes ``files`` new files (the page cache grows); they are deleted and round 2
+    writes as many again, into the pages just freed. A third round writes each file, syncs it
+    and drops it from the page cache before the next, as the converter does.
+    """
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 255, size=mb << 20, dtype=np.uint8).tobytes()
+    tmp = tempfile.mkdtemp(prefix="page-cache-", dir=base)
+
+    def system_seconds(release: bool) -> float:
+        total = 0.0
+        for i in range(files):
+            r0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+            with open(os.path.join(tmp, f"f{i}"), "wb") as f:
+                f.write(data)
+                if release:
+                    f.flush()
+                    os.fdatasync(f.fileno())
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            total += resource.getrusage(resource.RUSAGE_SELF).ru_stime - r0
+        for i in range(files):
+            os.unlink(os.path.join(tmp, f"f{i}"))
+        return total / files * 100 / mb
+
+    for name, release in (("fresh", False), ("reused", False), ("sync_and_release", True)):
+        _emit(what="page_cache", write=name, system_s_per_100mb=round(system_seconds(release), 4))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _stages(exam_dir: str, repeats: int = 4) -> None:
     """Per-stage CPU seconds of one exam, median of repeats after a warm-up."""
     import numpy as np
@@ -286,6 +322,8 @@ def main(argv):
         _dtype_study(out)
     if FLAGS.stages:
         _stages(exams[0])
+    if FLAGS.page_cache_study:
+        _page_cache_study(base)
     if not FLAGS.keep and not FLAGS.work_dir:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -14,8 +14,8 @@ converter writes them) unless given a records directory, then measures in one ru
 once with the files in the page cache (``warm``: the raw read is a memory copy) and once with
 them dropped from it before each read (``cold``: both read the disk).
 
-Usage: ``python scripts/bench/pipeline_bench.py [--num_exams=24] [--slices=16] ...`` prints one
-JSON object per line. ``scripts/bench/model.py`` imports :func:`measure_pipeline`.
+Usage: ``python scripts/bench/pipeline_bench.py [--num_exams=24] [--slices=16] [--stages] ...``
+prints one JSON object per line (``--stages`` first adds the CPU cost of each pipeline stage). ``scripts/bench/model.py`` imports :func:`measure_pipeline`.
 """
 
 from __future__ import annotations
@@ -293,12 +293,94 @@ def measure_pipeline(
     return results
 
 
+def measure_stages(records_dir: str | None = None, slices: int = 16, height: int = 224,
+                   width: int = 224, num_exams: int = 48, input_variant: str = "t2-t0",
+                   repeats: int = 3) -> list:
+    """CPU ms per exam of the training pipeline built up one stage at a time (warm cache).
+
+    Stages, each including the ones before: ``read`` (interleaved ``TFRecordDataset``),
+    ``parse`` (``schema.decode_example`` of the phases the input needs: parse, decode,
+    rescale), ``preprocess`` (input variant + z-score), ``augment`` (flip + 0.9 crop),
+    ``batch`` (``batch(1)`` + prefetch), then ``make_dataset`` itself (adds the record
+    shuffle buffer, the schema-version check and the label targets).
+
+    Returns:
+      one ``{"benchmark": "pipeline_stage", "stage", "cpu_ms_per_exam", "exams_per_s"}`` per
+      stage (median of ``repeats`` epochs after a warm-up epoch).
+    """
+    import tensorflow as tf
+
+    from mri_keras import constants, input_pipeline
+    from mri_keras.config import InputConfig
+    from tfrecords_tools import schema
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pipeline_stages_") as tmp:
+        if records_dir is None:
+            records_dir = write_synthetic_records(tmp, num_exams, slices, height, width)
+        files = _split_files(records_dir, "train", input_variant)
+        config = InputConfig(input_variant=input_variant, flip=True, crop=0.9)
+        phases = constants.phases_needed(input_variant)
+        auto = tf.data.AUTOTUNE
+
+        def read():
+            return tf.data.Dataset.from_tensor_slices(files).interleave(
+                tf.data.TFRecordDataset, cycle_length=min(len(files), 4), num_parallel_calls=auto)
+
+        def parse(record):
+            d = schema.decode_example(record, phases)
+            return {p: d[p] for p in phases}, d[schema.KEY_LABELS]
+
+        def preprocess(record):
+            volumes, labels = parse(record)
+            return input_pipeline.preprocess(volumes, config), labels
+
+        def augment(record, seed):
+            return input_pipeline.augment(*preprocess(record), seed, config)
+
+        def augmented():
+            seeds = tf.data.Dataset.random(seed=0).batch(2)
+            return tf.data.Dataset.zip((read(), seeds)).map(augment, num_parallel_calls=auto)
+
+        chains = {
+            "read": read,
+            "parse": lambda: read().map(parse, num_parallel_calls=auto),
+            "preprocess": lambda: read().map(preprocess, num_parallel_calls=auto),
+            "augment": augmented,
+            "batch": lambda: augmented().batch(1).prefetch(auto),
+            "make_dataset": lambda: input_pipeline.make_dataset(
+                records_dir, "train", config, training=True),
+        }
+        for stage, make in chains.items():
+            runs = []
+            for _ in range(repeats + 1):
+                start, cpu = time.perf_counter(), time.process_time()
+                count = sum(1 for _ in make())
+                runs.append((time.perf_counter() - start, time.process_time() - cpu, count))
+            wall = statistics.median(r[0] for r in runs[1:])
+            cpu = statistics.median(r[1] for r in runs[1:])
+            count = runs[-1][2]
+            results.append(dict(
+                benchmark="pipeline_stage", stage=stage, cache="warm",
+                cpu_ms_per_exam=round(1e3 * cpu / count, 2),
+                exams_per_s=round(count / wall, 1), exams=count,
+                load_avg_1min=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            ))
+    return results
+
+
 def main(argv):
     from absl import app, flags
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    if f.stages:
+        for result in measure_stages(
+            records_dir=f.records_dir, slices=f.slices, height=f.height, width=f.width,
+            num_exams=f.num_exams, input_variant=f.input_variant, repeats=f.repeats,
+        ):
+            print(json.dumps(result), flush=True)
     for result in measure_pipeline(
         records_dir=f.records_dir,
         slices=f.slices,
@@ -327,6 +409,8 @@ def _define_flags():
     flags.DEFINE_string("input_variant", "t2-t0", "Input variant.")
     flags.DEFINE_integer("repeats", 3, "Timed epochs per measurement (median reported).")
     flags.DEFINE_boolean("cold", True, "Also measure with the files dropped from the page cache.")
+    flags.DEFINE_boolean("stages", False, "First, CPU ms per exam as the pipeline is built up "
+                         "stage by stage (warm cache).")
 
 
 if __name__ == "__main__":
