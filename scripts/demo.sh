@@ -87,6 +87,14 @@ step 2 "Convert DICOM -> TFRecords (patient-level splits, pseudonymised ids)"
 if [ -f "$RECORDS/manifest.json" ] && [ ! -d "$RECORDS/.work" ]; then
   echo "Reusing $RECORDS"
 else
+  if [ ! -f "$PRIVATE/pseudonym.key" ]; then
+    # Synthetic cohort only: a key derived from the seed, so the pseudonyms, the patient splits
+    # and the record order (and with them the demo's figures) are the same on every machine.
+    # With a real archive let the converter draw a random key, and keep it private.
+    mkdir -p "$PRIVATE"
+    "$PY" -c "import hashlib, sys; print(hashlib.sha256(b'mri_keras synthetic demo, seed ' + sys.argv[1].encode()).hexdigest())" "$SEED" > "$PRIVATE/pseudonym.key"
+    chmod 600 "$PRIVATE/pseudonym.key"
+  fi
   "$PY" -m tfrecords_tools.convert --dicom_root="$COHORT" --labels="$COHORT/labels.csv" \
     --output_dir="$RECORDS" --pseudonym_key_file="$PRIVATE/pseudonym.key" \
     --id_map="$PRIVATE/id_map.csv" --seed="$SEED"
