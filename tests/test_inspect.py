@@ -9,6 +9,7 @@ canonical arrays the converter must produce.
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -106,6 +107,7 @@ def test_summary_verify_and_pngs(converted, tmp_path):
         s = m["splits"][split]
         assert f"{split:<6} {s['num_exams']:>6} {s['num_patients']:>8}" in text
     assert "shape (S x H x W): 8 x 32 x 32" in text
+    assert re.search(r"stored voxels: u?int16 \d+ exams", text), text
     assert f"verified: {len(cohort.exams)} records match the manifest" in text
     assert f"failures: 0 of {len(cohort.exams)} labelled exams" in text
     n = inspect_lib.export_png(str(base / "out"), str(tmp_path), max_exams=2)

@@ -60,6 +60,10 @@ def summary(records_dir: str, verify: bool = False) -> str:
                      f"{len(s['shards']):>6} {size:>9.1f}  {counts}")
     lines.append(f"shape (S x H x W): {_range(m['shapes'])}")
     lines.append(f"spacing mm (slice x row x col): {_range(m['spacings'])}")
+    dtypes = m.get("voxel_dtypes") or {}
+    lines.append("stored voxels: " + (", ".join(
+        f"{name} {count} exams" for name, count in dtypes.items()
+    ) or "none") + " (readers apply each phase's rescale: float32 voxel values)")
     failures = read_failures(records_dir)
     lines.append(f"failures: {len(failures)} of {m.get('num_labelled', '?')} labelled exams")
     for exam, reason in failures:
