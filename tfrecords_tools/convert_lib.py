@@ -554,6 +554,7 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
     for name in os.listdir(work_dir):  # Records a killed run never published.
         if ".tmp-" in name:
             os.unlink(os.path.join(work_dir, name))
+    _PENDING.clear()  # Left by an earlier conversion in this process that raised.
     options = dicom_reader.ReaderOptions(max_obliquity_deg=config.max_obliquity_deg)
 
     tasks, cached, by_exam = [], [], {}
