@@ -291,7 +291,21 @@ def test_broken_exams_go_to_failures_others_written_and_nothing_identifying(tmp_
     blobs = [log.getvalue().encode()]
     for dirpath, _, files in os.walk(out):
         blobs += [open(os.path.join(dirpath, n), "rb").read() for n in files]
-    assert any(os.path.join(dp, "x") for dp, _, _ in os.walk(out / ".work"))  # Cache kept.
+    # Cache kept for the good exams, every entry published (record + meta, no temporary file):
+    # the workers' last records are published by the parent.
+    cached = sorted(os.listdir(out / ".work"))
+    assert not [n for n in cached if ".tmp-" in n], cached
+    assert sorted(n for n in cached if n.endswith(".tfrecord")) == sorted(
+        n[: -len(".json")] + ".tfrecord" for n in cached if n.endswith(".json"))
+    assert len([n for n in cached if n.endswith(".tfrecord")]) == 3
+    # Two worker processes: same records, and each worker's last record published too.
+    two = convert(_config(tmp_path, root, "two", num_workers=2), stream=io.StringIO())
+    assert two.num_converted == 3
+    assert b"".join(_shard_bytes(tmp_path / "two").values()) == b"".join(
+        _shard_bytes(out).values())
+    cached_two = sorted(os.listdir(tmp_path / "two" / ".work"))
+    assert len([n for n in cached_two if n.endswith(".tfrecord")]) == 3
+    assert not [n for n in cached_two if ".tmp-" in n], cached_two
     for ident in ids:
         for blob in blobs:
             assert ident.encode() not in blob, f"{ident!r} leaked"
