@@ -87,7 +87,7 @@ def encode_parts(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 values. Received: {spacing}")
     dtype_name = schema.voxel_dtype_name({p: volumes[p] for p in phases})
-    rescale = schema.checked_rescale(phases, volumes, rescale)
+    rescale = schema.checked_rescale(phases, rescale)
 
     features = {
         schema.KEY_SCHEMA_VERSION: _int64_feature([schema.SCHEMA_VERSION]),

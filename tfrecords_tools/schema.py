@@ -113,7 +113,7 @@ def voxel_values(stored: np.ndarray, slope: float, intercept: float) -> np.ndarr
     )
 
 
-def checked_rescale(phases, volumes, rescale) -> dict:
+def checked_rescale(phases, rescale) -> dict:
     """``rescale`` completed with ``IDENTITY_RESCALE`` and checked (for the encoders)."""
     rescale = dict(rescale or {})
     unknown = set(rescale) - set(phases)
@@ -178,7 +178,7 @@ def encode_example(
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 values. Received: {spacing}")
     dtype_name = voxel_dtype_name({p: volumes[p] for p in phases})
-    rescale = checked_rescale(phases, volumes, rescale)
+    rescale = checked_rescale(phases, rescale)
 
     def _bytes(values):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))

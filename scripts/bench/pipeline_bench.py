@@ -295,7 +295,7 @@ def measure_pipeline(
 
 def measure_stages(records_dir: str | None = None, slices: int = 16, height: int = 224,
                    width: int = 224, num_exams: int = 48, input_variant: str = "t2-t0",
-                   repeats: int = 3) -> list:
+                   repeats: int = 3, split: str = "train") -> list:
     """CPU ms per exam of the training pipeline built up one stage at a time (warm cache).
 
     Stages, each including the ones before: ``read`` (interleaved ``TFRecordDataset``),
@@ -318,7 +318,7 @@ def measure_stages(records_dir: str | None = None, slices: int = 16, height: int
     with tempfile.TemporaryDirectory(prefix="pipeline_stages_") as tmp:
         if records_dir is None:
             records_dir = write_synthetic_records(tmp, num_exams, slices, height, width)
-        files = _split_files(records_dir, "train", input_variant)
+        files = _split_files(records_dir, split, input_variant)
         config = InputConfig(input_variant=input_variant, flip=True, crop=0.9)
         phases = constants.phases_needed(input_variant)
         auto = tf.data.AUTOTUNE
@@ -349,7 +349,7 @@ def measure_stages(records_dir: str | None = None, slices: int = 16, height: int
             "augment": augmented,
             "batch": lambda: augmented().batch(1).prefetch(auto),
             "make_dataset": lambda: input_pipeline.make_dataset(
-                records_dir, "train", config, training=True),
+                records_dir, split, config, training=True),
         }
         for stage, make in chains.items():
             runs = []
@@ -379,6 +379,7 @@ def main(argv):
         for result in measure_stages(
             records_dir=f.records_dir, slices=f.slices, height=f.height, width=f.width,
             num_exams=f.num_exams, input_variant=f.input_variant, repeats=f.repeats,
+            split=f.split,
         ):
             print(json.dumps(result), flush=True)
     for result in measure_pipeline(
