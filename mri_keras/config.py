@@ -29,6 +29,14 @@ class ModelConfig:
         `remat_chunk` slices by chunk (TF backend only). Defaults to 0 (off).
       dtype_policy: str. Keras dtype policy ("float32", "mixed_bfloat16", "mixed_float16");
         heads always compute in float32. Defaults to "float32".
+      init: str. Weight initialisation: "glorot" (Keras' default, the paper's code) or
+        "he_zero_residual" (He-normal convolutions, and the last layer of every residual
+        branch zeroed so each residual block starts as the identity). Defaults to "glorot".
+      norm: str. Normalisation inside the convolutional blocks: "none" (the paper) or "group"
+        (GroupNormalization after every convolution of the stem and the residual branches;
+        per-exam statistics, so it works with one exam per batch). Defaults to "none".
+      norm_groups: int. Groups of each GroupNormalization (capped by, and dividing, the
+        channel count). Defaults to 8.
     """
 
     width: int = 64
@@ -39,6 +47,9 @@ class ModelConfig:
     slice_mode: str = "fold"
     remat_chunk: int = 0
     dtype_policy: str = "float32"
+    init: str = "glorot"
+    norm: str = "none"
+    norm_groups: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +68,9 @@ class InputConfig:
         fraction of each in-plane side in (0, 1]. None disables. Defaults to None.
       crop_slices: int. Train-only random crop along slices to this many slices (0 disables).
         Defaults to 0.
-      shuffle_buffer: int. Exams in the train shuffle buffer. Defaults to 64.
+      shuffle_buffer: int. Exams in the train shuffle buffer; 0 holds the whole training
+        split (its serialized records), which makes every epoch a uniformly random
+        permutation of all training exams whatever the sharding. Defaults to 64.
       seed: int. Seed of shuffling and augmentation. Defaults to 0.
     """
 
@@ -76,4 +89,9 @@ class InputConfig:
             raise ValueError(
                 "normalization must be 'zscore' or 'percentile'. "
                 f"Received: normalization={self.normalization!r}"
+            )
+        if not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
+            raise ValueError(
+                "shuffle_buffer must be an int >= 0 (0: the whole split). "
+                f"Received: shuffle_buffer={self.shuffle_buffer!r}"
             )

@@ -16,6 +16,11 @@ INPUT_VARIANTS = ("t0", "t1", "t2", "t3", "t1-t0", "t2-t0", "t3-t0")
 # Flagfile-friendly aliases (configs/t2sub.flags uses --input=t2sub).
 INPUT_ALIASES = {"t1sub": "t1-t0", "t2sub": "t2-t0", "t3sub": "t3-t0"}
 
+# Training options beyond the paper (the paper: "glorot", "none", "constant").
+INITS = ("glorot", "he_zero_residual")
+NORMS = ("none", "group")
+LR_SCHEDULES = ("constant", "cosine")
+
 
 def canonical_input(name: str) -> str:
     """Maps an input variant or alias (``t2sub``) to its canonical name (``t2-t0``)."""

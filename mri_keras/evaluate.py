@@ -312,8 +312,11 @@ def define_flags():
 def main(argv):
     from absl import app, flags
 
+    from tfrecords_tools import memory
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    memory.tune_malloc()  # Reuse freed exam-sized blocks (tfrecords_tools.memory).
     f = flags.FLAGS
     try:  # Bad input (no model, no manifest, a bad split...): a message, not a traceback.
         config = EvalConfig(

@@ -153,7 +153,25 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     # Recipe.
     flags.DEFINE_integer("epochs", 50, "Passes over the training exams.", lower_bound=1, **fv)
-    flags.DEFINE_float("learning_rate", 1e-5, "Adam learning rate.", lower_bound=0.0, **fv)
+    flags.DEFINE_float(
+        "learning_rate", 1e-5, "Adam learning rate (the peak of a schedule).", lower_bound=0.0,
+        **fv,
+    )
+    flags.DEFINE_enum(
+        "lr_schedule",
+        "constant",
+        list(constants.LR_SCHEDULES),
+        "constant (the paper) or cosine (decay to 0 over the run after the warm-up; a resumed "
+        "run then keeps its --epochs).",
+        **fv,
+    )
+    flags.DEFINE_float(
+        "warmup_epochs",
+        0.0,
+        "Epochs of linear learning-rate warm-up at the start (0: none).",
+        lower_bound=0.0,
+        **fv,
+    )
     flags.DEFINE_float(
         "train_fraction",
         1.0,
@@ -196,7 +214,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         **fv,
     )
     flags.DEFINE_integer(
-        "shuffle_buffer", 64, "Training exams in the shuffle buffer.", lower_bound=1, **fv
+        "shuffle_buffer",
+        64,
+        "Training exams in the shuffle buffer; 0 buffers the whole training split (its "
+        "records' bytes in memory), so every epoch is a true random permutation.",
+        lower_bound=0,
+        **fv,
     )
     # Model.
     flags.DEFINE_integer(
@@ -222,6 +245,25 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         lower_bound=0.0,
         upper_bound=1.0,
         **fv,
+    )
+    flags.DEFINE_enum(
+        "init",
+        "glorot",
+        list(constants.INITS),
+        "Initialisation: glorot (Keras' default, the paper) or he_zero_residual (He-normal, "
+        "each residual block the identity at the start).",
+        **fv,
+    )
+    flags.DEFINE_enum(
+        "norm",
+        "none",
+        list(constants.NORMS),
+        "none (the paper) or group: GroupNormalization after every convolution of the stem "
+        "and residual branches (per-exam statistics; works with one exam per batch).",
+        **fv,
+    )
+    flags.DEFINE_integer(
+        "norm_groups", 8, "Groups per GroupNormalization (--norm=group).", lower_bound=1, **fv
     )
     flags.DEFINE_enum(
         "slice_mode",
@@ -354,6 +396,9 @@ def train_config_from_flags(fv: flags.FlagValues = flags.FLAGS):
         slice_mode=fv.slice_mode,
         remat_chunk=fv.remat,
         dtype_policy=_PRECISIONS[fv.mixed_precision],
+        init=fv.init,
+        norm=fv.norm,
+        norm_groups=fv.norm_groups,
     )
     inputs = config_lib.InputConfig(
         input_variant=fv.input,
@@ -372,6 +417,8 @@ def train_config_from_flags(fv: flags.FlagValues = flags.FLAGS):
         input=inputs,
         epochs=fv.epochs,
         learning_rate=fv.learning_rate,
+        lr_schedule=fv.lr_schedule,
+        warmup_epochs=fv.warmup_epochs,
         train_fraction=fv.train_fraction,
         seed=fv.seed,
         strategy=fv.strategy,

@@ -341,6 +341,14 @@ def shard_files(records_dir: str, split: str, input_variant: str) -> Tuple[list,
     return paths, manifest
 
 
+def split_size(manifest: dict, split: str) -> int:
+    """Exams in ``split`` according to the manifest (its exam list, else its count)."""
+    entry = manifest.get("splits", {}).get(split, {})
+    if entry.get("exams") is not None:
+        return len(entry["exams"])
+    return int(entry.get("num_exams", 0))
+
+
 def _checked_exam_ids(exam_ids: Iterable[str], manifest: dict, records_dir: str, split: str):
     ids = sorted({e.decode() if isinstance(e, bytes) else str(e) for e in exam_ids})
     if not ids:
@@ -394,7 +402,8 @@ def make_dataset(
       label -> float32 ``(1, 2)`` one-hot (``labels_to_targets``). With a seed (the default),
       the stream is the same on every run: same exams in the same order with the same
       augmentations. The train shuffle buffer holds ``config.shuffle_buffer`` serialized
-      records, so its memory is that many exams' record size.
+      records (all of the split's with 0, a true per-pass permutation), so its memory is that
+      many exams' record size.
 
     Raises:
       FileNotFoundError, ValueError: see ``shard_files``; also a bad ``crop``/``exam_ids``.
@@ -442,7 +451,10 @@ def make_dataset(
 
         ds = ds.filter(wanted)
     if training:
-        ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        buffer = config.shuffle_buffer
+        if buffer == 0:  # The whole split: each pass is a uniform random permutation.
+            buffer = len(keep) if keep is not None else split_size(manifest, split)
+        ds = ds.shuffle(max(1, buffer), seed=seed, reshuffle_each_iteration=True)
         # Two int64 per exam seed its augmentation; the stream is re-drawn each pass and
         # differs between input pipelines.
         aug_seed = None if not seeded else seed * 1_000_003 + pipeline_id

@@ -32,6 +32,8 @@ from mri_keras.config import ModelConfig
 
 SLICE_MODES = ("fold", "time_distributed")
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+INITS = constants.INITS
+NORMS = constants.NORMS
 STAGE_MULTIPLIERS = (1, 2, 4, 8)
 
 
@@ -145,9 +147,80 @@ def validate_config(config: ModelConfig) -> None:
             f"dtype_policy must be one of {DTYPE_POLICIES}. "
             f"Received: dtype_policy={config.dtype_policy!r}"
         )
+    if config.init not in INITS:
+        raise ValueError(f"init must be one of {INITS}. Received: init={config.init!r}")
+    if config.norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}. Received: norm={config.norm!r}")
+    _check_positive_int("norm_groups", config.norm_groups)
 
 
-def apply_basic_block(x, filters, stride, name, dtype=None):
+def _groups(channels: int, groups: int) -> int:
+    """The largest divisor of ``channels`` that is <= ``groups`` (GroupNormalization needs one)."""
+    g = max(1, min(groups, channels))
+    while channels % g:
+        g -= 1
+    return g
+
+
+class _Blocks:
+    """How the convolutional layers of one model are made (initialisation and normalisation).
+
+    ``init="glorot"`` passes no initialiser (Keras' defaults: the paper's model, and the same
+    random draws as before these options existed). ``"he_zero_residual"``: He-normal kernels,
+    and the last layer of each residual branch starts at zero (its conv kernel, or with
+    ``norm="group"`` its normalisation's scale), so every residual block is the identity at
+    initialisation (Goyal et al. 2017; Zhang et al., Fixup 2019).
+    """
+
+    def __init__(self, init="glorot", norm="none", groups=8, dtype=None):
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}. Received: init={init!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}. Received: norm={norm!r}")
+        self.init, self.norm, self.groups, self.dtype = init, norm, groups, dtype
+
+    def conv(self, rank, filters, kernel, name, *, strides=1, relu=False, last=False):
+        """Returns ``f(x)``: conv (+ GroupNorm) (+ ReLU). ``last``: the residual branch's end."""
+        kwargs = {}
+        if self.init == "he_zero_residual":
+            zero_kernel = last and self.norm == "none"
+            kwargs["kernel_initializer"] = "zeros" if zero_kernel else "he_normal"
+        conv_cls = layers.Conv2D if rank == 2 else layers.Conv3D
+        plain_relu = relu and self.norm == "none"
+        conv = conv_cls(
+            filters, kernel, strides=strides, padding="same",
+            activation="relu" if plain_relu else None, name=name, dtype=self.dtype, **kwargs,
+        )
+        norm = None
+        if self.norm == "group":
+            gamma = "zeros" if (last and self.init == "he_zero_residual") else "ones"
+            norm = layers.GroupNormalization(
+                groups=_groups(filters, self.groups), gamma_initializer=gamma,
+                name=f"{name}_gn", dtype=self.dtype,
+            )
+
+        def apply(x):
+            y = conv(x)
+            if norm is not None:
+                y = norm(y)
+                if relu:
+                    y = layers.ReLU(name=f"{name}_relu", dtype=self.dtype)(y)
+            return y
+
+        return apply
+
+    def shortcut(self, rank, filters, strides, name):
+        """A 1x1 projection of the shortcut (no normalisation)."""
+        kwargs = {}
+        if self.init == "he_zero_residual":
+            kwargs["kernel_initializer"] = "he_normal"
+        conv_cls = layers.Conv2D if rank == 2 else layers.Conv3D
+        return conv_cls(
+            filters, 1, strides=strides, padding="same", name=name, dtype=self.dtype, **kwargs
+        )
+
+
+def apply_basic_block(x, filters, stride, name, dtype=None, blocks=None):
     """A ResNet basic block without batch norm: two 3x3 convs and a residual connection.
 
     Args:
@@ -156,6 +229,8 @@ def apply_basic_block(x, filters, stride, name, dtype=None):
       stride: int. 1 or 2; stride of the first conv (and of the shortcut).
       name: str. Prefix of every layer name.
       dtype: str or None. Keras dtype policy of the block's layers. Defaults to None (global).
+      blocks: optional ``_Blocks`` (initialisation and normalisation). Defaults to Keras'
+        initialisers and no normalisation (the paper).
 
     Returns:
       Tensor (n, ceil(h/stride), ceil(w/stride), filters).
@@ -163,22 +238,18 @@ def apply_basic_block(x, filters, stride, name, dtype=None):
     _check_positive_int("filters", filters)
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2. Received: stride={stride!r}")
+    blocks = blocks or _Blocks(dtype=dtype)
     shortcut = x
-    y = layers.Conv2D(
-        filters, 3, strides=stride, padding="same", activation="relu",
-        name=f"{name}_conv1", dtype=dtype,
-    )(x)
-    y = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv2", dtype=dtype)(y)
+    y = blocks.conv(2, filters, 3, f"{name}_conv1", strides=stride, relu=True)(x)
+    y = blocks.conv(2, filters, 3, f"{name}_conv2", last=True)(y)
     if stride != 1 or x.shape[-1] != filters:
         # Projection shortcut where the shape changes (first block of stages 2-4).
-        shortcut = layers.Conv2D(
-            filters, 1, strides=stride, padding="same", name=f"{name}_proj", dtype=dtype
-        )(x)
+        shortcut = blocks.shortcut(2, filters, stride, f"{name}_proj")(x)
     y = layers.Add(name=f"{name}_add", dtype=dtype)([y, shortcut])
     return layers.ReLU(name=f"{name}_out", dtype=dtype)(y)
 
 
-def apply_residual_block_3d(x, filters, name, dtype=None):
+def apply_residual_block_3d(x, filters, name, dtype=None, blocks=None):
     """The 3D residual block: two 3x3x3 convs, 1x1x1 projection shortcut, ReLU.
 
     Args:
@@ -186,18 +257,18 @@ def apply_residual_block_3d(x, filters, name, dtype=None):
       filters: int. Output channels.
       name: str. Prefix of every layer name.
       dtype: str or None. Keras dtype policy. Defaults to None (global).
+      blocks: optional ``_Blocks`` (initialisation and normalisation). Defaults to the paper's.
 
     Returns:
       Tensor (batch, S, h, w, filters).
     """
     _check_positive_int("filters", filters)
-    y = layers.Conv3D(
-        filters, 3, padding="same", activation="relu", name=f"{name}_conv1", dtype=dtype
-    )(x)
-    y = layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv2", dtype=dtype)(y)
+    blocks = blocks or _Blocks(dtype=dtype)
+    y = blocks.conv(3, filters, 3, f"{name}_conv1", relu=True)(x)
+    y = blocks.conv(3, filters, 3, f"{name}_conv2", last=True)(y)
     shortcut = x
     if x.shape[-1] != filters:
-        shortcut = layers.Conv3D(filters, 1, padding="same", name=f"{name}_proj", dtype=dtype)(x)
+        shortcut = blocks.shortcut(3, filters, 1, f"{name}_proj")(x)
     y = layers.Add(name=f"{name}_add", dtype=dtype)([y, shortcut])
     return layers.ReLU(name=f"{name}_out", dtype=dtype)(y)
 
@@ -213,21 +284,26 @@ def build_trunk(config: ModelConfig) -> keras.Model:
     """
     validate_config(config)
     dtype = config.dtype_policy
+    layer_maker = _blocks_of(config)
     image = keras.Input(shape=(None, None, 1), name="slice")  # (n, H, W, 1)
-    x = layers.Conv2D(
-        config.width, config.stem_kernel, strides=2, padding="same", activation="relu",
-        name="stem_conv", dtype=dtype,
+    x = layer_maker.conv(
+        2, config.width, config.stem_kernel, "stem_conv", strides=2, relu=True
     )(image)  # (n, H/2, W/2, width)
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool", dtype=dtype)(x)
     for stage, (mult, blocks) in enumerate(zip(STAGE_MULTIPLIERS, config.blocks_per_stage)):
         for block in range(blocks):
             stride = 2 if stage > 0 and block == 0 else 1
             x = apply_basic_block(
-                x, config.width * mult, stride, f"stage{stage + 1}_block{block + 1}", dtype=dtype
+                x, config.width * mult, stride, f"stage{stage + 1}_block{block + 1}",
+                dtype=dtype, blocks=layer_maker,
             )
     # x: (n, H/32, W/32, 8*width)
-    x = layers.Conv2D(1, 1, name="collapse_conv", dtype=dtype)(x)  # (n, H/32, W/32, 1)
+    x = layer_maker.shortcut(2, 1, 1, "collapse_conv")(x)  # (n, H/32, W/32, 1)
     return keras.Model(image, x, name="trunk")
+
+
+def _blocks_of(config: ModelConfig) -> _Blocks:
+    return _Blocks(config.init, config.norm, config.norm_groups, config.dtype_policy)
 
 
 def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
@@ -262,7 +338,9 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
         # float32 so the full-size volume (read only for its shape) is never cast; the maps
         # are tiny. maps: (batch, S, h, w, 1)
         maps = UnfoldSlices(name="unfold_slices", dtype="float32")([maps, volume])
-    x = apply_residual_block_3d(maps, config.channels_3d, "block3d", dtype=dtype)
+    x = apply_residual_block_3d(
+        maps, config.channels_3d, "block3d", dtype=dtype, blocks=_blocks_of(config)
+    )
     x = layers.GlobalMaxPooling3D(name="global_max_pool", dtype=dtype)(x)  # (batch, channels_3d)
     if config.dropout:
         x = layers.Dropout(config.dropout, name="dropout", dtype=dtype)(x)

@@ -161,10 +161,13 @@ def define_flags():
 def main(argv):
     from absl import app, flags
 
+    from tfrecords_tools import memory
+
     from tfrecords_tools import dicom_reader
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    memory.tune_malloc()  # Reuse freed exam-sized blocks (tfrecords_tools.memory).
     f = flags.FLAGS
     config = PredictConfig(
         model=f.model, exam_dir=f.exam_dir, heatmap_dir=f.heatmap_dir,

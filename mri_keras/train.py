@@ -14,6 +14,7 @@ from absl import flags as absl_flags
 from absl import logging
 
 from mri_keras import flags as flags_lib
+from tfrecords_tools import memory
 
 
 def _train(flag_values) -> dict:
@@ -32,6 +33,7 @@ def main(argv: Sequence[str]) -> None:
     if not absl_flags.FLAGS["verbosity"].present:
         # TensorFlow logs every checkpoint and export at INFO; the progress output says enough.
         logging.set_verbosity(logging.WARNING)
+    memory.tune_malloc()  # Reuse freed exam-sized blocks (tfrecords_tools.memory).
     _train(absl_flags.FLAGS)
 
 

@@ -64,6 +64,11 @@ RUN_FILES = (
 )
 
 METRIC_KEYS = ("loss", "val_loss", "val_malignant_auc", "val_benign_auc")
+# Where each epoch's wall time went (metrics.csv): the train steps themselves (with the input
+# pipeline they wait on) and the validation pass; the rest of ``seconds`` is checkpoints,
+# best-model saving and summaries.
+TIMING_KEYS = ("train_seconds", "val_seconds")
+LR_SCHEDULES = constants.LR_SCHEDULES
 # Settings that may change between a run and its resumption: they do not change what is trained
 # (longer runs, other hardware, other speed/memory trade-offs).
 RESUMABLE_FIELDS = (
@@ -92,7 +97,13 @@ class TrainConfig:
       input: InputConfig. Input variant, normalisation and augmentation.
       epochs: int. Total epochs (an epoch = ceil(train exams / global replicas) steps).
         Defaults to 50.
-      learning_rate: float. Adam learning rate. Defaults to 1e-5 (the paper).
+      learning_rate: float. Adam learning rate (the peak of a schedule). Defaults to 1e-5
+        (the paper).
+      lr_schedule: str. "constant" (the paper) or "cosine" (decays to 0 over the run's steps
+        after the warm-up; the run length then belongs to the recipe and a resumed run
+        cannot change ``epochs``). Defaults to "constant".
+      warmup_epochs: float. Epochs of linear warm-up from ~0 to ``learning_rate`` at the start
+        (0: none). Defaults to 0.
       train_fraction: float in (0, 1]. Fraction of training patients kept (seeded), for the
         data-size experiment. Defaults to 1.
       seed: int. Seeds initialisation, the patient subsample and the per-epoch data streams.
@@ -120,6 +131,8 @@ class TrainConfig:
     input: config_lib.InputConfig = dataclasses.field(default_factory=config_lib.InputConfig)
     epochs: int = 50
     learning_rate: float = 1e-5
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
     train_fraction: float = 1.0
     seed: int = 0
     strategy: str = "auto"
@@ -142,6 +155,12 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1. Received: epochs={self.epochs}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0. Received: {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {LR_SCHEDULES}. Received: {self.lr_schedule!r}"
+            )
+        if not self.warmup_epochs >= 0.0:
+            raise ValueError(f"warmup_epochs must be >= 0. Received: {self.warmup_epochs}")
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(
                 f"train_fraction must be in (0, 1]. Received: train_fraction={self.train_fraction}"
@@ -220,6 +239,30 @@ def _peek_record(records_dir: str, split: str, shard_names) -> dict:
     raise SetupError(f"{path}: the first shard of split {split!r} holds no records.")
 
 
+# A whole-split shuffle buffer may take at most this fraction of the machine's memory.
+WHOLE_SPLIT_BUFFER_MEMORY_FRACTION = 0.25
+
+
+def _physical_memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_whole_split_buffer(data_dir: str, shard_names) -> None:
+    """shuffle_buffer=0 holds every training record in memory: refuse it where it won't fit."""
+    size = sum(os.path.getsize(os.path.join(data_dir, name)) for name in shard_names)
+    memory = _physical_memory_bytes()
+    if memory and size > WHOLE_SPLIT_BUFFER_MEMORY_FRACTION * memory:
+        raise SetupError(
+            f"--shuffle_buffer=0 would hold the whole training split of {data_dir!r} in "
+            f"memory ({size / 2**30:.1f} GiB of records; this machine has "
+            f"{memory / 2**30:.1f} GiB): give a buffer size in exams instead (e.g. "
+            "--shuffle_buffer=256)."
+        )
+
+
 def inspect_data(config: TrainConfig) -> DataInfo:
     """Checks the records directory can feed this run; raises ``SetupError`` naming the problem."""
     data_dir = config.data_dir
@@ -271,6 +314,8 @@ def inspect_data(config: TrainConfig) -> DataInfo:
             f"{record[schema.KEY_EXAM_ID]} in {data_dir!r} stores only "
             f"{list(record[schema.KEY_PHASES])}."
         )
+    if config.input.shuffle_buffer == 0:
+        _check_whole_split_buffer(data_dir, splits["train"]["shards"])
     train_exams = splits["train"].get("exams")
     if train_exams is None:
         if config.train_fraction < 1.0:
@@ -301,9 +346,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_differences(saved: dict, current: dict) -> list:
     """``["name: saved X, now Y", ...]`` for settings that differ (resumable ones ignored)."""
     a, b = _flatten(saved), _flatten(current)
+    # A cosine schedule spans the whole run: its length is part of the recipe.
+    fixed_length = "cosine" in (a.get("lr_schedule"), b.get("lr_schedule"))
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_FIELDS:
+        if key in RESUMABLE_FIELDS and not (key == "epochs" and fixed_length):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: saved {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}")
@@ -434,21 +481,87 @@ def validation_metrics(labels, probs) -> dict:
     }
 
 
-def is_improvement(value: float, best: Optional[float]) -> bool:
-    """Model selection rule: higher val_malignant_auc wins; NaN (a one-class validation split)
-    never beats a number, and while no epoch has a number the latest epoch is kept."""
+def is_improvement(
+    value: float,
+    best: Optional[float],
+    loss: Optional[float] = None,
+    best_loss: Optional[float] = None,
+) -> bool:
+    """The model selection rule: does this epoch replace the best one so far?
+
+    1. Higher val_malignant_auc wins.
+    2. Equal AUCs (within 1e-9: the same ranking of the validation breasts): lower val_loss
+       wins, when both losses are known.
+    3. Still equal: the earlier epoch stays (the rule is deterministic; no tie moves the
+       choice to a later epoch).
+
+    NaN (a one-class validation split) never beats a number; while no epoch has a number, the
+    latest epoch is kept.
+    """
     if best is None:
         return True
     if math.isnan(value):
         return math.isnan(best)
-    return math.isnan(best) or value > best
+    if math.isnan(best) or value > best + 1e-9:
+        return True
+    if value < best - 1e-9:
+        return False
+    if loss is None or best_loss is None or math.isnan(loss) or math.isnan(best_loss):
+        return False
+    return loss < best_loss
 
 
 # --------------------------------------------------------------------------- training
 
 
-def _make_optimizer(config: TrainConfig):
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+@keras.saving.register_keras_serializable(package="mri_keras")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to ``peak``, then constant or a cosine decay to 0 at ``total_steps``.
+
+    ``lr(step) = peak * min(1, (step + 1) / warmup_steps) * decay(step)``, with ``decay = 1``
+    ("constant") or ``0.5 * (1 + cos(pi * p))``, ``p = (step - warmup) / (total - warmup)``
+    clipped to [0, 1] ("cosine"). The step is the optimizer's iteration count, which the
+    checkpoint holds, so a resumed run continues the same curve.
+    """
+
+    def __init__(self, peak, total_steps, warmup_steps=0, kind="constant"):
+        if kind not in LR_SCHEDULES:
+            raise ValueError(f"kind must be one of {LR_SCHEDULES}. Received: {kind!r}")
+        self.peak, self.total_steps = float(peak), int(total_steps)
+        self.warmup_steps, self.kind = int(warmup_steps), kind
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        lr = keras.ops.convert_to_tensor(self.peak, "float32")
+        if self.warmup_steps > 0:
+            lr = lr * keras.ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        if self.kind == "cosine":
+            span = float(max(1, self.total_steps - self.warmup_steps))
+            progress = keras.ops.clip((step - float(self.warmup_steps)) / span, 0.0, 1.0)
+            lr = lr * 0.5 * (1.0 + keras.ops.cos(math.pi * progress))
+        return lr
+
+    def get_config(self):
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "kind": self.kind,
+        }
+
+
+def make_learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """The optimizer's learning rate: a float (constant, no warm-up) or a ``WarmupSchedule``."""
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.lr_schedule == "constant" and warmup_steps == 0:
+        return config.learning_rate
+    return WarmupSchedule(
+        config.learning_rate, config.epochs * steps_per_epoch, warmup_steps, config.lr_schedule
+    )
+
+
+def _make_optimizer(config: TrainConfig, steps_per_epoch: int):
+    optimizer = keras.optimizers.Adam(learning_rate=make_learning_rate(config, steps_per_epoch))
     if config.model.dtype_policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -487,10 +600,10 @@ def _make_train_step(model, optimizer, strategy, jit_compile: bool):
 
 
 def _write_metrics_csv(path: str, history: dict) -> None:
-    lines = [",".join(("epoch",) + METRIC_KEYS + ("seconds",))]
+    lines = [",".join(("epoch",) + METRIC_KEYS + ("seconds",) + TIMING_KEYS)]
     for i, epoch in enumerate(history["epoch"]):
         values = [str(epoch)] + [repr(float(history[k][i])) for k in METRIC_KEYS]
-        values.append(f"{history['seconds'][i]:.2f}")
+        values += [f"{history[k][i]:.2f}" for k in ("seconds",) + TIMING_KEYS]
         lines.append(",".join(values))
     _atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -515,7 +628,24 @@ def _log(config: TrainConfig, is_chief: bool, text: str) -> None:
 
 
 def _empty_history() -> dict:
-    return {"epoch": [], "seconds": [], **{k: [] for k in METRIC_KEYS}}
+    return {"epoch": [], "seconds": [], **{k: [] for k in METRIC_KEYS + TIMING_KEYS}}
+
+
+def _complete_history(history: dict) -> dict:
+    """A history restored from a run made before the timing columns existed gets NaNs."""
+    for k in TIMING_KEYS:
+        history.setdefault(k, [float("nan")] * len(history["epoch"]))
+    return history
+
+
+def _progress_bar_wanted(config: TrainConfig, is_chief: bool) -> bool:
+    """Progress bars only on a terminal: redrawn into a log file they are hundreds of lines."""
+    if config.verbose < 2 or not is_chief:
+        return False
+    try:
+        return os.isatty(1)
+    except (OSError, ValueError):
+        return False
 
 
 def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
@@ -556,23 +686,25 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
     export_dir = os.path.join(model_dir, EXPORT_DIR)
     ckpt_dir = os.path.join(model_dir, CHECKPOINT_DIR)
 
+    steps = math.ceil(info.num_train / strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = model_lib.build_model(config.model)
-        optimizer = _make_optimizer(config)
+        optimizer = _make_optimizer(config, steps)
         optimizer.build(model.trainable_variables)
     run_state = tf.Variable("", dtype=tf.string, trainable=False, name="run_state")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, run_state=run_state)
     write_dir = strategy_lib.worker_write_dir(ckpt_dir, role)
     manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=2)
 
-    history, best_epoch, best_auc, start_epoch = _empty_history(), 0, None, 0
+    history, best_epoch, best_auc, best_loss, start_epoch = _empty_history(), 0, None, None, 0
     latest = tf.train.latest_checkpoint(ckpt_dir)
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
         state = json.loads(run_state.numpy().decode())
-        history, best_epoch = state["history"], int(state["best_epoch"])
+        history, best_epoch = _complete_history(state["history"]), int(state["best_epoch"])
         best_auc = state["best_val_malignant_auc"]
+        best_loss = state.get("best_val_loss")
         start_epoch = len(history["epoch"])
         if is_chief:
             _settle_best_model(model_dir, best_epoch)
@@ -581,7 +713,6 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
             raise SetupError(f"init_weights {config.init_weights!r} does not exist.")
         model.load_weights(config.init_weights)
 
-    steps = math.ceil(info.num_train / strategy.num_replicas_in_sync)
     _log(config, is_chief, _startup_summary(config, strategy, info, model, steps, resuming, latest))
 
     writer = None
@@ -622,30 +753,40 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
             _log(config, is_chief, f"Epoch {epoch + 1}/{config.epochs}")
         dist = strategy.distribute_datasets_from_function(lambda ctx, e=epoch: dataset_fn(e, ctx))
         iterator = iter(dist)
-        progbar = keras.utils.Progbar(
-            steps, verbose=1 if (config.verbose > 1 and is_chief) else 0, stateful_metrics=["loss"]
-        )
-        total = 0.0
+        progbar = None
+        if _progress_bar_wanted(config, is_chief):
+            progbar = keras.utils.Progbar(steps, verbose=1, stateful_metrics=["loss"])
+        # Losses stay tensors until the epoch ends: reading each back would wait for its step
+        # and keep the host from queueing the next one (and an accelerator idle meanwhile).
+        losses = []
         for step in range(steps):
             callbacks.on_train_batch_begin(step)
-            loss = float(train_step(iterator))
-            total += loss
-            if writer is not None:
-                with writer.as_default():
-                    tf.summary.scalar("batch_loss", loss, step=epoch * steps + step + 1)
-            progbar.update(step + 1, [("loss", total / (step + 1))])
+            loss = train_step(iterator)
+            losses.append(loss)
+            if progbar is not None:
+                progbar.update(step + 1, [("loss", float(loss))])
             callbacks.on_train_batch_end(step, {"loss": loss})
+        losses = np.asarray([float(v) for v in losses])
+        train_seconds = time.time() - started
         del iterator, dist
+        if writer is not None:
+            with writer.as_default():
+                for step, value in enumerate(losses):
+                    tf.summary.scalar("batch_loss", value, step=epoch * steps + step + 1)
 
+        val_started = time.time()
         _, _, labels, probs = predict_split(model, config.data_dir, config.val_split, config.input)
-        logs = {"loss": total / steps, **validation_metrics(labels, probs)}
-        improved = is_improvement(logs["val_malignant_auc"], best_auc)
+        logs = {"loss": float(losses.mean()), **validation_metrics(labels, probs)}
+        val_seconds = time.time() - val_started
+        improved = is_improvement(logs["val_malignant_auc"], best_auc, logs["val_loss"], best_loss)
         if improved:
             best_epoch, best_auc = epoch + 1, logs["val_malignant_auc"]
+            best_loss = logs["val_loss"]
         history["epoch"].append(epoch + 1)
-        history["seconds"].append(time.time() - started)
         for k in METRIC_KEYS:
             history[k].append(logs[k])
+        history["train_seconds"].append(train_seconds)
+        history["val_seconds"].append(val_seconds)
 
         # Order matters for crash safety: candidate file, then checkpoint, then rename.
         if improved and is_chief:
@@ -653,9 +794,17 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
                 portable = model_lib.build_model(export_lib.serving_model_config(config.model))
             export_lib.copy_weights(model, portable)
             portable.save(_candidate_path(model_dir, epoch + 1))
+        # The epoch's time includes its share of the bookkeeping below, so the checkpoint
+        # records it as measured up to here (the best model saved, the checkpoint not yet).
+        history["seconds"].append(time.time() - started)
         run_state.assign(
             json.dumps(
-                {"history": history, "best_epoch": best_epoch, "best_val_malignant_auc": best_auc}
+                {
+                    "history": history,
+                    "best_epoch": best_epoch,
+                    "best_val_malignant_auc": best_auc,
+                    "best_val_loss": best_loss,
+                }
             )
         )
         manager.save(checkpoint_number=epoch + 1)
@@ -671,6 +820,8 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
             is_chief,
             ("" if config.verbose > 1 else f"Epoch {epoch + 1}/{config.epochs}: ")
             + "  ".join(f"{k}: {logs[k]:.4f}" for k in METRIC_KEYS)
+            + f"  ({history['seconds'][-1]:.1f} s: steps {train_seconds:.1f}, "
+            f"validation {val_seconds:.1f})"
             + (f"  (best so far: epoch {best_epoch})" if not improved else "  (new best)"),
         )
         callbacks.on_epoch_end(epoch, dict(logs))
@@ -749,11 +900,14 @@ def _startup_summary(config, strategy, info, model, steps, resuming, latest) -> 
         f"{config.input.normalization}, flip={config.input.flip}, crop={config.input.crop}, "
         f"crop_slices={config.input.crop_slices}",
         f"  model:         width {config.model.width}, "
-        f"blocks {tuple(config.model.blocks_per_stage)}, "
+        f"blocks {tuple(config.model.blocks_per_stage)}, init {config.model.init}, "
+        f"norm {config.model.norm}, "
         f"{model.count_params():,} parameters, {config.model.dtype_policy}, "
         f"jit_compile={config.jit_compile}, remat={config.model.remat_chunk}",
-        f"  recipe:        Adam lr {config.learning_rate:g}, {config.epochs} epochs x {steps} "
-        f"steps ({strategy.num_replicas_in_sync} exam(s) per step), seed {config.seed}",
+        f"  recipe:        Adam lr {config.learning_rate:g} ({config.lr_schedule}"
+        + (f", {config.warmup_epochs:g} warm-up epochs" if config.warmup_epochs else "")
+        + f"), {config.epochs} epochs x {steps} steps ({strategy.num_replicas_in_sync} exam(s) "
+        f"per step), seed {config.seed}",
         f"  model_dir:     {config.model_dir}"
         + (f" (resuming from {os.path.basename(latest)})" if latest else
            " (resuming: no finished epoch yet)" if resuming else ""),

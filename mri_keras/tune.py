@@ -18,6 +18,7 @@ from absl import app
 from absl import flags as absl_flags
 
 from mri_keras import flags as flags_lib
+from tfrecords_tools import memory
 
 TUNERS = ("hyperband", "bayesian", "random")
 
@@ -143,6 +144,7 @@ def _tune(flag_values):
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected command-line arguments: {list(argv[1:])}")
+    memory.tune_malloc()  # Reuse freed exam-sized blocks (tfrecords_tools.memory).
     _tune(absl_flags.FLAGS)
 
 

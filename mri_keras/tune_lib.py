@@ -45,6 +45,7 @@ from absl import logging
 
 from mri_keras import train_lib
 from mri_keras import tune_space
+from tfrecords_tools import memory
 
 OBJECTIVE = "val_malignant_auc"
 TUNERS = ("hyperband", "bayesian", "random")
@@ -309,6 +310,7 @@ def _train_in_child_process(config, callbacks) -> dict:
 
 
 def _train_child(config, callbacks) -> dict:
+    memory.tune_malloc()  # A spawned child starts with glibc's defaults.
     history = train_lib.train(config, extra_callbacks=callbacks)
     # Plain values only: the history travels back pickled.
     return json.loads(json.dumps(history, default=str))
@@ -634,6 +636,8 @@ def train_flag_lines(config) -> List[str]:
         f"--model_dir={config.model_dir}",
         f"--epochs={config.epochs}",
         f"--learning_rate={config.learning_rate!r}",
+        f"--lr_schedule={config.lr_schedule}",
+        f"--warmup_epochs={config.warmup_epochs!r}",
         f"--train_fraction={config.train_fraction!r}",
         f"--seed={config.seed}",
         f"--input={i.input_variant}",
@@ -648,6 +652,9 @@ def train_flag_lines(config) -> List[str]:
         f"--stem_kernel={m.stem_kernel}",
         f"--channels_3d={m.channels_3d}",
         f"--dropout={m.dropout!r}",
+        f"--init={m.init}",
+        f"--norm={m.norm}",
+        f"--norm_groups={m.norm_groups}",
         f"--slice_mode={m.slice_mode}",
         f"--mixed_precision={precision}",
         f"--remat={m.remat_chunk}",

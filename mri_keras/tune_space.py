@@ -35,6 +35,8 @@ import math
 import numbers
 from typing import Any, Callable, Mapping, Optional, Tuple
 
+from mri_keras import constants
+
 ENTRY_TYPES = ("float", "int", "choice", "boolean", "fixed")
 _KEYS_BY_TYPE = {
     "float": {"type", "min", "max", "step", "sampling", "default"},
@@ -108,6 +110,17 @@ def _check_flip(v):
     return None if isinstance(v, bool) else "true or false"
 
 
+def _one_of(values):
+    def check(v):
+        return None if v in values else f"one of {list(values)}"
+
+    return check
+
+
+def _check_warmup(v):
+    return None if _is_number(v) and v >= 0 else "a number >= 0 (epochs)"
+
+
 def _to_blocks(v):
     return (int(v),) * 4 if _is_int(v) else tuple(int(b) for b in v)
 
@@ -142,6 +155,12 @@ SETTINGS = {
     "dropout": _Setting("model", "dropout", _NUMERIC, _check_dropout, float),
     "crop": _Setting("input", "crop", _NUMERIC, _check_crop, _to_crop),
     "flip": _Setting("input", "flip", ("boolean", "choice", "fixed"), _check_flip, bool),
+    "lr_schedule": _Setting(
+        None, "lr_schedule", ("choice", "fixed"), _one_of(constants.LR_SCHEDULES), str
+    ),
+    "warmup_epochs": _Setting(None, "warmup_epochs", _NUMERIC, _check_warmup, float),
+    "init": _Setting("model", "init", ("choice", "fixed"), _one_of(constants.INITS), str),
+    "norm": _Setting("model", "norm", ("choice", "fixed"), _one_of(constants.NORMS), str),
 }
 
 # The search of the issue: the paper's settings and the ranges around them it never searched.
@@ -171,7 +190,10 @@ def _decode(text: str):
         return None
     if "," in text:
         return [int(v) for v in text.split(",")]
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return text  # A named option (e.g. "cosine", "he_zero_residual").
 
 
 @dataclasses.dataclass(frozen=True)

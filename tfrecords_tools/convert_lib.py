@@ -24,7 +24,6 @@ output directory.
 from __future__ import annotations
 
 import csv
-import ctypes
 import dataclasses
 import gc
 import hashlib
@@ -43,6 +42,7 @@ from typing import Optional
 import numpy as np
 
 from tfrecords_tools import dicom_reader, labels_csv, pseudonym, record_encoder, schema, splits
+from tfrecords_tools.memory import tune_malloc  # noqa: F401 (the converter CLI and bench use it)
 
 WORK_DIR = ".work"
 CONVERTER_VERSION = 2  # Bump when the records written for the same input would change.
@@ -366,23 +366,6 @@ def _pool(workers: int):
         return multiprocessing.get_context(method).Pool(workers, initializer=tune_malloc)
     finally:
         gc.unfreeze()
-
-
-def tune_malloc() -> None:
-    """Lets glibc reuse freed memory for the next exam instead of returning it to the OS.
-
-    Every exam allocates a few hundred MB (decoded volumes, the record) in blocks above
-    glibc's mmap threshold; each would be mapped fresh and page-faulted in, which costs more
-    system time than decoding the DICOM files. Called in worker processes and by the
-    converter's command line; a no-op where glibc's ``mallopt`` is unavailable.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-    except (OSError, AttributeError):
-        pass
 
 
 def _plan_shards(split, metas, shard_bytes) -> list:
