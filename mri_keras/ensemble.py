@@ -255,6 +255,18 @@ def run_ensemble(config: EnsembleConfig) -> dict:
         }
         for m, name in enumerate(names)
     }
+    if val is not None:
+        # "Better than its best member" needs the best member chosen without looking at test:
+        # the member with the highest validation breast-level malignant AUC.
+        val_aucs = [metrics_lib.breast_level_auc(val[2], val[3][m], "malignant")
+                    for m in range(len(names))]
+        finite = [(a, i) for i, a in enumerate(val_aucs) if not np.isnan(a)]
+        if finite:
+            best = names[max(finite)[1]]
+            description["best_member_on_val"] = best
+            description["test_vs_best_member"] = {
+                "member": best, **description["test_vs_members"][best]["malignant"]
+            }
     with open(os.path.join(config.output_dir, ENSEMBLE_FILENAME), "w") as f:
         json.dump(evaluate_lib.json_safe(description), f, indent=2)
         f.write("\n")

@@ -5,13 +5,19 @@ Used by ``scripts/table1.sh`` and ``scripts/data_fraction.sh``; also runnable on
     python -m mri_keras.experiments --report=table1 --eval_root=OUT/eval --output_dir=OUT
     python -m mri_keras.experiments --report=data_fraction --eval_root=OUT/eval --output_dir=OUT
 
-``table1`` reads ``EVAL_ROOT/<row>/<split>/metrics.json`` for the seven input variants
+``table1`` reads ``EVAL_ROOT/<row>/<split>/metrics.json`` (or, for runs over several training
+seeds, ``EVAL_ROOT/<row>/seed_<S>/<split>/metrics.json``) for the seven input variants
 (``t0 t1 t2 t3 t1sub t2sub t3sub``) and the ensembles (``mean_sub``: mean of the three
 subtraction models; ``caruana_all``: Caruana selection over all seven), and writes
 ``table1.md`` / ``table1.csv`` in the paper's layout (image, benign AUC, malignant AUC, each
 with its 95% CI). ``data_fraction`` reads ``EVAL_ROOT/frac_<percent>/<split>/metrics.json`` and
 draws ``data_fraction.png`` (AUC against the percentage of training patients, log x axis, CI
-band) and ``data_fraction.csv``.
+band; with seeds: the mean over seeds with +-1 sd error bars) and ``data_fraction.csv``.
+``seeds`` reads ``EVAL_ROOT/seed_<S>/{val,test}/metrics.json`` (``scripts/seeds.sh``) and
+reports each seed, the mean +- sd and the lowest seed.
+
+With several seeds a figure is reported as mean +- sd over seeds (sample standard deviation),
+with the lowest seed named: one seed's figure is an anecdote.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import json
 import os
 import re
 from typing import Optional, Sequence
@@ -43,7 +50,22 @@ IMAGE_NAMES = {
     "t3sub": "t3 - t0",
 }
 FRACTION_DIR = re.compile(r"^frac_(\d+(?:\.\d+)?)$")
-REPORTS = ("table1", "data_fraction")
+SEED_DIR = re.compile(r"^seed_(\d+)$")
+REPORTS = ("table1", "data_fraction", "seeds")
+# Gong et al., "Large-scale classification of breast MRI exams using deep convolutional
+# networks", Medical Imaging meets NeurIPS 2019, Table 1 (test split): (benign, malignant).
+PAPER_TABLE1 = {
+    "t0": (0.6304, 0.6714),
+    "t1": (0.6055, 0.6999),
+    "t2": (0.6766, 0.7620),
+    "t3": (0.7038, 0.7809),
+    "t1sub": (0.7011, 0.8135),
+    "t2sub": (0.7267, 0.8486),
+    "t3sub": (0.7227, 0.8418),
+    "mean_sub": (None, 0.8497),
+    "caruana_all": (None, 0.8459),
+}
+PAPER_CITATION = "Gong et al. 2019, Table 1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +93,72 @@ class ExperimentsConfig:
 
 def _cell(result: Optional[dict]) -> str:
     return "not run" if result is None else metrics_lib.format_auc(result)
+
+
+def seed_runs(eval_root: str, key: str, split: str) -> list:
+    """``[(seed or None, metrics)]`` of one row: ``key/seed_<S>/<split>/metrics.json`` for
+    every seed (by seed), else ``key/<split>/metrics.json`` as one run (seed None)."""
+    runs = []
+    for path in glob.glob(os.path.join(eval_root, key, "seed_*", split,
+                                       evaluate_lib.METRICS_FILENAME)):
+        match = SEED_DIR.match(os.path.basename(os.path.dirname(os.path.dirname(path))))
+        if match:
+            runs.append((int(match.group(1)), evaluate_lib.read_metrics(path)))
+    if runs:
+        return sorted(runs, key=lambda r: r[0])
+    single = os.path.join(eval_root, key, split, evaluate_lib.METRICS_FILENAME)
+    return [(None, evaluate_lib.read_metrics(single))] if os.path.isfile(single) else []
+
+
+def spread(values, seeds=None) -> dict:
+    """Mean, sample sd, min and max of per-seed figures, and which seed is lowest.
+
+    Args:
+      values: sequence of floats (NaN where a figure is undefined; left out).
+      seeds: optional sequence of the seeds, same order.
+
+    Returns:
+      dict ``n``, ``mean``, ``sd`` (ddof=1; 0 for one value), ``min``, ``max``, ``values``,
+      ``seeds`` and ``lowest_seed`` (None without seeds). NaNs when no value is defined.
+    """
+    seeds = list(seeds) if seeds is not None else [None] * len(values)
+    pairs = [(float(v), s) for v, s in zip(values, seeds) if v is not None and not np.isnan(v)]
+    if not pairs:
+        nan = float("nan")
+        return {"n": 0, "mean": nan, "sd": nan, "min": nan, "max": nan, "values": [],
+                "seeds": [], "lowest_seed": None}
+    arr = np.array([v for v, _ in pairs])
+    lowest = min(pairs, key=lambda p: p[0])
+    return {
+        "n": len(pairs),
+        "mean": float(arr.mean()),
+        "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "values": [v for v, _ in pairs],
+        "seeds": [s for _, s in pairs],
+        "lowest_seed": lowest[1],
+    }
+
+
+def format_spread(stats: dict, digits: int = 3) -> str:
+    """``0.934 +- 0.012 (n=3)``; ``not run`` when there is no figure."""
+    if not stats["n"]:
+        return "not run"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.{digits}f} (1 seed)"
+    return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f} (n={stats['n']})"
+
+
+def _per_seed(stats: dict, digits: int = 3) -> str:
+    parts = [f"s{s}: {v:.{digits}f}" for v, s in zip(stats["values"], stats["seeds"])]
+    if stats["n"] > 1 and stats["lowest_seed"] is not None:
+        parts.append(f"lowest seed {stats['lowest_seed']}")
+    return ", ".join(parts)
+
+
+def _task_spread(runs, task: str) -> dict:
+    return spread([m["breast_level"][task]["auc"] for _, m in runs], [s for s, _ in runs])
 
 
 def table1_rows(eval_root: str, split: str = "test") -> list:
@@ -118,8 +206,100 @@ def format_table1(rows: Sequence[dict], split: str = "test") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _is_seeded(eval_root: str, split: str) -> bool:
+    keys = list(TABLE1_VARIANTS) + [k for k, _ in TABLE1_ENSEMBLES]
+    return any(r[0] is not None for k in keys for r in seed_runs(eval_root, k, split))
+
+
+def table1_seed_rows(eval_root: str, split: str = "test") -> list:
+    """Rows ``{key, image, runs, benign, malignant, vs_best}`` over training seeds.
+
+    ``benign``/``malignant`` are ``spread`` dicts of the per-seed AUCs. ``vs_best`` (ensemble
+    rows) is the ``spread`` of the per-seed paired differences ensemble - best member, the
+    member chosen on val, with ``per_seed`` entries ``{seed, member, difference, ci_low,
+    ci_high, p_value}``.
+    """
+    rows = []
+    for key, image in [(v, IMAGE_NAMES[v]) for v in TABLE1_VARIANTS] + list(TABLE1_ENSEMBLES):
+        runs = seed_runs(eval_root, key, split)
+        row = {"key": key, "image": image, "runs": runs,
+               "benign": _task_spread(runs, "benign"),
+               "malignant": _task_spread(runs, "malignant"), "vs_best": None}
+        comparisons = []
+        for seed, _ in runs:
+            path = os.path.join(eval_root, key, f"seed_{seed}" if seed is not None else "",
+                                "ensemble.json")
+            best = None
+            if os.path.isfile(path):
+                with open(path) as f:
+                    best = json.load(f).get("test_vs_best_member")
+            if best:
+                comparisons.append({"seed": seed, **best})
+        if comparisons:
+            stats = spread([c["difference"] for c in comparisons], [c["seed"] for c in comparisons])
+            row["vs_best"] = {**stats, "per_seed": comparisons}
+        rows.append(row)
+    return rows
+
+
+def format_table1_seeds(rows: Sequence[dict], split: str = "test") -> str:
+    """Markdown: mean +- sd over seeds, per-seed malignant AUCs, the paper's figures."""
+    seeds = sorted({s for r in rows for s, _ in r["runs"] if s is not None})
+    lines = [
+        f"Breast-level AUC on the {split} split: mean ± sd over training seeds "
+        f"{', '.join(str(s) for s in seeds)} (sample sd); the paper's figures for comparison "
+        f"({PAPER_CITATION}, its own data, one run each).",
+        "",
+        "| Image | Benign AUC | Malignant AUC | Malignant AUC per seed | Paper benign / malignant |",
+        "|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(rows):
+        if i == len(TABLE1_VARIANTS):
+            lines.append("| *Ensembles* | | | | |")
+        benign, malignant = PAPER_TABLE1.get(row["key"], (None, None))
+        paper = f"{benign:.4f}" if benign is not None else "-"
+        paper += f" / {malignant:.4f}" if malignant is not None else " / -"
+        lines.append(
+            f"| {row['image']} | {format_spread(row['benign'])} | "
+            f"{format_spread(row['malignant'])} | {_per_seed(row['malignant'])} | {paper} |"
+        )
+    compared = [r for r in rows if r["vs_best"]]
+    if compared:
+        lines += ["", "Ensemble minus its best member (the member with the highest val malignant "
+                  "AUC), test malignant AUC, paired patient bootstrap per seed:", ""]
+        for row in compared:
+            parts = [
+                f"seed {c['seed']} vs {c['member']}: {c['difference']:+.3f} "
+                f"(95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, p={c['p_value']:.3g})"
+                for c in row["vs_best"]["per_seed"]
+            ]
+            lines.append(f"- {row['image']}: mean {row['vs_best']['mean']:+.3f}; "
+                         + "; ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def _write_table1_seeds(config: ExperimentsConfig) -> str:
+    rows = table1_seed_rows(config.eval_root, config.split)
+    text = format_table1_seeds(rows, config.split)
+    os.makedirs(config.output_dir, exist_ok=True)
+    with open(os.path.join(config.output_dir, "table1.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(config.output_dir, "table1.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "image", "task", "seed", "auc", "ci_low", "ci_high", "n_exams"])
+        for row in rows:
+            for seed, m in row["runs"]:
+                for task in ("benign", "malignant"):
+                    r = m["breast_level"][task]
+                    w.writerow([row["key"], row["image"], task, seed, r["auc"], r["ci_low"],
+                                r["ci_high"], m["counts"]["exams"]])
+    return text
+
+
 def write_table1(config: ExperimentsConfig) -> str:
     """Writes table1.md and table1.csv; returns the markdown."""
+    if _is_seeded(config.eval_root, config.split):
+        return _write_table1_seeds(config)
     rows = table1_rows(config.eval_root, config.split)
     if all(r["malignant"] is None for r in rows):
         raise FileNotFoundError(
@@ -184,8 +364,131 @@ def plot_data_fraction(points, path: str, split: str = "test", title: str = "") 
     plt.close(fig)
 
 
+def fraction_seed_points(eval_root: str, split: str = "test") -> list:
+    """``[(percent, [(seed, metrics)])]`` for every ``frac_<percent>/seed_<S>`` evaluation."""
+    points = []
+    for path in glob.glob(os.path.join(eval_root, "frac_*")):
+        match = FRACTION_DIR.match(os.path.basename(path))
+        if match:
+            runs = [r for r in seed_runs(eval_root, os.path.basename(path), split)
+                    if r[0] is not None]
+            if runs:
+                points.append((float(match.group(1)), runs))
+    return sorted(points, key=lambda p: p[0])
+
+
+def plot_data_fraction_seeds(points, path: str, split: str = "test", title: str = "") -> None:
+    """Mean AUC over seeds vs percentage of training patients, +-1 sd bars, seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.array([p for p, _ in points])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for task, color, shift in (("malignant", "tab:red", 1.02), ("benign", "tab:blue", 0.98)):
+        stats = [_task_spread(runs, task) for _, runs in points]
+        mean = np.array([s["mean"] for s in stats])
+        sd = np.array([s["sd"] for s in stats])
+        ax.errorbar(x * shift, mean, yerr=sd, fmt="o-", color=color, capsize=3,
+                    label=f"{task} AUC, mean ± sd over seeds")
+        for xi, s in zip(x, stats):
+            ax.plot([xi * shift] * len(s["values"]), s["values"], ".", color=color, alpha=0.4)
+    ax.set_xscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{v:g}%" for v in x])
+    ax.minorticks_off()
+    ax.axhline(0.5, color="0.6", linestyle="--", linewidth=1)
+    ax.set_xlabel("training patients used (% of the training split, log scale)")
+    ax.set_ylabel(f"breast-level AUC ({split})")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"AUC vs training-set size{' - ' + title if title else ''}", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write_data_fraction_seeds(config: ExperimentsConfig, points) -> str:
+    os.makedirs(config.output_dir, exist_ok=True)
+    plot_data_fraction_seeds(points, os.path.join(config.output_dir, "data_fraction.png"),
+                             config.split, config.title)
+    lines = ["| Training patients | Benign AUC | Malignant AUC | Malignant AUC per seed |",
+             "|---|---|---|---|"]
+    with open(os.path.join(config.output_dir, "data_fraction.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["percent", "task", "seed", "auc", "ci_low", "ci_high"])
+        for percent, runs in points:
+            for seed, m in runs:
+                for task in ("benign", "malignant"):
+                    r = m["breast_level"][task]
+                    w.writerow([percent, task, seed, r["auc"], r["ci_low"], r["ci_high"]])
+            malignant = _task_spread(runs, "malignant")
+            lines.append(f"| {percent:g}% | {format_spread(_task_spread(runs, 'benign'))} | "
+                         f"{format_spread(malignant)} | {_per_seed(malignant)} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(config.output_dir, "data_fraction.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def write_seeds(config: ExperimentsConfig) -> str:
+    """``scripts/seeds.sh``'s report: every seed's val and test AUCs, mean +- sd, lowest seed.
+
+    Writes ``seeds.md`` and ``seeds.csv`` (one row per seed, split and task).
+    """
+    runs = {split: seed_runs(config.eval_root, "", split) for split in ("val", "test")}
+    runs = {k: [r for r in v if r[0] is not None] for k, v in runs.items()}
+    if not runs[config.split]:
+        raise FileNotFoundError(
+            f"No {config.eval_root}/seed_<S>/{config.split}/metrics.json found; run "
+            "scripts/seeds.sh (or mri_keras.evaluate per seed) first."
+        )
+    lines = [
+        f"Breast-level AUCs per training seed ({config.split} split; val = the split the best "
+        "epoch was chosen on)",
+        "",
+        "| Seed | Val malignant AUC | Test malignant AUC (95% CI) | Test benign AUC (95% CI) |",
+        "|---|---|---|---|",
+    ]
+    val = {s: m for s, m in runs["val"]}
+    rows = []
+    for seed, m in runs[config.split]:
+        v = val.get(seed)
+        v_text = f"{v['breast_level']['malignant']['auc']:.3f}" if v else "-"
+        lines.append(f"| {seed} | {v_text} | {metrics_lib.format_auc(m['breast_level']['malignant'])}"
+                     f" | {metrics_lib.format_auc(m['breast_level']['benign'])} |")
+        rows.append((seed, m))
+    malignant = _task_spread(rows, "malignant")
+    benign = _task_spread(rows, "benign")
+    lines += [
+        "",
+        f"{config.split} malignant AUC: {format_spread(malignant)}, range "
+        f"{malignant['min']:.3f}-{malignant['max']:.3f}, lowest seed {malignant['lowest_seed']}",
+        f"{config.split} benign AUC:    {format_spread(benign)}, range "
+        f"{benign['min']:.3f}-{benign['max']:.3f}, lowest seed {benign['lowest_seed']}",
+    ]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(config.output_dir, exist_ok=True)
+    with open(os.path.join(config.output_dir, "seeds.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(config.output_dir, "seeds.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "split", "task", "auc", "ci_low", "ci_high"])
+        for split, split_runs in runs.items():
+            for seed, m in split_runs:
+                for task in ("benign", "malignant"):
+                    r = m["breast_level"][task]
+                    w.writerow([seed, split, task, r["auc"], r["ci_low"], r["ci_high"]])
+    return text
+
+
 def write_data_fraction(config: ExperimentsConfig) -> str:
     """Writes data_fraction.png and data_fraction.csv; returns a text summary."""
+    seeded = fraction_seed_points(config.eval_root, config.split)
+    if seeded:
+        return _write_data_fraction_seeds(config, seeded)
     points = fraction_points(config.eval_root, config.split)
     if not points:
         raise FileNotFoundError(
@@ -215,6 +518,8 @@ def run(config: ExperimentsConfig) -> str:
     """Builds the report; returns its text."""
     if config.report == "table1":
         return write_table1(config)
+    if config.report == "seeds":
+        return write_seeds(config)
     return write_data_fraction(config)
 
 

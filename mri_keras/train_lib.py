@@ -438,7 +438,15 @@ def _predict_fn(model):
     return fn
 
 
-def predict_split(model, records_dir: str, split: str, input_config, *, exam_ids=None):
+def validation_dataset(records_dir: str, split: str, input_config, *, exam_ids=None):
+    """The dataset ``predict_split`` reads: every exam of a split, unaugmented, with ids."""
+    return input_pipeline.make_dataset(
+        records_dir, split, input_config, training=False, exam_ids=exam_ids, with_ids=True
+    )
+
+
+def predict_split(model, records_dir: str, split: str, input_config, *, exam_ids=None,
+                  dataset=None):
     """Runs ``model`` over every exam of a split (no augmentation), in manifest order.
 
     Args:
@@ -447,15 +455,17 @@ def predict_split(model, records_dir: str, split: str, input_config, *, exam_ids
       split: str. "train", "val" or "test".
       input_config: InputConfig. Only the input variant and normalisation matter.
       exam_ids: optional sequence of exam ids to keep. Defaults to all.
+      dataset: optional dataset ``validation_dataset`` built for these arguments, reused
+        (a training run predicts the same split after every epoch). Defaults to a new one.
 
     Returns:
       ``(exam_ids, patient_ids, labels, probs)``: two lists of str (pseudonyms), int64
       ``(N, 4)`` labels and float32 ``(N, 4)`` positive-class probabilities, both in
       ``constants.LABELS`` order.
     """
-    ds = input_pipeline.make_dataset(
-        records_dir, split, input_config, training=False, exam_ids=exam_ids, with_ids=True
-    )
+    ds = dataset
+    if ds is None:
+        ds = validation_dataset(records_dir, split, input_config, exam_ids=exam_ids)
     fn = _predict_fn(model)
     ids, pids, labels, probs = [], [], [], []
     for volume, targets, meta in ds:
@@ -720,6 +730,7 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
         _write_metrics_csv(os.path.join(model_dir, METRICS_NAME), history)
         writer = tf.summary.create_file_writer(os.path.join(model_dir, TENSORBOARD_DIR))
     train_step = _make_train_step(model, optimizer, strategy, config.jit_compile)
+    val_dataset = validation_dataset(config.data_dir, config.val_split, config.input)
     callbacks = keras.callbacks.CallbackList(list(extra_callbacks or []), model=model)
     model.stop_training = False
 
@@ -770,12 +781,20 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
         train_seconds = time.time() - started
         del iterator, dist
         if writer is not None:
+            # At most ~50 points per epoch: each scalar costs ~1 ms to write.
+            every = max(1, steps // 50)
             with writer.as_default():
-                for step, value in enumerate(losses):
-                    tf.summary.scalar("batch_loss", value, step=epoch * steps + step + 1)
+                for first in range(0, steps, every):
+                    tf.summary.scalar(
+                        "batch_loss",
+                        float(losses[first:first + every].mean()),
+                        step=epoch * steps + min(first + every, steps),
+                    )
 
         val_started = time.time()
-        _, _, labels, probs = predict_split(model, config.data_dir, config.val_split, config.input)
+        _, _, labels, probs = predict_split(
+            model, config.data_dir, config.val_split, config.input, dataset=val_dataset
+        )
         logs = {"loss": float(losses.mean()), **validation_metrics(labels, probs)}
         val_seconds = time.time() - val_started
         improved = is_improvement(logs["val_malignant_auc"], best_auc, logs["val_loss"], best_loss)

@@ -8,14 +8,19 @@
 # Usage:
 #   scripts/data_fraction.sh --data_dir=RECORDS --output_dir=OUT [--scale=demo|paper]
 #                            [--variant=t2sub] [--percents=100,50,20,10,5,2,1] [--epochs=N]
-#                            [--n_bootstrap=2000] [--seed=0] [--configs_dir=configs]
+#                            [--n_bootstrap=2000] [--seed=0] [--seeds=0,1,2]
+#                            [--configs_dir=configs]
 #                            [-- extra training flags]
 #
 #   --scale=paper  (default) configs/<variant>.flags unchanged (GPUs, a real archive).
 #   --scale=demo   adds configs/demo.flags: minutes on a CPU on the synthetic cohort (where 1%
 #                  of the training patients is a single patient: the curve's low end is noise).
+#   --seeds=0,1,2  each point trained with each training seed (which also draws its patient
+#                  subsample): the curve is the mean over seeds with +-1 sd error bars and
+#                  every seed's AUC as a dot; without it, one run per point with a CI band.
 # Rerunning resumes finished runs and keeps up-to-date evaluations.
-# Outputs: OUT/models/frac_<pct>/, OUT/eval/frac_<pct>/test/, OUT/data_fraction.{png,csv,md}.
+# Outputs: OUT/models/frac_<pct>/[seed_S/], OUT/eval/frac_<pct>/[seed_S/]test/,
+# OUT/data_fraction.{png,csv,md}.
 set -euo pipefail
 source "$(dirname "$0")/experiment_common.sh"
 
@@ -34,20 +39,25 @@ finish_args data_fraction.sh
 
 IFS=',' read -r -a PERCENT_LIST <<< "$PERCENTS"
 mkdir -p "$OUT/models" "$OUT/eval"
-for pct in "${PERCENT_LIST[@]}"; do
-  fraction="$("$PYTHON" -c "import sys; p = float(sys.argv[1]); assert 0 < p <= 100, p; print(p / 100)" "$pct")"
-  name="frac_$pct"
-  echo "== training $VARIANT on $pct% of the training patients ($SCALE scale)"
-  "$PYTHON" -m mri_keras.train --flagfile="$CONFIGS/$VARIANT.flags" "${SCALE_FLAGS[@]}" \
-    --input="$VARIANT" --train_fraction="$fraction" --data_dir="$DATA_DIR" \
-    --model_dir="$OUT/models/$name" "${EXTRA[@]}"
-  out="$OUT/eval/$name/test"
-  if [ -f "$out/metrics.json" ] && [ "$out/metrics.json" -nt "$OUT/models/$name/best.keras" ]; then
-    echo "  kept $out/metrics.json"
-  else
-    "$PYTHON" -m mri_keras.evaluate --model="$OUT/models/$name" --data_dir="$DATA_DIR" \
-      --split=test --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" --name="$name"
-  fi
+for seed in "${SEED_LIST[@]}"; do
+  sub="$(run_dir "$seed")"
+  for pct in "${PERCENT_LIST[@]}"; do
+    fraction="$("$PYTHON" -c "import sys; p = float(sys.argv[1]); assert 0 < p <= 100, p; print(p / 100)" "$pct")"
+    name="frac_$pct${sub:+/$sub}"
+    echo "== training $VARIANT on $pct% of the training patients ($SCALE scale${seed:+, seed $seed})"
+    # shellcheck disable=SC2046
+    "$PYTHON" -m mri_keras.train --flagfile="$CONFIGS/$VARIANT.flags" "${SCALE_FLAGS[@]}" \
+      $(seed_flags "$seed") --input="$VARIANT" --train_fraction="$fraction" \
+      --data_dir="$DATA_DIR" --model_dir="$OUT/models/$name" "${EXTRA[@]}"
+    out="$OUT/eval/$name/test"
+    if [ -f "$out/metrics.json" ] && [ "$out/metrics.json" -nt "$OUT/models/$name/best.keras" ]; then
+      echo "  kept $out/metrics.json"
+    else
+      "$PYTHON" -m mri_keras.evaluate --model="$OUT/models/$name" --data_dir="$DATA_DIR" \
+        --split=test --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" \
+        --name="frac_$pct"
+    fi
+  done
 done
 echo
 "$PYTHON" -m mri_keras.experiments --report=data_fraction --eval_root="$OUT/eval" \

@@ -1,7 +1,10 @@
 # Shared by scripts/table1.sh and scripts/data_fraction.sh (sourced, not run): working
 # directories, the interpreter, and the arguments both drivers take.
 #   common_arg ARG     consumes one shared --flag=value; returns 1 for anything else.
-#   finish_args NAME   checks and resolves the shared arguments; sets SCALE_FLAGS.
+#   finish_args NAME   checks and resolves the shared arguments; sets SCALE_FLAGS and
+#                      SEED_LIST (one entry per training seed; "" = the single-run layout).
+#   run_dir SEED       "" for the single-run layout, else "seed_SEED" (models/<row>/seed_S).
+#   seed_flags SEED    the training flags of that seed (none for the single-run layout).
 ORIG_PWD="$PWD"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
@@ -9,7 +12,7 @@ abspath() { case "$1" in /*) echo "$1" ;; *) echo "$ORIG_PWD/$1" ;; esac; }
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
-DATA_DIR="" OUT="" SCALE="paper" EPOCHS="" N_BOOTSTRAP=2000 SEED=0 CONFIGS="" EXTRA=()
+DATA_DIR="" OUT="" SCALE="paper" EPOCHS="" N_BOOTSTRAP=2000 SEED=0 SEEDS="" CONFIGS="" EXTRA=()
 
 common_arg() {
   case "$1" in
@@ -19,6 +22,7 @@ common_arg() {
     --epochs=*) EPOCHS="${1#*=}" ;;
     --n_bootstrap=*) N_BOOTSTRAP="${1#*=}" ;;
     --seed=*) SEED="${1#*=}" ;;
+    --seeds=*) SEEDS="${1#*=}" ;;
     --configs_dir=*) CONFIGS="${1#*=}" ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) return 1 ;;
@@ -40,4 +44,14 @@ finish_args() {
     *) echo "$name: --scale must be demo or paper, got $SCALE" >&2; exit 2 ;;
   esac
   if [ -n "$EPOCHS" ]; then SCALE_FLAGS+=(--epochs="$EPOCHS"); fi
+  SEED_LIST=("")
+  if [ -n "$SEEDS" ]; then
+    IFS=',' read -r -a SEED_LIST <<< "$SEEDS"
+    for s in "${SEED_LIST[@]}"; do
+      case "$s" in ''|*[!0-9]*) echo "$name: --seeds must be non-negative integers, got $SEEDS" >&2; exit 2 ;; esac
+    done
+  fi
 }
+
+run_dir() { if [ -n "$1" ]; then echo "seed_$1"; fi; }
+seed_flags() { if [ -n "$1" ]; then echo "--seed=$1"; fi; }

@@ -9,17 +9,21 @@
 # Usage:
 #   scripts/table1.sh --data_dir=RECORDS --output_dir=OUT [--scale=demo|paper]
 #                     [--variants=t0,t1,...] [--epochs=N] [--n_bootstrap=2000] [--seed=0]
-#                     [--configs_dir=configs]
+#                     [--seeds=0,1,2] [--configs_dir=configs]
 #                     [-- extra training flags, e.g. --strategy=mirrored]
 #
 #   --scale=paper  (default) each variant's flagfile unchanged: the paper's model and recipe,
 #                  meant for GPUs and a real archive.
 #   --scale=demo   adds configs/demo.flags (narrow model, few epochs) so the whole table runs
 #                  in minutes on a CPU on the synthetic cohort.
+#   --seeds=0,1,2  train every row with each training seed (initialisation, data order,
+#                  augmentation) and report mean +- sd over seeds, the lowest seed, and for
+#                  each ensemble its paired bootstrap difference with its best member (chosen
+#                  on val); without it, one run per row (the training seed of the flagfiles).
 # Rerunning resumes: finished training runs resume (and stop at once), evaluations whose
 # metrics.json is newer than the model are kept.
-# Outputs: OUT/models/<variant>/ (training runs), OUT/eval/<row>/{val,test}/ (evaluate and
-# ensemble outputs), OUT/table1.md, OUT/table1.csv.
+# Outputs: OUT/models/<variant>/[seed_S/] (training runs), OUT/eval/<row>/[seed_S/]{val,test}/
+# (evaluate and ensemble outputs), OUT/table1.md, OUT/table1.csv.
 set -euo pipefail
 source "$(dirname "$0")/experiment_common.sh"
 
@@ -49,30 +53,39 @@ evaluate() {  # evaluate MODEL_DIR NAME SPLIT
     --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" --name="$2"
 }
 
-for v in "${VARIANT_LIST[@]}"; do
-  echo "== training $v ($SCALE scale)"
-  # The variant's flagfile, then the scale overrides, then this script's fixed settings
-  # (the input variant always last, so no override can change it).
-  "$PYTHON" -m mri_keras.train --flagfile="$CONFIGS/$v.flags" "${SCALE_FLAGS[@]}" \
-    --input="$v" --data_dir="$DATA_DIR" --model_dir="$OUT/models/$v" "${EXTRA[@]}"
-  for split in val test; do evaluate "$OUT/models/$v" "$v" "$split"; done
-done
+for seed in "${SEED_LIST[@]}"; do
+  sub="$(run_dir "$seed")"
+  for v in "${VARIANT_LIST[@]}"; do
+    echo "== training $v ($SCALE scale${seed:+, seed $seed})"
+    # The variant's flagfile, then the scale overrides, then this script's fixed settings
+    # (the input variant always last, so no override can change it).
+    # shellcheck disable=SC2046
+    "$PYTHON" -m mri_keras.train --flagfile="$CONFIGS/$v.flags" "${SCALE_FLAGS[@]}" \
+      $(seed_flags "$seed") --input="$v" --data_dir="$DATA_DIR" \
+      --model_dir="$OUT/models/$v${sub:+/$sub}" "${EXTRA[@]}"
+    for split in val test; do
+      evaluate "$OUT/models/$v${sub:+/$sub}" "$v${sub:+/$sub}" "$split"
+    done
+  done
 
-join() { local IFS=,; echo "$*"; }
-SUB=() ALL=()
-for v in "${VARIANT_LIST[@]}"; do
-  ALL+=("$OUT/eval/$v")
-  case "$v" in t1sub|t2sub|t3sub) SUB+=("$OUT/eval/$v") ;; esac
+  join() { local IFS=,; echo "$*"; }
+  SUB=() SUB_NAMES=() ALL=() ALL_NAMES=()
+  for v in "${VARIANT_LIST[@]}"; do
+    ALL+=("$OUT/eval/$v${sub:+/$sub}") ALL_NAMES+=("$v")
+    case "$v" in t1sub|t2sub|t3sub) SUB+=("$OUT/eval/$v${sub:+/$sub}") SUB_NAMES+=("$v") ;; esac
+  done
+  if [ "${#SUB[@]}" -ge 2 ]; then
+    echo "== mean ensemble of the subtraction models${seed:+ (seed $seed)}"
+    "$PYTHON" -m mri_keras.ensemble --eval_dirs="$(join "${SUB[@]}")" \
+      --names="$(join "${SUB_NAMES[@]}")" --method=mean \
+      --output_dir="$OUT/eval/mean_sub${sub:+/$sub}" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED"
+  fi
+  if [ "${#ALL[@]}" -ge 2 ]; then
+    echo "== Caruana ensemble selection over all models (on val, reported on test)${seed:+ (seed $seed)}"
+    "$PYTHON" -m mri_keras.ensemble --eval_dirs="$(join "${ALL[@]}")" \
+      --names="$(join "${ALL_NAMES[@]}")" --method=caruana \
+      --output_dir="$OUT/eval/caruana_all${sub:+/$sub}" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED"
+  fi
 done
-if [ "${#SUB[@]}" -ge 2 ]; then
-  echo "== mean ensemble of the subtraction models"
-  "$PYTHON" -m mri_keras.ensemble --eval_dirs="$(join "${SUB[@]}")" --method=mean \
-    --output_dir="$OUT/eval/mean_sub" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED"
-fi
-if [ "${#ALL[@]}" -ge 2 ]; then
-  echo "== Caruana ensemble selection over all models (on val, reported on test)"
-  "$PYTHON" -m mri_keras.ensemble --eval_dirs="$(join "${ALL[@]}")" --method=caruana \
-    --output_dir="$OUT/eval/caruana_all" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED"
-fi
 echo
 "$PYTHON" -m mri_keras.experiments --report=table1 --eval_root="$OUT/eval" --output_dir="$OUT"

@@ -196,3 +196,85 @@ def test_ensemble_reports_paired_differences_with_members(tmp_path):
     vs_noise = desc["test_vs_members"]["noise"]["malignant"]
     assert vs_noise["difference"] > 0 and vs_noise["ci_low"] > 0
     assert vs_noise["auc_a"] == pytest.approx(desc["test_breast_level"]["malignant"]["auc"])
+
+
+def test_ensemble_compares_with_its_best_member_chosen_on_val(tmp_path):
+    dirs = _write_eval_dirs(str(tmp_path / "runs"))
+    names = ("good_a", "noise", "inverted")
+    desc = ensemble.run_ensemble(ensemble.EnsembleConfig(
+        test_predictions=tuple(os.path.join(dirs[n], "test") for n in names),
+        val_predictions=tuple(os.path.join(dirs[n], "val") for n in names),
+        names=names, method="mean", output_dir=str(tmp_path / "m"), n_bootstrap=50))
+    assert desc["best_member_on_val"] == "good_a"  # Highest val malignant AUC.
+    best = desc["test_vs_best_member"]
+    assert best["member"] == "good_a"
+    assert best["difference"] == pytest.approx(
+        desc["test_vs_members"]["good_a"]["malignant"]["difference"])
+    saved = json.load(open(tmp_path / "m" / "ensemble.json"))
+    assert saved["test_vs_best_member"]["member"] == "good_a"
+
+
+def _write_seeded_eval(root, key, seed, probs_scale, split="test", exams_seed=2):
+    from mri_keras import evaluate
+
+    exams, pids, labels, members = _split(exams_seed)
+    rng = np.random.default_rng(seed)
+    probs = _sigmoid((2.0 * labels - 1.0) * probs_scale + rng.normal(size=labels.shape))
+    pred = predictions_io.Predictions(tuple(exams), tuple(pids), labels, probs)
+    summary = {"name": key, **evaluate.summarize(pred, n_bootstrap=30)}
+    path = os.path.join(root, key, f"seed_{seed}", split)
+    evaluate.write_report(path, pred, summary)
+    return json.load(open(os.path.join(path, "metrics.json")))
+
+
+def test_table1_over_seeds_reports_mean_sd_lowest_seed_and_the_paper(tmp_path):
+    from mri_keras import experiments
+
+    root = str(tmp_path / "eval")
+    aucs = {}
+    for key, scale in (("t0", 0.2), ("t2sub", 2.0)):
+        for seed in (0, 1, 2):
+            m = _write_seeded_eval(root, key, seed, scale)
+            aucs[key, seed] = m["breast_level"]["malignant"]["auc"]
+    text = experiments.run(experiments.ExperimentsConfig(
+        report="table1", eval_root=root, output_dir=str(tmp_path)))
+    row = next(l for l in text.splitlines() if l.startswith("| t2 - t0"))
+    values = [aucs["t2sub", s] for s in (0, 1, 2)]
+    assert f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} (n=3)" in row
+    lowest = int(np.argmin(values))
+    assert f"lowest seed {lowest}" in row and "0.7267 / 0.8486" in row  # Gong et al.'s figures.
+    assert next(l for l in text.splitlines() if l.startswith("| t1 - t0")).count("not run") == 2
+    rows = list(__import__("csv").DictReader(open(tmp_path / "table1.csv")))
+    assert len(rows) == 2 * 3 * 2 and {r["seed"] for r in rows} == {"0", "1", "2"}
+
+    # Figure 2 over seeds: mean +- sd per point, error-bar plot.
+    for pct, scale in (("10", 0.3), ("100", 2.0)):
+        for seed in (0, 1, 2):
+            _write_seeded_eval(root, f"frac_{pct}", seed, scale)
+    text = experiments.run(experiments.ExperimentsConfig(
+        report="data_fraction", eval_root=root, output_dir=str(tmp_path)))
+    lines = text.splitlines()
+    assert [l.split("|")[1].strip() for l in lines[2:]] == ["10%", "100%"]
+    assert all("(n=3)" in l for l in lines[2:])
+    assert os.path.getsize(tmp_path / "data_fraction.png") > 1000
+
+
+def test_seeds_report(tmp_path):
+    from mri_keras import experiments
+
+    root = str(tmp_path / "eval")
+    test = [_write_seeded_eval(root, "", s, 1.0 + s) for s in (0, 1, 2)]
+    for s in (0, 1, 2):
+        _write_seeded_eval(root, "", s, 1.0, split="val", exams_seed=1)
+    text = experiments.run(experiments.ExperimentsConfig(
+        report="seeds", eval_root=root, output_dir=str(tmp_path)))
+    values = [m["breast_level"]["malignant"]["auc"] for m in test]
+    assert f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} (n=3)" in text
+    assert f"lowest seed {int(np.argmin(values))}" in text
+    assert len([l for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]) == 3
+    assert (tmp_path / "seeds.csv").is_file()
+    stats = experiments.spread([0.9, float("nan"), 0.8], [4, 5, 6])
+    assert stats["n"] == 2 and stats["lowest_seed"] == 6 and stats["mean"] == pytest.approx(0.85)
+    with pytest.raises(FileNotFoundError, match="seeds.sh"):
+        experiments.run(experiments.ExperimentsConfig(
+            report="seeds", eval_root=str(tmp_path / "none"), output_dir=str(tmp_path)))

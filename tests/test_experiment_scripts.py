@@ -1,6 +1,7 @@
 """The paper's experiment drivers end to end at a tiny scale (same scripts, same entry points)."""
 
 import csv
+import json
 import os
 import subprocess
 
@@ -50,11 +51,46 @@ def test_data_fraction_script_draws_the_curve(tmp_path):
     data = tmp_path / "records"
     train_fixtures.write_records(str(data), {"train": 6, "val": 4, "test": 4})
     out = tmp_path / "fraction"
-    _run(
+    stdout = _run(
         "data_fraction.sh", f"--data_dir={data}", f"--output_dir={out}", "--scale=demo",
-        "--percents=100,50", "--epochs=1", "--n_bootstrap=20", "--", *TINY,
+        "--percents=100,50", "--seeds=0,1", "--epochs=1", "--n_bootstrap=20", "--", *TINY,
     )
     assert os.path.getsize(out / "data_fraction.png") > 1000
     rows = list(csv.DictReader(open(out / "data_fraction.csv")))
-    # Long format: one row per (training fraction, task).
-    assert len(rows) == 4 and {r["task"] for r in rows} == {"benign", "malignant"}
+    # Long format: one row per (training fraction, seed, task).
+    assert len(rows) == 8 and {r["task"] for r in rows} == {"benign", "malignant"}
+    assert {r["seed"] for r in rows} == {"0", "1"}
+    for pct in ("100", "50"):
+        for seed in (0, 1):
+            config = json.load(open(out / "models" / f"frac_{pct}" / f"seed_{seed}" /
+                                    "config.json"))
+            assert config["seed"] == seed and config["train_fraction"] == int(pct) / 100
+    assert "(n=2)" in stdout
+
+
+@pytest.mark.slow
+def test_seeds_script_reports_every_seed(tmp_path):
+    data = tmp_path / "records"
+    train_fixtures.write_records(str(data), {"train": 4, "val": 4, "test": 4})
+    out = tmp_path / "seeds"
+    stdout = _run(
+        "seeds.sh", f"--flagfile={REPO}/configs/demo.flags", f"--data_dir={data}",
+        f"--output_dir={out}", "--seeds=3,4", "--epochs=1", "--n_bootstrap=20", "--", *TINY,
+    )
+    assert "lowest seed" in stdout and "(n=2)" in stdout
+    for seed in (3, 4):
+        assert json.load(open(out / "models" / f"seed_{seed}" / "config.json"))["seed"] == seed
+        for split in ("val", "test"):
+            assert (out / "eval" / f"seed_{seed}" / split / "metrics.json").is_file()
+    rows = list(csv.DictReader(open(out / "seeds.csv")))
+    assert len(rows) == 2 * 2 * 2
+    # A rerun trains nothing and keeps the evaluations.
+    again = _run(
+        "seeds.sh", f"--flagfile={REPO}/configs/demo.flags", f"--data_dir={data}",
+        f"--output_dir={out}", "--seeds=3,4", "--epochs=1", "--n_bootstrap=20", "--", *TINY,
+    )
+    assert again.count("kept") == 4
+    res = subprocess.run(["bash", os.path.join(REPO, "scripts", "seeds.sh"),
+                          f"--data_dir={data}", f"--output_dir={out}"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--flagfile" in res.stderr
