@@ -255,7 +255,8 @@ class DoublyDeepHyperModel(kt.HyperModel):
           epochs: int. Total epochs of this trial.
           warm_start_dir: str or None. A finished trial's run directory to continue from
             (Hyperband's later rounds); copied into this trial's run directory, whose training
-            then resumes from the copied checkpoint. Defaults to None.
+            then resumes from the copied checkpoint. Ignored with a cosine learning-rate
+            schedule (its run length is part of the recipe). Defaults to None.
           callbacks: list of keras Callbacks driven by the training loop. Defaults to None.
           tuner_id: str. Recorded in the trial's run log. Defaults to "tuner0".
           **kwargs: ignored (keras-tuner passes the arguments of ``search``).
@@ -265,6 +266,10 @@ class DoublyDeepHyperModel(kt.HyperModel):
         """
         del hp, kwargs
         run_dir = os.path.join(trial_dir, TRIAL_MODEL_DIR)
+        if model.lr_schedule == "cosine":
+            # A cosine schedule spans its run: a 3-epoch run's rate has decayed to 0 where a
+            # 9-epoch run's is still high, so Hyperband's later rounds train from the start.
+            warm_start_dir = None
         if warm_start_dir and not os.path.exists(run_dir):
             # Copy first, rename after: a crash mid-copy leaves no half run to resume from.
             partial = run_dir + ".copying"

@@ -173,6 +173,10 @@ DEFAULT_SEARCH_SPACE = {
     "dropout": {"type": "float", "min": 0.0, "max": 0.5, "step": 0.1},
     "crop": {"type": "choice", "values": [None, 0.875, 0.75]},
     "flip": {"type": "boolean", "default": True},
+    "lr_schedule": {"type": "choice", "values": ["constant", "cosine"]},
+    "warmup_epochs": {"type": "choice", "values": [0.0, 1.0]},
+    "init": {"type": "choice", "values": ["glorot", "he_zero_residual"]},
+    "norm": {"type": "choice", "values": ["none", "group"]},
 }
 
 

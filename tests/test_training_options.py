@@ -6,6 +6,7 @@ settings (tests/test_train.py checks those)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 
@@ -301,3 +302,33 @@ def test_tune_malloc_is_safe_to_call_twice():
     memory.tune_malloc()
     memory.tune_malloc()
     assert math.isfinite(float(tf.reduce_sum(tf.ones((1024, 1024)))))
+
+
+def test_hyperband_rounds_of_a_cosine_trial_train_from_the_start(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(config, extra_callbacks=None):
+        seen["config"] = config
+        seen["copied"] = os.path.exists(os.path.join(config.model_dir, "copied_marker"))
+        return {"val_malignant_auc": [0.7], "val_benign_auc": [0.6], "best_epoch": 1}
+
+    monkeypatch.setattr(train_lib, "train", fake_train)
+    previous = tmp_path / "previous_round"
+    previous.mkdir()
+    (previous / "copied_marker").write_text("x")
+    base = train_lib.TrainConfig(data_dir="d", model_dir="m", epochs=9)
+    space = tune_space.parse_search_space({"lr_schedule": {"type": "fixed", "value": "cosine"}})
+    model = tune_lib.DoublyDeepHyperModel(base, space)
+    import keras_tuner as kt
+
+    config = model.build(kt.HyperParameters())
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t2").mkdir()
+    model.fit(None, config, trial_dir=str(tmp_path / "t1"), epochs=9,
+              warm_start_dir=str(previous))
+    assert seen["config"].lr_schedule == "cosine" and not seen["copied"]
+    # A constant schedule continues the earlier round's run, as before.
+    constant = dataclasses.replace(config, lr_schedule="constant")
+    model.fit(None, constant, trial_dir=str(tmp_path / "t2"), epochs=9,
+              warm_start_dir=str(previous))
+    assert seen["copied"]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import os
+
+# Set to 1 to keep glibc's defaults (for measuring what the tuning buys: scripts/bench/epoch.py).
+DISABLE_ENV = "MRI_KERAS_DEFAULT_MALLOC"
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -19,8 +23,10 @@ def tune_malloc() -> None:
     (BENCHMARKS.md, "Training: where an epoch goes"). Raising the mmap and trim thresholds
     keeps those pages in the heap for reuse. Call it once, early, in each process (the
     converter's workers call it as their pool initializer); a no-op where glibc's
-    ``mallopt`` is unavailable.
+    ``mallopt`` is unavailable, or when the environment sets ``MRI_KERAS_DEFAULT_MALLOC=1``.
     """
+    if os.environ.get(DISABLE_ENV) == "1":
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
