@@ -375,7 +375,7 @@ def _validate_entry(source: str, name: str, entry) -> Param:
         if "default" in entry and _encode(entry["default"]) not in {_encode(v) for v in values}:
             _fail(source, name, "'default' must be one of 'values'", entry)
         # keras-tuner choices hold one scalar type; anything else travels as strings.
-        simple = len({type(v) for v in values}) == 1 and type(values[0]) in (int, float)
+        simple = len({type(v) for v in values}) == 1 and type(values[0]) in (int, float, str)
         encoded = name != "flip" and not simple
     elif kind == "fixed":
         check_value(entry["value"], "value")

@@ -294,6 +294,13 @@ def test_options_round_trip_through_flags_and_the_tuner():
     values = space.declare(hp)
     tuned = tune_space.apply_values(config, values)
     assert tuned.lr_schedule in ("constant", "cosine") and tuned.model.norm == "group"
+    # The string "none" is a value of --norm, not JSON null (a trial once got norm=None).
+    norms = tune_space.parse_search_space(
+        {"norm": {"type": "choice", "values": ["none", "group"]}})
+    assert norms.decode_values({"norm": "none"}) == {"norm": "none"}
+    hp = kt.HyperParameters()
+    hp.values["norm"] = "none"
+    assert tune_space.apply_values(config, norms.declare(hp)).model.norm == "none"
     with pytest.raises(tune_space.SearchSpaceError, match="init"):
         tune_space.parse_search_space({"init": {"type": "choice", "values": ["uniform"]}})
 
