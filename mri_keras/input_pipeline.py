@@ -375,6 +375,7 @@ def make_dataset(
     input_context: Optional[tf.distribute.InputContext] = None,
     repeat: bool = False,
     with_ids: bool = False,
+    num_exams: Optional[int] = None,
 ) -> tf.data.Dataset:
     """The dataset of one split: one preprocessed exam per batch.
 
@@ -395,6 +396,11 @@ def make_dataset(
         to False (one pass).
       with_ids: bool. Add a third element ``{"exam_id": (1,), "patient_id": (1,)}`` strings.
         Defaults to False.
+      num_exams: optional int. End the dataset after this many exams (with ``repeat``: a
+        training loop's exact epoch). Nothing is read or prefetched beyond them, so dropping
+        the iterator at the end of an epoch costs nothing; without it, prefetching would
+        already be refilling the shuffle buffer with the next pass, and a whole-split buffer
+        took 7-28 s to tear down (measured on the demo). Defaults to None (no limit).
 
     Returns:
       ``tf.data.Dataset`` of ``(volume, targets)`` or ``(volume, targets, ids)``: volume
@@ -466,6 +472,8 @@ def make_dataset(
         # After the shuffle, so an epoch is every exam exactly once; each pass re-iterates
         # everything above: new file order, new record order, new augmentation seeds.
         ds = ds.repeat()
+    if num_exams is not None:
+        ds = ds.take(num_exams)
 
     def to_example(record, path, element_seed=None):
         parsed = schema.decode_example(record, phases)

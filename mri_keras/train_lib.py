@@ -735,6 +735,9 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
     model.stop_training = False
 
     def dataset_fn(epoch, input_context):
+        replicas_per_pipeline = max(
+            1, input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        )
         # One seeded stream per epoch: a resumed epoch sees what the original run would have.
         epoch_input = dataclasses.replace(config.input, seed=config.seed * 100_003 + epoch)
         ds = input_pipeline.make_dataset(
@@ -745,6 +748,8 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
             exam_ids=info.train_exam_ids,
             input_context=input_context,
             repeat=True,
+            # Exactly this epoch's exams for this pipeline: nothing read ahead into the next.
+            num_exams=steps * replicas_per_pipeline,
         )
         if config.jit_compile:
             spec = buckets_lib.BucketSpec(config.slice_buckets, config.size_buckets)
