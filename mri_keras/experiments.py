@@ -449,7 +449,8 @@ def write_seeds(config: ExperimentsConfig) -> str:
         f"Breast-level AUCs per training seed ({config.split} split; val = the split the best "
         "epoch was chosen on)",
         "",
-        "| Seed | Val malignant AUC | Test malignant AUC (95% CI) | Test benign AUC (95% CI) |",
+        f"| Seed | Val malignant AUC | {config.split.capitalize()} malignant AUC (95% CI) | "
+        f"{config.split.capitalize()} benign AUC (95% CI) |",
         "|---|---|---|---|",
     ]
     val = {s: m for s, m in runs["val"]}

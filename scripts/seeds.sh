@@ -10,21 +10,24 @@
 #
 # Usage:
 #   scripts/seeds.sh --flagfile=configs/demo.flags --data_dir=RECORDS --output_dir=OUT
-#                    [--seeds=0,1,2] [--epochs=N] [--n_bootstrap=2000] [--seed=0]
+#                    [--seeds=0,1,2] [--splits=val,test] [--epochs=N] [--n_bootstrap=2000]
+#                    [--seed=0]
 #                    [-- extra training flags, e.g. --input=t0]
 #   --flagfile may be given several times (layered in order, as mri_keras.train reads them);
-#   --seed is the bootstrap seed of the evaluations.
+#   --seed is the bootstrap seed of the evaluations. --splits=val evaluates validation only
+#   (comparing recipes: the test split stays unseen until one is chosen).
 # Rerunning resumes finished runs and keeps up-to-date evaluations.
 # Outputs: OUT/models/seed_S/, OUT/eval/seed_S/{val,test}/, OUT/seeds.md, OUT/seeds.csv.
 set -euo pipefail
 source "$(dirname "$0")/experiment_common.sh"
 
-FLAGFILES=()
+FLAGFILES=() SPLITS="val,test"
 for arg in "$@"; do
   if [ "${#EXTRA[@]}" -gt 0 ] || [ "$arg" = "--" ]; then EXTRA+=("$arg"); continue; fi
   common_arg "$arg" && continue
   case "$arg" in
     --flagfile=*) FLAGFILES+=(--flagfile="$(abspath "${arg#*=}")") ;;
+    --splits=*) SPLITS="${arg#*=}" ;;
     *) echo "seeds.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -38,13 +41,17 @@ if [ "$SCALE" != "paper" ]; then
   echo "seeds.sh: --scale does not apply (the flagfiles say everything)" >&2; exit 2
 fi
 
+case "$SPLITS" in val|test|val,test|test,val) ;; *) echo "seeds.sh: --splits must be val, test or val,test" >&2; exit 2 ;; esac
+IFS=',' read -r -a SPLIT_LIST <<< "$SPLITS"
+REPORT_SPLIT=test
+case "$SPLITS" in *test*) ;; *) REPORT_SPLIT=val ;; esac
 mkdir -p "$OUT/models" "$OUT/eval"
 for seed in "${SEED_LIST[@]}"; do
   model="$OUT/models/seed_$seed"
   echo "== training seed $seed"
   "$PYTHON" -m mri_keras.train "${FLAGFILES[@]}" "${SCALE_FLAGS[@]}" --seed="$seed" \
     --data_dir="$DATA_DIR" --model_dir="$model" --noprogress "${EXTRA[@]}"
-  for split in val test; do
+  for split in "${SPLIT_LIST[@]}"; do
     out="$OUT/eval/seed_$seed/$split"
     if [ -f "$out/metrics.json" ] && [ "$out/metrics.json" -nt "$model/best.keras" ]; then
       echo "  seed $seed $split: kept $out/metrics.json"
@@ -55,4 +62,5 @@ for seed in "${SEED_LIST[@]}"; do
   done
 done
 echo
-"$PYTHON" -m mri_keras.experiments --report=seeds --eval_root="$OUT/eval" --output_dir="$OUT"
+"$PYTHON" -m mri_keras.experiments --report=seeds --eval_root="$OUT/eval" --output_dir="$OUT" \
+  --split="$REPORT_SPLIT"

@@ -94,3 +94,10 @@ def test_seeds_script_reports_every_seed(tmp_path):
                           f"--data_dir={data}", f"--output_dir={out}"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--flagfile" in res.stderr
+    # Validation only (comparing recipes without looking at test): reported on val.
+    val_only = _run(
+        "seeds.sh", f"--flagfile={REPO}/configs/demo.flags", f"--data_dir={data}",
+        f"--output_dir={out}", "--seeds=3", "--splits=val", "--epochs=1", "--n_bootstrap=20",
+        "--", *TINY,
+    )
+    assert "| Seed | Val malignant AUC | Val malignant AUC (95% CI)" in val_only
