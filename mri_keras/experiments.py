@@ -331,6 +331,26 @@ def fraction_points(eval_root: str, split: str = "test") -> list:
     return sorted(points, key=lambda p: p[0])
 
 
+def _finish_fraction_plot(fig, ax, x, path: str, split: str, title: str) -> None:
+    """Axes, labels and saving shared by both data-size plots."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{v:g}%" for v in x])
+    ax.minorticks_off()
+    ax.axhline(0.5, color="0.6", linestyle="--", linewidth=1)
+    ax.set_xlabel("training patients used (% of the training split, log scale)")
+    ax.set_ylabel(f"breast-level AUC ({split})")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"AUC vs training-set size{' - ' + title if title else ''}", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_data_fraction(points, path: str, split: str = "test", title: str = "") -> None:
     """AUC vs percentage of training patients (log x), one line + CI band per task."""
     import matplotlib
@@ -348,20 +368,7 @@ def plot_data_fraction(points, path: str, split: str = "test", title: str = "") 
         ax.plot(x, auc, "o-", color=color, label=f"{task} AUC")
         ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0,
                         label=f"{task} 95% CI")
-    ax.set_xscale("log")
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{v:g}%" for v in x])
-    ax.minorticks_off()
-    ax.axhline(0.5, color="0.6", linestyle="--", linewidth=1)
-    ax.set_xlabel("training patients used (% of the training split, log scale)")
-    ax.set_ylabel(f"breast-level AUC ({split})")
-    ax.set_ylim(0.0, 1.0)
-    ax.set_title(f"AUC vs training-set size{' - ' + title if title else ''}", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish_fraction_plot(fig, ax, x, path, split, title)
 
 
 def fraction_seed_points(eval_root: str, split: str = "test") -> list:
@@ -394,20 +401,7 @@ def plot_data_fraction_seeds(points, path: str, split: str = "test", title: str 
                     label=f"{task} AUC, mean ± sd over seeds")
         for xi, s in zip(x, stats):
             ax.plot([xi * shift] * len(s["values"]), s["values"], ".", color=color, alpha=0.4)
-    ax.set_xscale("log")
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{v:g}%" for v in x])
-    ax.minorticks_off()
-    ax.axhline(0.5, color="0.6", linestyle="--", linewidth=1)
-    ax.set_xlabel("training patients used (% of the training split, log scale)")
-    ax.set_ylabel(f"breast-level AUC ({split})")
-    ax.set_ylim(0.0, 1.0)
-    ax.set_title(f"AUC vs training-set size{' - ' + title if title else ''}", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish_fraction_plot(fig, ax, x, path, split, title)
 
 
 def _write_data_fraction_seeds(config: ExperimentsConfig, points) -> str:
