@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import weakref
 from typing import Optional, Sequence, Tuple
@@ -784,6 +785,7 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
             callbacks.on_train_batch_end(step, {"loss": loss})
         losses = np.asarray([float(v) for v in losses])
         train_seconds = time.time() - started
+        _retire_in_background(iterator, dist)
         del iterator, dist
         if writer is not None:
             # At most ~50 points per epoch: each scalar costs ~1 ms to write.
@@ -868,6 +870,19 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
     )
     _log(config, is_chief, _end_summary(config, result))
     return result
+
+
+def _retire_in_background(*objects) -> None:
+    """Drops the last references to an epoch's dataset iterator in another thread.
+
+    Destroying a tf.data iterator waits for its pipeline's background threads, among them the
+    autotuning thread, whose sleep backs off exponentially (10 ms ... 60 s): measured on the
+    demo, dropping each epoch's iterator in the loop cost 4.6-27.6 s in about half of the
+    epochs (each ended at the thread's wake-ups, ~20.5 s or ~41 s after the epoch began).
+    The wait is idle; done in a daemon thread it no longer holds up the next epoch.
+    """
+    holder = list(objects)
+    threading.Thread(target=holder.clear, name="retire-iterator", daemon=True).start()
 
 
 def _barrier(strategy) -> None:
