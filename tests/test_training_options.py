@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -204,8 +205,19 @@ def test_whole_split_buffer_makes_each_epoch_a_permutation(sharded_dir):
     assert len(firsts) >= 9
 
 
-def test_two_training_epochs_visit_every_exam_once_each(sharded_dir, tmp_path):
+def test_two_training_epochs_visit_every_exam_once_each(sharded_dir, tmp_path, monkeypatch):
     seen = []
+    retired = []
+    retire = train_lib._retire_in_background
+
+    def spy(holder):
+        # The loop hands over its last references: none left in its frame to drop later (the
+        # iterator's destruction, which can wait seconds, would then happen in the loop).
+        loop_locals = sys._getframe(1).f_locals.values()
+        retired.append(any(v is obj for v in loop_locals for obj in holder))
+        retire(holder)
+
+    monkeypatch.setattr(train_lib, "_retire_in_background", spy)
 
     class Record(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
@@ -218,6 +230,7 @@ def test_two_training_epochs_visit_every_exam_once_each(sharded_dir, tmp_path):
     config = _config(argv)
     history = train_lib.train(config, extra_callbacks=[Record()])
     assert seen == list(range(12)) * 2
+    assert retired == [False, False]
     # The dataset of each epoch, as the loop builds it, is a permutation of the split.
     for epoch in range(2):
         epoch_input = config.input.__class__(
