@@ -1,0 +1,32 @@
+"""The hand-made reference feature of scripts/bench/feature_baseline.py: sides and region."""
+
+import importlib.util
+import os
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+    path = os.path.join(REPO, "scripts", "bench", "feature_baseline.py")
+    spec = importlib.util.spec_from_file_location("feature_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_feature_reads_the_patients_side_in_front_of_the_chest_wall():
+    fb = _module()
+    t0 = np.zeros((4, 32, 32), np.float32)
+    t2 = t0.copy()
+    # Columns run patient right -> left (LPS): a lesion at high columns is in the LEFT breast.
+    t2[2, 5:10, 22:27] = 100.0
+    right, left = fb.side_scores(t0, t2, anterior=0.4, box=5)
+    assert left > 50.0 and right == 0.0
+    # Something brighter behind the chest wall (the heart) is outside the searched rows.
+    t2[1, 20:28, 3:10] = 1000.0
+    assert fb.side_scores(t0, t2, anterior=0.4, box=5) == (right, left)
+    # Pre-contrast signal does not count: the feature is the enhancement t2 - t0.
+    t0[2, 5:10, 22:27] = 100.0
+    assert fb.side_scores(t0, t2, anterior=0.4, box=5)[1] == 0.0
