@@ -215,7 +215,11 @@ def test_two_training_epochs_visit_every_exam_once_each(sharded_dir, tmp_path, m
         # iterator's destruction, which can wait seconds, would then happen in the loop).
         loop_locals = sys._getframe(1).f_locals.values()
         retired.append(any(v is obj for v in loop_locals for obj in holder))
-        retire(holder)
+        thread = retire(holder)
+        # Not a daemon: the interpreter waits for it at exit rather than killing it inside
+        # TensorFlow's destructor (which aborts the process).
+        assert not thread.daemon
+        return thread
 
     monkeypatch.setattr(train_lib, "_retire_in_background", spy)
 
