@@ -73,6 +73,7 @@ LR_SCHEDULES = constants.LR_SCHEDULES
 # Settings that may change between a run and its resumption: they do not change what is trained
 # (longer runs, other hardware, other speed/memory trade-offs).
 RESUMABLE_FIELDS = (
+    "model_dir",  # The run is the directory's content: a moved or renamed run resumes.
     "epochs",
     "strategy",
     "cpu_replicas",

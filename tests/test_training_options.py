@@ -145,6 +145,14 @@ def test_cosine_run_cannot_change_its_length_on_resume():
     ]
 
 
+def test_a_moved_run_directory_resumes_but_other_data_does_not():
+    saved = train_lib.TrainConfig(data_dir="d", model_dir="/old/run").to_json_dict()
+    moved = train_lib.TrainConfig(data_dir="d", model_dir="/new/run").to_json_dict()
+    assert train_lib.config_differences(saved, moved) == []
+    other_data = train_lib.TrainConfig(data_dir="e", model_dir="/new/run").to_json_dict()
+    assert train_lib.config_differences(saved, other_data) == ["data_dir: saved 'd', now 'e'"]
+
+
 # --------------------------------------------------------------------------- selection rule
 
 
