@@ -793,8 +793,8 @@ def _mixed_geometry_error(exam_dir, g: _Group) -> ExamError:
     ]
     return ExamError(
         exam_dir,
-        f"frames of different geometry in one phase of a multi-frame series: their "
-        f"{' and '.join(kinds)} differ (reading them as one volume would need resampling)",
+        f"frames of different geometry in one phase of a multi-frame series: they differ in "
+        f"{' and '.join(kinds)} (reading them as one volume would need resampling)",
         g.images[0].file,
     )
 
