@@ -15,7 +15,7 @@ big-endian one was retired before Enhanced MR existed); others raise ``ValueErro
 from __future__ import annotations
 
 import struct
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -357,6 +357,22 @@ def _vector(values: list, width: int) -> Optional["np.ndarray"]:
     return np.asarray(parts, dtype=np.float64).reshape(len(values), width)
 
 
+class _LazyValues:
+    """UL values per frame, decoded when first indexed (most objects never need them)."""
+
+    def __init__(self, raw: list):
+        self._raw = raw
+        self._decoded = None
+
+    def __len__(self):
+        return len(self._raw)
+
+    def __getitem__(self, i):
+        if self._decoded is None:
+            self._decoded = [_uls(v) for v in self._raw]
+        return self._decoded[i]
+
+
 class Frames(NamedTuple):
     """Per-frame headers of one object, one row per frame (frame order).
 
@@ -371,7 +387,7 @@ class Frames(NamedTuple):
     intercept: np.ndarray  # (F,)
     temporal_index: list  # int or None per frame
     acquisition_datetime: list  # DT text or None per frame
-    dimension_values: list  # tuple of ints or None per frame
+    dimension_values: Sequence  # tuple of ints or None per frame
     frame_type: list  # ImageType-like text or None per frame
 
     def __len__(self):
@@ -404,16 +420,20 @@ def frame_headers(ds, shared: SharedHeader, implicit: bool) -> Frames:
     intercept = _with_shared(
         frames, _T_INTERCEPT, None if shared.intercept is None else [shared.intercept], 1
     )
-    tpis = [_uls(v.get(_T_TEMPORAL_POSITION_INDEX)) for v in frames]
+    raw_tpis = [v.get(_T_TEMPORAL_POSITION_INDEX) for v in frames]
+    if raw_tpis and all(isinstance(t, bytes) and len(t) == 4 for t in raw_tpis):
+        temporal_index = np.frombuffer(b"".join(raw_tpis), "<u4").tolist()  # One call for all.
+    else:
+        temporal_index = [t[0] if t else None for t in map(_uls, raw_tpis)]
     return Frames(
         ipp=_vector([v.get(_T_IPP) for v in frames], 3),
         iop=_with_shared(frames, _T_IOP, shared.iop, 6),
         pixel_spacing=_with_shared(frames, _T_PIXEL_SPACING, shared.pixel_spacing, 2),
         slope=np.ones(n) if slope is None else slope[:, 0],
         intercept=np.zeros(n) if intercept is None else intercept[:, 0],
-        temporal_index=[t[0] if t else None for t in tpis],
+        temporal_index=temporal_index,
         acquisition_datetime=[text(v.get(_T_FRAME_ACQ_DATETIME)) or None for v in frames],
-        dimension_values=[_uls(v.get(_T_DIMENSION_INDEX_VALUES)) for v in frames],
+        dimension_values=_LazyValues([v.get(_T_DIMENSION_INDEX_VALUES) for v in frames]),
         frame_type=[
             shared.frame_type if v.get(_T_FRAME_TYPE) is None else text(v.get(_T_FRAME_TYPE))
             for v in frames

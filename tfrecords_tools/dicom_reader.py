@@ -415,6 +415,17 @@ def _read_images(exam_dir: str, seen: _Seen | None = None) -> list:
         seen.series.add(_text(ds, _T_SERIES_UID) or "")
         if (_text(ds, _T_SOP_CLASS_UID) or "") in MULTIFRAME_SOP_CLASSES and _T_PIXEL_DATA in ds:
             parsed = _parse_frames(exam_dir, rel, ds, seen)
+            # A copy of a multi-frame object (same UID, frames, positions and phases) counts
+            # once; decided once for the object rather than per frame.
+            sop_uid = _text(ds, _T_SOP_INSTANCE_UID) or ""
+            key = (sop_uid, _text(ds, _T_SERIES_UID), len(parsed),
+                   np.round(np.asarray([im.ipp for im in parsed]), 2).tobytes(),
+                   tuple(im.temporal_position for im in parsed))
+            if sop_uid and key in sop_uids:
+                continue
+            sop_uids.add(key)
+            images.extend(parsed)
+            continue
         elif int(_number(ds, _T_NUMBER_OF_FRAMES, 1) or 1) > 1 or _T_PIXEL_DATA not in ds or (
             _T_IPP not in ds
         ):  # Reports, presentation states, DICOMDIR, secondary captures, other multi-frames.
@@ -427,19 +438,19 @@ def _read_images(exam_dir: str, seen: _Seen | None = None) -> list:
                 continue
             parsed = [_parse_image(exam_dir, rel, ds)]
             seen.original += 1
-        for image in parsed:
-            # The same image twice (a file copied into the folder, a series exported twice):
-            # one SOPInstanceUID (and frame) at one position and time of one series is one
-            # image, so later copies are dropped (file order is sorted). Position and time
-            # keep apart the images of anonymisers that reuse one UID for several images.
-            if image.sop_uid:
-                key = (image.sop_uid, image.series_uid, image.temporal_position,
-                       tuple(np.round(image.ipp, 2)), image.acquisition_number,
-                       image.trigger_time, image.acq_time, image.frame)
-                if key in sop_uids:
-                    continue
-                sop_uids.add(key)
-            images.append(image)
+        image = parsed[0]
+        # The same image twice (a file copied into the folder, a series exported twice): one
+        # SOPInstanceUID at one position and time of one series is one image, so later copies
+        # are dropped (file order is sorted). Position and time keep apart the images of
+        # anonymisers that reuse one UID for several images.
+        if image.sop_uid:
+            key = (image.sop_uid, image.series_uid, image.temporal_position,
+                   tuple(np.round(image.ipp, 2)), image.acquisition_number,
+                   image.trigger_time, image.acq_time)
+            if key in sop_uids:
+                continue
+            sop_uids.add(key)
+        images.append(image)
     return images
 
 
@@ -477,9 +488,13 @@ def _parse_frames(exam_dir: str, rel: str, ds, seen: _Seen) -> list:
                 "missing from the per-frame and shared functional groups)", rel,
             )
     image_type = _text(ds, _T_IMAGE_TYPE)
+    kinds: dict = {}  # Frames share a few FrameType values: classify each value once.
     keep = []
-    for i in range(count):
-        kind = _skip_kind(frames.frame_type[i] or image_type)
+    for i, frame_type in enumerate(frames.frame_type):
+        frame_type = frame_type or image_type
+        if frame_type not in kinds:
+            kinds[frame_type] = _skip_kind(frame_type)
+        kind = kinds[frame_type]
         if kind:
             setattr(seen, kind, getattr(seen, kind) + 1)
         else:
@@ -513,19 +528,23 @@ def _parse_frames(exam_dir: str, rel: str, ds, seen: _Seen) -> list:
         patient_id=(_text(ds, _T_PATIENT_ID) or "").strip(),
         frames_cache={},
     )
+    spacings = [tuple(row) for row in frames.pixel_spacing[keep].tolist()]
+    slopes = frames.slope[keep].tolist()
+    intercepts = frames.intercept[keep].tolist()
     return [
         _Image(
             iop=frames.iop[i],
             ipp=frames.ipp[i],
             temporal_position=phase,
             acq_time=file_time if time is None else time,
-            pixel_spacing=tuple(float(v) for v in frames.pixel_spacing[i]),
-            slope=float(frames.slope[i]) or 1.0,
-            intercept=float(frames.intercept[i]),
+            pixel_spacing=spacing,
+            slope=slope or 1.0,
+            intercept=intercept,
             frame=i,
             **common,
         )
-        for i, phase, time in zip(keep, phases, times)
+        for i, phase, time, spacing, slope, intercept in zip(
+            keep, phases, times, spacings, slopes, intercepts)
     ]
 
 
@@ -546,20 +565,26 @@ def _frame_phases(exam_dir, rel, frames, keep: list, temporal_dimension) -> tupl
       ExamError: a temporal index missing on some frames, or repeated at one position.
     """
     n = len(keep)
-    times = [_dicom_datetime_text(frames.acquisition_datetime[i]) for i in keep]
-    slices = [tuple(np.round(frames.ipp[i], 2)) for i in keep]
+    parsed: dict = {}  # Frames of one phase often share one datetime: parse each text once.
+    times = []
+    for i in keep:
+        text = frames.acquisition_datetime[i]
+        if text not in parsed:
+            parsed[text] = _dicom_datetime_text(text)
+        times.append(parsed[text])
+    slices = [tuple(row) for row in np.round(frames.ipp[keep], 2).tolist()]
     tpis = [frames.temporal_index[i] for i in keep]
-    dims = [frames.dimension_values[i] for i in keep]
     k = temporal_dimension
+    source, keys = None, [None] * n
     if any(t is not None for t in tpis):
         source, keys = "TemporalPositionIndex", tpis
     elif all(t is not None for t in times):
         source, keys = "FrameAcquisitionDateTime", _phases_by_time(exam_dir, rel, slices, times)
-    elif k is not None and any(d is not None and len(d) > k for d in dims):
-        source = "temporal DimensionIndexValues"
-        keys = [d[k] if d is not None and len(d) > k else None for d in dims]
-    else:
-        source, keys = None, [None] * n
+    elif k is not None:  # Decoded only here: most objects never need them.
+        dims = [frames.dimension_values[i] for i in keep]
+        if any(d is not None and len(d) > k for d in dims):
+            source = "temporal DimensionIndexValues"
+            keys = [d[k] if d is not None and len(d) > k else None for d in dims]
     missing = sum(key is None for key in keys)
     if source and missing:
         raise ExamError(
@@ -708,6 +733,10 @@ def _round(values, step):
 
 def _geometry_key(g: _Group):
     """Orientation, matrix and pixel spacing shared by all images, or None (mixed: localizer)."""
+    exact = {(im.iop.tobytes(), im.rows, im.cols, im.pixel_spacing) for im in g.images}
+    if len(exact) == 1:  # The usual case, without rounding every image.
+        im = g.images[0]
+        return (_round(im.iop, 1e-3), im.rows, im.cols, _round(im.pixel_spacing, 1e-3))
     keys = {
         (_round(im.iop, 1e-3), im.rows, im.cols, _round(im.pixel_spacing, 1e-3))
         for im in g.images
@@ -1046,7 +1075,12 @@ def _decode(exam_dir, im: _Image) -> np.ndarray:
 
 
 def _decode_frame(exam_dir, im: _Image) -> np.ndarray:
-    """One frame of a multi-frame object; the object's pixels are decoded once, on first use."""
+    """One frame of a multi-frame object."""
+    return _object_pixels(exam_dir, im)[im.frame]
+
+
+def _object_pixels(exam_dir, im: _Image) -> np.ndarray:
+    """``(frames, rows, cols)`` pixels of the object ``im`` is a frame of, decoded once."""
     cache = im.frames_cache
     pixels = cache.get("pixels")
     if pixels is None:
@@ -1057,22 +1091,30 @@ def _decode_frame(exam_dir, im: _Image) -> np.ndarray:
         if pixels is None:  # The codec path of single-frame images, for all frames at once.
             pixels = _pydicom_pixels(exam_dir, im, ts).reshape(count, im.rows, im.cols)
         cache["pixels"] = pixels
-    return pixels[im.frame]
+    return pixels
 
 
 def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0][:200] if str(e) else ""
 
 
+def _cross(a, b) -> np.ndarray:
+    """Cross product of two 3-vectors (np.cross costs 20x more for one pair)."""
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2],
+                     a[0] * b[1] - a[1] * b[0]])
+
+
 def _slice_stack(exam_dir, phase: str, g: _Group, options: ReaderOptions):
     """Sorted images, slice gap and (3,3) axis directions of one phase; checks the grid."""
     iop = g.images[0].iop
     row_dir, col_dir = iop[:3], iop[3:]  # Along a row (col index), along a column (row index).
-    normal = np.cross(row_dir, col_dir)
-    pos = np.asarray([im.ipp for im in g.images]) @ normal
+    normal = _cross(row_dir, col_dir)
+    ipps = np.asarray([im.ipp for im in g.images])
+    pos = ipps @ normal
     order = np.argsort(pos, kind="stable")
     images = [g.images[i] for i in order]
     pos = pos[order]
+    ipps = ipps[order]
     gaps = np.diff(pos)
     if np.any(gaps < 1e-3):
         raise ExamError(exam_dir, f"{phase}: duplicate slice positions in the series")
@@ -1089,7 +1131,7 @@ def _slice_stack(exam_dir, phase: str, g: _Group, options: ReaderOptions):
             f"{len(images)} where the series has {gap:.3g} mm",
         )
     # Slices must stack along the normal (no gantry tilt / shear).
-    offsets = np.asarray([im.ipp for im in images]) - images[0].ipp
+    offsets = ipps - ipps[0]
     lateral = offsets - np.outer(offsets @ normal, normal)
     pixel_spacing = list(images[0].pixel_spacing)
     if np.max(np.linalg.norm(lateral, axis=1)) > 0.5 * min(pixel_spacing):
@@ -1202,13 +1244,26 @@ def _volume(exam_dir, phase: str, images: list, keep_stored: bool = False) -> tu
     rows, cols = images[0].rows, images[0].cols
     stored = keep_stored and len({(im.slope, im.intercept) for im in images}) == 1
     out = None
-    for k, im in enumerate(images):
-        pixels = _decode(exam_dir, im)
-        if pixels.shape != (rows, cols):
+    k = 0
+    while k < len(images):
+        im = images[k]
+        # A run of frames of one multi-frame object is copied in one step (the per-image
+        # bookkeeping would cost more than the copy).
+        j = k + 1
+        if im.frame is None:
+            block = _decode(exam_dir, im)[None]
+            frames = None
+        else:
+            while j < len(images) and images[j].frames_cache is im.frames_cache:
+                j += 1
+            block = _object_pixels(exam_dir, im)
+            frames = np.asarray([x.frame for x in images[k:j]])
+        if block.shape[1:] != (rows, cols):
             raise ExamError(
-                exam_dir, f"{phase}: image of {pixels.shape} in a {rows}x{cols} series", im.file
+                exam_dir, f"{phase}: image of {block.shape[1:]} in a {rows}x{cols} series",
+                im.file,
             )
-        if stored and not (pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2):
+        if stored and not (block.dtype.kind in "iu" and block.dtype.itemsize <= 2):
             # Not 16-bit integers after all: voxel values for what was read, then go on.
             done = out[:k] if out is not None else np.empty((0, rows, cols), np.int16)
             out = np.empty((len(images), rows, cols), np.float32)
@@ -1217,15 +1272,26 @@ def _volume(exam_dir, phase: str, images: list, keep_stored: bool = False) -> tu
         if out is None:
             dtype = np.float32
             if stored:
-                dtype = np.int16 if pixels.dtype.itemsize == 1 else pixels.dtype
+                dtype = np.int16 if block.dtype.itemsize == 1 else block.dtype
             out = np.empty((len(images), rows, cols), dtype)
-        elif stored and not np.can_cast(pixels.dtype, out.dtype):
+        elif stored and not np.can_cast(block.dtype, out.dtype):
             out = out.astype(np.int32)  # Signed and unsigned slices: checked by the caller.
-        if stored or (im.slope == 1.0 and im.intercept == 0.0):
-            out[k] = pixels
+        run = images[k:j]
+        if stored or all(x.slope == 1.0 and x.intercept == 0.0 for x in run):
+            if frames is None:
+                out[k:j] = block
+            else:  # Frame by frame: 3x faster than fancy indexing or np.take (measured).
+                for i, f in zip(range(k, j), frames.tolist()):
+                    out[i] = block[f]
         else:  # In float64, then one rounding to float32.
-            out[k] = pixels * np.float64(im.slope) + np.float64(im.intercept)
-        im.ds = None  # The decoded pixels are all that is needed from here on.
+            if frames is not None:
+                block = block[frames]
+            slope = np.asarray([x.slope for x in run], np.float64)[:, None, None]
+            intercept = np.asarray([x.intercept for x in run], np.float64)[:, None, None]
+            out[k:j] = block * slope + intercept
+        for x in run:
+            x.ds = None  # The decoded pixels are all that is needed from here on.
+        k = j
     return out, ((float(images[0].slope), float(images[0].intercept)) if stored else None)
 
 
