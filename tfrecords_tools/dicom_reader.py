@@ -8,6 +8,22 @@ ImagePositionPatient projected on the slice normal, applies RescaleSlope/Interce
 reorients each volume by axis permutation and flips only to the canonical axes
 ``(slice, row, col)`` = (toward Superior, toward Posterior, toward patient Left).
 
+Enhanced MR and Legacy Converted Enhanced MR objects (multi-frame) are read frame by frame:
+each frame becomes an image like a single-frame slice, placed by its PlanePositionSequence,
+with orientation, pixel spacing and rescale from its own functional groups or else the shared
+ones (`dicom_multiframe`), and a temporal position from its TemporalPositionIndex, else its
+FrameAcquisitionDateTime (the k-th time at each slice position is phase k), else the
+DimensionIndexValues entry that the DimensionIndexSequence declares temporal; never from frame
+order. From there frames take the same path as single-frame images (grouping, phase order,
+slice order, volume), so one file holding every phase, one file per phase and a mix with
+single-frame series all read alike; an object's pixels are decoded once, by the same codec path.
+
+Unilateral protocols (each breast its own series per phase, usually sagittal) are recognised
+as two locations side by side along the patient's left-right axis, each holding the phases;
+each side's phases are ordered on their own and paired, and each pair is placed on one
+bilateral grid without resampling (same orientation and spacing, whole-voxel offset, no
+overlap; the gap stays zero), or refused with a reason saying resampling would be needed.
+
 Archive export debris is tolerated: files are found under any name (also without the DICOM
 preamble), links to folders are followed, non-DICOM files, zero-byte files and dangling links
 are skipped, and an exact copy of an image (same SOPInstanceUID and position) counts once.
@@ -18,7 +34,8 @@ pixels of the selected series are decoded.
 
 Every problem raises ``ExamError`` whose ``reason`` names the problem without any header text or
 file name (safe for logs); ``str(error)`` adds the exam folder and, where one is to blame, the
-file.
+file. When no DCE series is found, the reason counts what the folder held (series, original
+images, images skipped as DERIVED or localizer, objects of other SOP classes, non-DICOM files).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Synthetic bilateral breast DCE-MRI cohort, written as a real DICOM archive.
 
 The project's embedded default data set: one folder per exam holding MR Image Storage files
-(one file per slice, random file names, 16-bit pixels with RescaleSlope/Intercept), plus
+(one file per slice, random file names, 16-bit pixels with RescaleSlope/Intercept; the
+``enhanced_*`` variants write the DCE phases as Enhanced MR multi-frame objects instead), plus
 ``labels.csv`` (``exam,left_benign,left_malignant,right_benign,right_malignant``) and
 ``annotations.csv`` (``exam,side,pathology,slice,row,col,radius``; centre in canonical voxel
 coordinates, in-plane radius in voxels). Anatomy and signal: `synthetic_anatomy`; geometry:

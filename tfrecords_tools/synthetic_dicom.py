@@ -1,10 +1,11 @@
-"""Writes synthetic MR series as DICOM files: one file per slice (MR Image Storage), or
-multi-frame objects (Enhanced MR / Legacy Converted Enhanced MR Image Storage).
+"""Writes synthetic MR series as DICOM files (one file per slice, or multi-frame objects).
 
 Files are Part 10 files (128-byte preamble, ``DICM``, file meta group) in Explicit VR Little
-Endian with 16-bit unsigned pixels. The elements a series shares are encoded once (with pydicom's
-element writer) and only the per-file elements are encoded per file, which is several times
-faster than ``dcmwrite`` per file and gives the same bytes.
+Endian with 16-bit unsigned pixels. For MR Image Storage (one file per slice) the elements a
+series shares are encoded once (with pydicom's element writer) and only the per-file elements
+are encoded per file, which is several times faster than ``dcmwrite`` per file and gives the
+same bytes. Enhanced MR / Legacy Converted Enhanced MR objects (`multiframe_dataset`) are built
+as pydicom data sets with functional groups and written with ``dcmwrite``.
 """
 
 from __future__ import annotations
