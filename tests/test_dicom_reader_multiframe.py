@@ -314,3 +314,31 @@ def test_too_few_phases_reason_counts_the_folder(tmp_path):
     assert "the largest such set has 3" in e.value.reason
     assert "the folder holds 1 series: 12 original images; 0 images skipped as DERIVED" in (
         e.value.reason)
+
+
+def _undefined_lengths(ds):
+    """Every sequence and item written with undefined length (as many scanners write them)."""
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            elem.is_undefined_length = True
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = True
+
+
+@pytest.mark.parametrize("encoding", ["undefined_lengths", "implicit_vr", "private_decoy"])
+def test_functional_groups_read_in_any_encoding(tmp_path, encoding):
+    canon = _canonical(11)
+    ds = _one_file(canon, rescale_per_frame=True)
+    if encoding == "undefined_lengths":
+        _undefined_lengths(ds)
+    elif encoding == "implicit_vr":
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    else:  # A private per-frame group holding a wrong position (vendors copy attributes so).
+        for n, groups in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            block = groups.private_block(0x2005, "SYNTHETIC VENDOR", create=True)
+            decoy = pydicom.Dataset()
+            decoy.ImagePositionPatient = ["0", "0", str(1000 + n)]
+            block.add_new(0x0F, "SQ", [decoy])
+    _save(ds, tmp_path / "dyn.dcm")
+    exam = load_exam(str(tmp_path), keep_stored=True)
+    _assert_canonical(exam, canon)

@@ -341,6 +341,122 @@ def _frame_values(value, implicit: bool) -> List[dict]:
     return out
 
 
+# Explicit VR of each collected value, and the functional group sequence it belongs to.
+_VALUE_VR = {
+    _T_IPP: b"DS", _T_IOP: b"DS", _T_PIXEL_SPACING: b"DS", _T_SLOPE: b"DS", _T_INTERCEPT: b"DS",
+    _T_TEMPORAL_POSITION_INDEX: b"UL", _T_FRAME_ACQ_DATETIME: b"DT",
+    _T_DIMENSION_INDEX_VALUES: b"UL", _T_FRAME_TYPE: b"CS",
+}
+_PARENT = {
+    _T_IPP: _T_PLANE_POSITION, _T_IOP: _T_PLANE_ORIENTATION, _T_PIXEL_SPACING: _T_PIXEL_MEASURES,
+    _T_SLOPE: _T_PIXEL_VALUE_TRANSFORMATION, _T_INTERCEPT: _T_PIXEL_VALUE_TRANSFORMATION,
+    _T_TEMPORAL_POSITION_INDEX: _T_FRAME_CONTENT, _T_FRAME_ACQ_DATETIME: _T_FRAME_CONTENT,
+    _T_DIMENSION_INDEX_VALUES: _T_FRAME_CONTENT, _T_FRAME_TYPE: _T_FRAME_TYPE_SEQ,
+}
+
+
+# Tag -> explicit VR (as the little-endian uint16 of its two letters) of every header sought.
+_SOUGHT = {t: vr for t, vr in _VALUE_VR.items()}
+_SOUGHT.update({t: b"SQ" for t in _FRAME_SEQUENCES})
+_SOUGHT_TAGS = np.asarray(sorted(_SOUGHT), np.uint32)
+_SOUGHT_VRS = np.asarray([struct.unpack("<H", _SOUGHT[t])[0] for t in sorted(_SOUGHT)],
+                         np.uint16)
+
+
+def _frame_columns_fast(buf: bytes) -> Optional[dict]:
+    """Per value tag, the raw value of each frame, found by header bytes; or None.
+
+    Explicit VR little endian with defined lengths only. The headers (tag and VR) of the
+    collected values and their sequences are found at once with numpy, then a value is
+    accepted only inside a sequence of its functional group, inside one frame's item, once
+    per frame, and present in every frame; the first and last frames must read the same
+    element by element. Whatever does not fit (undefined lengths, a value in two places or
+    missing in some frames, a header-like value) gives None, and `_collect` walks every item
+    instead. The same values as that walk, with a fraction of its Python work per frame.
+    """
+    items = []  # (start, end) of each frame's item.
+    pos, end = 0, len(buf)
+    unpack_from = _TAG_LEN.unpack_from
+    while pos + 8 <= end:
+        group, elem, length = unpack_from(buf, pos)
+        if (group << 16 | elem) != _ITEM or length == _UNDEFINED:
+            return None
+        items.append((pos + 8, pos + 8 + length))
+        pos += 8 + length
+    if pos != end or not items:
+        return None
+    if len(buf) % 2 or len(buf) < 12:
+        return None
+    # Element headers start at even offsets (DICOM values have even lengths): compare every
+    # even position's (group, element, VR) with the sought ones, all at once.
+    words = np.frombuffer(buf, "<u2")
+    tag_at = words[:-3].astype(np.uint32) << 16 | words[1:-2]
+    where = np.flatnonzero(np.isin(tag_at, _SOUGHT_TAGS))
+    slot = np.searchsorted(_SOUGHT_TAGS, tag_at[where])
+    keep = words[where + 2] == _SOUGHT_VRS[slot]
+    where, slot = where[keep], slot[keep]
+    if where.size and int(where[-1]) * 2 + 12 > len(buf):
+        return None
+    tags = _SOUGHT_TAGS[slot].tolist()
+    short = words[where + 3].tolist()  # Length of a value (2 bytes after its VR).
+    long = (words[where + 4].astype(np.int64) | words[where + 5].astype(np.int64) << 16).tolist()
+    starts = (where * 2).tolist()
+    # One pass in file order: a value belongs to the sequence whose header came last, which
+    # must be its functional group and must enclose it, inside one frame's item.
+    n = len(items)
+    columns = {tag: [None] * n for tag in _PARENT}
+    seen_groups = set()
+    frame, frame_end = -1, -1
+    parent, parent_end = None, -1
+    for start, tag, length, value_length in zip(starts, tags, long, short):
+        while start >= frame_end:
+            frame += 1
+            if frame >= n:
+                return None
+            frame_end = items[frame][1]
+            parent, parent_end = None, -1
+        if start < items[frame][0]:
+            return None
+        if tag in _FRAME_SEQUENCES:
+            end = start + 12 + length
+            if length == _UNDEFINED or end > frame_end or (frame, tag) in seen_groups:
+                return None
+            seen_groups.add((frame, tag))
+            parent, parent_end = tag, end
+            continue
+        value_start = start + 8
+        value_end = value_start + value_length
+        column = columns[tag]
+        if _PARENT[tag] != parent or value_end > parent_end or column[frame] is not None:
+            return None
+        column[frame] = buf[value_start:value_end]
+    # Frames of one object carry the same groups: a value some frames lack, or a first or
+    # last frame that an element-by-element walk reads otherwise, means an unusual layout.
+    missing = {tag: sum(v is None for v in column) for tag, column in columns.items()}
+    if any(0 < k < n for k in missing.values()):
+        return None
+    columns = {tag: column for tag, column in columns.items() if missing[tag] == 0}
+    for f in {0, len(items) - 1}:
+        walked = {}
+        _collect(buf, items[f][0], items[f][1], False, walked)
+        if walked != {tag: column[f] for tag, column in columns.items()}:
+            return None
+    columns[None] = len(items)
+    return columns
+
+
+def _frame_columns(value, implicit: bool) -> dict:
+    """Per value tag, the raw value of each frame (None where absent); ``[None]``: frames."""
+    if isinstance(value, (bytes, bytearray, memoryview)) and not implicit:
+        columns = _frame_columns_fast(bytes(value))
+        if columns is not None:
+            return columns
+    frames = _frame_values(value, implicit)
+    columns = {tag: [v.get(tag) for v in frames] for tag in _FRAME_VALUES}
+    columns[None] = len(frames)
+    return columns
+
+
 def _vector(values: list, width: int) -> Optional["np.ndarray"]:
     """DS values of every frame as a ``(frames, width)`` float64 array (one parse for all).
 
@@ -394,13 +510,14 @@ class Frames(NamedTuple):
         return len(self.slope)
 
 
-def _with_shared(frames: list, tag: int, shared, width: int):
+def _with_shared(columns: dict, tag: int, shared, width: int):
     """Per-frame values of ``tag`` with the shared value for frames that lack their own."""
-    own = [v.get(tag) for v in frames]
+    n = columns[None]
+    own = columns.get(tag) or [None] * n
     if all(v is None for v in own):
         if shared is None:
             return None
-        return np.tile(np.asarray(shared, np.float64)[:width], (len(frames), 1))
+        return np.tile(np.asarray(shared, np.float64)[:width], (n, 1))
     if shared is not None:
         fill = "\\".join(str(x) for x in shared)
         own = [fill if v is None else v for v in own]
@@ -414,28 +531,29 @@ def frame_headers(ds, shared: SharedHeader, implicit: bool) -> Frames:
       ValueError: malformed functional groups.
     """
     element = ds.get_item(T_PER_FRAME_GROUPS)
-    frames = _frame_values(element.value if element is not None else None, implicit)
-    n = len(frames)
-    slope = _with_shared(frames, _T_SLOPE, None if shared.slope is None else [shared.slope], 1)
+    columns = _frame_columns(element.value if element is not None else None, implicit)
+    n = columns[None]
+
+    def column(tag):
+        return columns.get(tag) or [None] * n
+
+    slope = _with_shared(columns, _T_SLOPE, None if shared.slope is None else [shared.slope], 1)
     intercept = _with_shared(
-        frames, _T_INTERCEPT, None if shared.intercept is None else [shared.intercept], 1
+        columns, _T_INTERCEPT, None if shared.intercept is None else [shared.intercept], 1
     )
-    raw_tpis = [v.get(_T_TEMPORAL_POSITION_INDEX) for v in frames]
+    raw_tpis = column(_T_TEMPORAL_POSITION_INDEX)
     if raw_tpis and all(isinstance(t, bytes) and len(t) == 4 for t in raw_tpis):
         temporal_index = np.frombuffer(b"".join(raw_tpis), "<u4").tolist()  # One call for all.
     else:
         temporal_index = [t[0] if t else None for t in map(_uls, raw_tpis)]
     return Frames(
-        ipp=_vector([v.get(_T_IPP) for v in frames], 3),
-        iop=_with_shared(frames, _T_IOP, shared.iop, 6),
-        pixel_spacing=_with_shared(frames, _T_PIXEL_SPACING, shared.pixel_spacing, 2),
+        ipp=_vector(column(_T_IPP), 3),
+        iop=_with_shared(columns, _T_IOP, shared.iop, 6),
+        pixel_spacing=_with_shared(columns, _T_PIXEL_SPACING, shared.pixel_spacing, 2),
         slope=np.ones(n) if slope is None else slope[:, 0],
         intercept=np.zeros(n) if intercept is None else intercept[:, 0],
         temporal_index=temporal_index,
-        acquisition_datetime=[text(v.get(_T_FRAME_ACQ_DATETIME)) or None for v in frames],
-        dimension_values=_LazyValues([v.get(_T_DIMENSION_INDEX_VALUES) for v in frames]),
-        frame_type=[
-            shared.frame_type if v.get(_T_FRAME_TYPE) is None else text(v.get(_T_FRAME_TYPE))
-            for v in frames
-        ],
+        acquisition_datetime=[text(v) or None for v in column(_T_FRAME_ACQ_DATETIME)],
+        dimension_values=_LazyValues(column(_T_DIMENSION_INDEX_VALUES)),
+        frame_type=[shared.frame_type if v is None else text(v) for v in column(_T_FRAME_TYPE)],
     )
