@@ -858,6 +858,8 @@ def _select_from_clusters(exam_dir, clusters, by_sequence, candidates, seen: _Se
         for sk in {k[1] for k in top}:
             groups = [g for k, v in clusters.items() if k[1] == sk and len(v) >= len(PHASES)
                       for g in v]
+            if len(groups) < 2 * len(PHASES):
+                continue  # Not enough series for two sides.
             pairs = _lateral_pairs(exam_dir, groups)
             if pairs is not None:
                 return pairs[: len(PHASES)]
@@ -911,7 +913,7 @@ def _lateral_pairs(exam_dir, groups: list) -> list | None:
     for g in groups:
         box = _extent(g)
         for loc in locations:
-            if np.allclose(loc[0], box, atol=1.0):
+            if np.max(np.abs(loc[0] - box)) <= 1.0:
                 loc[1].append(g)
                 break
         else:
@@ -1115,6 +1117,12 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0][:200] if str(e) else ""
 
 
+def _close(a, b, rtol: float = 0.0, atol: float = 0.0) -> bool:
+    """``np.allclose`` for a few numbers, without its per-call cost."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(b)))
+
+
 def _cross(a, b) -> np.ndarray:
     """Cross product of two 3-vectors (np.cross costs 20x more for one pair)."""
     return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2],
@@ -1192,9 +1200,9 @@ def _phase_grid(exam_dir, phase: str, parts: tuple, options: ReaderOptions) -> _
                      directions, first.ipp)
     (other, other_spacing, other_dirs) = stacks[1]
     why = None
-    if not np.allclose(other_dirs, directions, atol=1e-3):
+    if not _close(other_dirs, directions, atol=1e-3):
         why = "are oriented differently"
-    elif not np.allclose(other_spacing, spacing, rtol=1e-3, atol=1e-3):
+    elif not _close(other_spacing, spacing, rtol=1e-3, atol=1e-3):
         why = (f"have different voxel spacing ({_fmt(spacing)} and {_fmt(other_spacing)} "
                "mm)")
     steps = (other[0].ipp - first.ipp) @ directions.T / np.asarray(spacing)  # In voxels.
@@ -1374,8 +1382,8 @@ def load_exam(
     for phase, grid in zip(PHASES[1:], grids[1:]):
         same = (
             grid.shape == ref.shape
-            and np.allclose(grid.directions, ref.directions, atol=1e-3)
-            and np.allclose(grid.spacing, ref.spacing, rtol=1e-3, atol=1e-3)
+            and _close(grid.directions, ref.directions, atol=1e-3)
+            and _close(grid.spacing, ref.spacing, rtol=1e-3, atol=1e-3)
             and np.linalg.norm(grid.origin - ref.origin) <= 0.5 * min(ref.spacing)
         )
         if not same and grid.shape[0] != ref.shape[0]:
