@@ -432,7 +432,7 @@ def _frame_columns_fast(buf: bytes) -> Optional[dict]:
         column[frame] = buf[value_start:value_end]
     # Frames of one object carry the same groups: a value some frames lack, or a first or
     # last frame that an element-by-element walk reads otherwise, means an unusual layout.
-    missing = {tag: sum(v is None for v in column) for tag, column in columns.items()}
+    missing = {tag: column.count(None) for tag, column in columns.items()}
     if any(0 < k < n for k in missing.values()):
         return None
     columns = {tag: column for tag, column in columns.items() if missing[tag] == 0}

@@ -632,6 +632,8 @@ def _phases_by_time(exam_dir, rel, slices: list, times: list) -> list:
     are compared only between the frames of one position. Each phase is named by its first
     frame's time, so phases of several objects of one series order by time.
     """
+    if len(set(slices)) == len(slices):  # One phase (one frame per position).
+        return [("time", min(times))] * len(times)
     by_slice: dict = {}
     for j, (where, t) in enumerate(zip(slices, times)):
         by_slice.setdefault(where, []).append((t, j))
