@@ -342,3 +342,17 @@ def test_functional_groups_read_in_any_encoding(tmp_path, encoding):
     _save(ds, tmp_path / "dyn.dcm")
     exam = load_exam(str(tmp_path), keep_stored=True)
     _assert_canonical(exam, canon)
+
+
+def test_malformed_position_is_an_exam_error_without_header_text(tmp_path):
+    ds = _one_file(_canonical(12))
+    position = ds.PerFrameFunctionalGroupsSequence[7].PlanePositionSequence[0]
+    text = "\\".join(str(v) for v in position.ImagePositionPatient).encode()
+    _save(ds, tmp_path / "dyn.dcm")
+    data = (tmp_path / "dyn.dcm").read_bytes()
+    assert text in data
+    garbage = b"SYN^" + b"X" * (len(text) - 4)  # pydicom would refuse to write it.
+    (tmp_path / "dyn.dcm").write_bytes(data.replace(text, garbage, 1))
+    with pytest.raises(ExamError, match="malformed functional groups") as e:
+        load_exam(str(tmp_path))
+    assert "SYN^" not in str(e.value) and e.value.file == "dyn.dcm"

@@ -491,9 +491,11 @@ def _parse_frames(exam_dir: str, rel: str, ds, seen: _Seen) -> list:
     try:
         shared = dicom_multiframe.shared_header(ds, bool(implicit))
         frames = dicom_multiframe.frame_headers(ds, shared, bool(implicit))
-    except (ValueError, struct.error, IndexError) as e:
-        raise ExamError(exam_dir, f"malformed functional groups in a multi-frame object ({e})",
-                        rel)
+    except (ValueError, struct.error, IndexError) as e:  # The message may quote header text.
+        raise ExamError(
+            exam_dir, f"malformed functional groups in a multi-frame object ({type(e).__name__})",
+            rel,
+        )
     count = int(_number(ds, _T_NUMBER_OF_FRAMES, 0) or 0)
     if count != len(frames):
         raise ExamError(
