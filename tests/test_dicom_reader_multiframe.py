@@ -356,3 +356,25 @@ def test_malformed_position_is_an_exam_error_without_header_text(tmp_path):
     with pytest.raises(ExamError, match="malformed functional groups") as e:
         load_exam(str(tmp_path))
     assert "SYN^" not in str(e.value) and e.value.file == "dyn.dcm"
+
+
+def test_phase_map_names_two_series_per_phase_for_unilateral_exams(tmp_path):
+    from tfrecords_tools import labels_csv
+
+    canon = _canonical(13)
+    _unilateral(tmp_path / "exam", canon, slice(0, 16), slice(16, 32))
+    # Reversed on purpose: the map, not acquisition time, decides.
+    overrides = {f"1.2.826.0.1.9.4{3 - q}{s}": PHASES[q] for q in range(4) for s in (0, 1)}
+    exam = load_exam(str(tmp_path / "exam"), phase_overrides=overrides)
+    for q, p in enumerate(PHASES):
+        np.testing.assert_array_equal(exam.volumes[p], _values(canon[PHASES[3 - q]]))
+    del overrides["1.2.826.0.1.9.400"]  # t3's right breast
+    with pytest.raises(ExamError, match="phase t0 to two series or more"):
+        load_exam(str(tmp_path / "exam"), phase_overrides=overrides)
+    rows = "".join(f"exam,{uid},{phase}\n" for uid, phase in overrides.items())
+    (tmp_path / "pm.csv").write_text("exam,series_instance_uid,phase\n" + rows)
+    with pytest.raises(labels_csv.InputError, match=r"exactly once \(or exactly twice"):
+        labels_csv.read_phase_map(str(tmp_path / "pm.csv"), ["exam"])
+    (tmp_path / "pm.csv").write_text(
+        "exam,series_instance_uid,phase\n" + rows + "exam,1.2.826.0.1.9.400,t3\n")
+    assert len(labels_csv.read_phase_map(str(tmp_path / "pm.csv"), ["exam"])["exam"]) == 8

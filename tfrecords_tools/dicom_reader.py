@@ -950,34 +950,44 @@ def _lateral_pairs(exam_dir, groups: list) -> list | None:
 
 
 def _override_phases(exam_dir, groups: list, overrides: Mapping[str, str]) -> list:
-    phase_to_uid = {}
+    """The phases a phase map names: one series per phase, or two (one per breast) for all."""
+    phase_to_uids: dict = {}
     for uid, phase in overrides.items():
         if phase not in PHASES:
             raise ExamError(exam_dir, f"phase map gives unknown phase {phase!r}")
-        if phase in phase_to_uid:
-            raise ExamError(exam_dir, f"phase map gives phase {phase} to two series")
-        phase_to_uid[phase] = uid
-    missing = [p for p in PHASES if p not in phase_to_uid]
+        phase_to_uids.setdefault(phase, []).append(uid)
+    counts = {len(v) for v in phase_to_uids.values()}
+    if max(counts) > 2 or len(counts) > 1:
+        phase = max(phase_to_uids, key=lambda p: len(phase_to_uids[p]))
+        raise ExamError(
+            exam_dir,
+            f"phase map gives phase {phase} to two series or more: give one series per phase, "
+            "or two (one per breast) for every phase",
+        )
+    missing = [p for p in PHASES if p not in phase_to_uids]
     if missing:
         raise ExamError(exam_dir, f"phase map lacks phase(s) {', '.join(missing)}")
     selected = []
     for phase in PHASES:
-        uid, _, position = phase_to_uid[phase].partition(":")
-        matches = [g for g in groups if g.series_uid == uid]
-        if position:  # "UID:N" picks TemporalPositionIdentifier N of a multi-phase series.
-            matches = [g for g in matches if str(g.temporal_position) == position.strip()]
-        if not matches:
-            raise ExamError(
-                exam_dir, f"phase map series for {phase} is not in the exam folder"
-                + (f" (or has no temporal position {position})" if position else ""),
-            )
-        if len(matches) > 1:
-            raise ExamError(
-                exam_dir,
-                f"phase map series for {phase} holds several temporal positions; give one "
-                "with the phase map's temporal_position column",
-            )
-        selected.append((matches[0],))
+        parts = []
+        for key in phase_to_uids[phase]:
+            uid, _, position = key.partition(":")
+            matches = [g for g in groups if g.series_uid == uid]
+            if position:  # "UID:N" picks TemporalPositionIdentifier N of a multi-phase series.
+                matches = [g for g in matches if str(g.temporal_position) == position.strip()]
+            if not matches:
+                raise ExamError(
+                    exam_dir, f"phase map series for {phase} is not in the exam folder"
+                    + (f" (or has no temporal position {position})" if position else ""),
+                )
+            if len(matches) > 1:
+                raise ExamError(
+                    exam_dir,
+                    f"phase map series for {phase} holds several temporal positions; give one "
+                    "with the phase map's temporal_position column",
+                )
+            parts.append(matches[0])
+        selected.append(tuple(parts))
     return selected
 
 
@@ -1360,9 +1370,10 @@ def load_exam(
     Args:
       exam_dir: str. Folder holding the exam's DICOM files (any nesting and names).
       phase_overrides: optional mapping SeriesInstanceUID -> phase (``t0``..``t3``) for this
-        exam, all four phases given; replaces the phase heuristics. A key
+        exam, all four phases given, each to one series or each to two (the per-breast series
+        of a unilateral protocol); replaces the phase heuristics. A key
         ``"<SeriesInstanceUID>:<N>"`` picks TemporalPositionIdentifier N of a multi-phase
-        series. Defaults to None.
+        series (or TemporalPositionIndex N of an Enhanced MR series). Defaults to None.
       options: ReaderOptions. Tolerances. Defaults to ReaderOptions().
       keep_stored: bool. Return the DICOM's stored integers and each phase's rescale instead
         of voxel values where that is exact (see ``CanonicalExam``). Defaults to False.
