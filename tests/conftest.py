@@ -28,7 +28,8 @@ def tiny_cohort_varied(tmp_path_factory):
     """The same exams as `tiny_cohort`, written like a messy real archive.
 
     Every acquisition variant in turn (reversed columns, descending slices, sagittal, coronal,
-    one multi-phase series), plus a T2 series, a 3-plane localizer, a derived subtraction
+    one multi-phase series, Enhanced MR in one file and one file per phase, one sagittal
+    series per breast and phase), plus a T2 series, a 3-plane localizer, a derived subtraction
     series and a non-DICOM file per exam, each series in its own sub-folder.
     """
     from tfrecords_tools import synthetic

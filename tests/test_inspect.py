@@ -1,7 +1,8 @@
 """End to end on the synthetic cohort: convert every acquisition variant, then inspect/export.
 
 The generator writes each exam through a different acquisition geometry (axial, reversed
-columns, descending slices, sagittal, coronal, one multi-phase series) plus a T2 series on its
+columns, descending slices, sagittal, coronal, one multi-phase series, Enhanced MR in one
+file and one file per phase, per-breast sagittal series) plus a T2 series on its
 own grid, a 3-plane localizer, a derived subtraction series and a non-DICOM note, and keeps the
 canonical arrays the converter must produce.
 """

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from tfrecords_tools import schema, synthetic, synthetic_dicom, synthetic_geometry
 
@@ -33,6 +33,14 @@ REQUIRED = (
 )
 
 
+ENHANCED_REQUIRED = (
+    "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+    "SeriesNumber", "AcquisitionDateTime", "ImageType", "NumberOfFrames", "FrameOfReferenceUID",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "DimensionOrganizationSequence", "DimensionIndexSequence", "MagneticFieldStrength",
+)
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 
 
@@ -43,14 +51,66 @@ def _walk(root):
 
 
 def _read_exam(cohort, exam):
-    """All DICOM data sets of one exam folder, and the paths of its non-DICOM files."""
+    """All DICOM images of one exam folder, and the paths of its non-DICOM files.
+
+    Enhanced MR objects are split into one single-frame-like data set per frame.
+    """
     datasets, others = [], []
     for path in _walk(os.path.join(cohort.root, exam.exam)):
         try:
-            datasets.append(pydicom.dcmread(path))
+            ds = pydicom.dcmread(path)
         except InvalidDicomError:
             others.append(path)
+            continue
+        datasets.extend(_split_frames(ds) if ds.SOPClassUID == EnhancedMRImageStorage else [ds])
     return datasets, others
+
+
+_COPIED = (
+    "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber",
+    "SeriesDescription", "StudyDate", "ImageType", "Rows", "Columns", "ContrastBolusAgent",
+    "FrameOfReferenceUID",
+)
+
+
+def _split_frames(ds):
+    """Enhanced MR -> one data set per frame holding what a single-frame image would.
+
+    Read with pydicom's keyword access, from the DICOM definitions: a frame's own functional
+    group, else the shared one; the phase from the frame's TemporalPositionIndex; the pixels
+    in ``frame_pixels``.
+    """
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+    frames = []
+    for k, groups in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        def group(name):
+            return (groups.get(name) or shared.get(name))[0]
+
+        content = groups.FrameContentSequence[0]
+        frame = Dataset()
+        for keyword in _COPIED:
+            if keyword in ds:
+                setattr(frame, keyword, ds[keyword].value)
+        frame.ImagePositionPatient = group("PlanePositionSequence").ImagePositionPatient
+        frame.ImageOrientationPatient = group("PlaneOrientationSequence").ImageOrientationPatient
+        measures = group("PixelMeasuresSequence")
+        frame.PixelSpacing = measures.PixelSpacing
+        frame.SliceThickness = measures.SliceThickness
+        frame.SpacingBetweenSlices = measures.SpacingBetweenSlices
+        rescale = group("PixelValueTransformationSequence")
+        frame.RescaleSlope, frame.RescaleIntercept = rescale.RescaleSlope, rescale.RescaleIntercept
+        frame.AcquisitionTime = content.FrameAcquisitionDateTime[8:]
+        if "TemporalPositionIndex" in content:
+            frame.TemporalPositionIdentifier = content.TemporalPositionIndex
+        frame.InstanceNumber = content.InStackPositionNumber
+        frame.frame_pixels = pixels[k]
+        frames.append(frame)
+    return frames
+
+
+def _pixels(ds):
+    return ds.frame_pixels if "frame_pixels" in ds.__dict__ else ds.pixel_array
 
 
 def _dce_phases(datasets):
@@ -70,8 +130,16 @@ def _dce_phases(datasets):
         key = (tuple(np.round(np.array(members[0].ImageOrientationPatient, float), 4)),
                len(members), members[0].Rows, members[0].Columns)
         by_geometry[key].append(members)
-    (phases,) = [g for g in by_geometry.values() if len(g) == 4]
-    return sorted(phases, key=lambda members: float(members[0].AcquisitionTime))
+    (phases,) = [g for g in by_geometry.values() if len(g) in (4, 8)]
+    phases = sorted(phases, key=lambda members: float(members[0].AcquisitionTime))
+    if len(phases) == 8:  # One series per breast and phase: the two sides of each phase.
+        side = lambda members: min(float(d.ImagePositionPatient[0]) for d in members)  # noqa
+        right_x = min(side(m) for m in phases)
+        right = [m for m in phases if side(m) == right_x]
+        left = [m for m in phases if side(m) != right_x]
+        assert len(right) == len(left) == 4
+        phases = [r + l for r, l in zip(right, left)]
+    return phases
 
 
 def _reference_canonical(slices):
@@ -87,7 +155,7 @@ def _reference_canonical(slices):
     slices = sorted(slices, key=lambda ds: float(position(ds) @ normal))
     positions = np.array([position(ds) for ds in slices])
     volume = np.stack([
-        ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        _pixels(ds).astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         for ds in slices
     ]).astype(np.float32)
     row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
@@ -184,6 +252,31 @@ def test_fast_writer_matches_pydicom_dcmwrite_byte_for_byte():
     assert fast == reference.getvalue()
 
 
+def _check_enhanced(ds, path):
+    """An Enhanced MR object: functional groups, a temporal dimension, frames interleaved."""
+    for keyword in ENHANCED_REQUIRED:
+        assert keyword in ds, f"{keyword} missing in {path}"
+    frames = int(ds.NumberOfFrames)
+    assert len(ds.PerFrameFunctionalGroupsSequence) == frames > 1
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert "PlaneOrientationSequence" in shared and "PixelMeasuresSequence" in shared
+    pointers = [int(d.DimensionIndexPointer) for d in ds.DimensionIndexSequence]
+    temporal = {pydicom.datadict.tag_for_keyword(k)
+                for k in ("TemporalPositionIndex", "FrameAcquisitionDateTime")}
+    assert temporal & set(pointers), path
+    keys = []
+    for groups in ds.PerFrameFunctionalGroupsSequence:
+        content = groups.FrameContentSequence[0]
+        assert len(groups.PlanePositionSequence[0].ImagePositionPatient) == 3
+        assert len(content.DimensionIndexValues) == len(pointers)
+        keys.append((content.get("TemporalPositionIndex", 0), content.InStackPositionNumber))
+        assert ("PixelValueTransformationSequence" in groups) != (
+            "PixelValueTransformationSequence" in shared)
+    assert len(set(keys)) == frames
+    assert keys != sorted(keys) and keys != sorted(keys, key=lambda k: (k[1], k[0]))
+    assert ds.pixel_array.shape == (frames, ds.Rows, ds.Columns)
+
+
 def test_every_file_is_valid_mr_image_storage(tiny_cohort_varied):
     cohort = tiny_cohort_varied
     sop_uids, non_dicom = set(), []
@@ -196,6 +289,11 @@ def test_every_file_is_valid_mr_image_storage(tiny_cohort_varied):
             non_dicom.append(os.path.basename(path))
             continue
         ds = pydicom.dcmread(path)
+        if ds.SOPClassUID == EnhancedMRImageStorage:
+            assert ds.file_meta.MediaStorageSOPClassUID == EnhancedMRImageStorage
+            _check_enhanced(ds, path)
+            sop_uids.add(ds.SOPInstanceUID)
+            continue
         assert ds.file_meta.MediaStorageSOPClassUID == MRImageStorage == ds.SOPClassUID, path
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
@@ -238,7 +336,8 @@ def test_geometry_tags_agree(tiny_cohort_varied):
             np.testing.assert_allclose(np.linalg.norm(steps, axis=1), spacing, atol=2e-4)
             for d, p in zip(members, positions):
                 assert list(d.ImageOrientationPatient) == list(members[0].ImageOrientationPatient)
-                assert np.isclose(float(d.SliceLocation), p @ normal, atol=1e-3)
+                if "SliceLocation" in d:  # Not in Enhanced MR frames.
+                    assert np.isclose(float(d.SliceLocation), p @ normal, atol=1e-3)
 
 
 def test_variants_series_layout_and_extra_series(tiny_cohort_varied):
@@ -249,20 +348,23 @@ def test_variants_series_layout_and_extra_series(tiny_cohort_varied):
         phases = _dce_phases(datasets)
         S, H, W = exam.shape
         series_uids = {d.SeriesInstanceUID for group in phases for d in group}
-        if exam.variant == "multiphase_series":
+        if exam.variant in ("multiphase_series", "enhanced_one_file"):
             assert len(series_uids) == 1
             assert [int(g[0].TemporalPositionIdentifier) for g in phases] == [1, 2, 3, 4]
-            assert all(int(d.NumberOfTemporalPositions) == 4 for g in phases for d in g)
         else:
-            assert len(series_uids) == 4
-        expected_slices = {"sagittal": W, "coronal": H}.get(exam.variant, S)
+            assert len(series_uids) == (8 if exam.variant == "unilateral_sagittal" else 4)
+        if exam.variant == "multiphase_series":
+            assert all(int(d.NumberOfTemporalPositions) == 4 for g in phases for d in g)
+        expected_slices = {"sagittal": W, "coronal": H, "unilateral_sagittal": W}.get(
+            exam.variant, S)
         assert all(len(g) == expected_slices for g in phases)
         # t0 first, then 60-90 s between phases, and the header says so.
         times = [_tm_seconds(str(g[0].AcquisitionTime)) for g in phases]
         gaps = np.diff(times)
         assert np.all((gaps >= 60) & (gaps <= 90)), gaps
         np.testing.assert_allclose(times, exam.phase_times, atol=1e-3)
-        assert "ContrastBolusAgent" not in phases[0][0] or exam.variant == "multiphase_series"
+        assert "ContrastBolusAgent" not in phases[0][0] or exam.variant in (
+            "multiphase_series", "enhanced_one_file")
         # Extra series: T2 with another grid, a derived subtraction on the DCE grid.
         t2 = [d for d in datasets if d.SeriesDescription.startswith("ax T2")]
         assert t2 and (t2[0].Rows, len(t2)) != (phases[0][0].Rows, len(phases[0]))

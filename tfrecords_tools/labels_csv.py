@@ -198,6 +198,7 @@ def read_phase_map(path: str, exams: Sequence[str]) -> dict:
     Returns:
       {exam: {key: phase}}, key the SeriesInstanceUID, or ``"UID:N"`` where the optional
       ``temporal_position`` column gives TemporalPositionIdentifier N (multi-phase series).
+      Each phase is given once, or twice for every phase (one series per breast).
 
     Raises:
       InputError: listing missing columns, unknown exams or phases and repeated series.
@@ -232,10 +233,13 @@ def read_phase_map(path: str, exams: Sequence[str]) -> dict:
         else:
             out.setdefault(exam, {})[uid] = phase
     for exam, mapping in out.items():
-        if sorted(mapping.values()) != sorted(schema.PHASES):
+        phases = sorted(mapping.values())
+        # Each phase once, or twice for unilateral protocols (one series per breast).
+        if phases not in (sorted(schema.PHASES), sorted(schema.PHASES * 2)):
             problems.append(
-                f"exam {exam!r}: phases {sorted(mapping.values())}, need each of "
-                f"{', '.join(schema.PHASES)} exactly once"
+                f"exam {exam!r}: phases {phases}, need each of "
+                f"{', '.join(schema.PHASES)} exactly once (or exactly twice: one series per "
+                "breast)"
             )
     if problems:
         raise InputError(f"{path}: phase map problems:{_listing(problems)}")

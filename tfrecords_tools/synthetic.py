@@ -1,7 +1,8 @@
 """Synthetic bilateral breast DCE-MRI cohort, written as a real DICOM archive.
 
 The project's embedded default data set: one folder per exam holding MR Image Storage files
-(one file per slice, random file names, 16-bit pixels with RescaleSlope/Intercept), plus
+(one file per slice, random file names, 16-bit pixels with RescaleSlope/Intercept; the
+``enhanced_*`` variants write the DCE phases as Enhanced MR multi-frame objects instead), plus
 ``labels.csv`` (``exam,left_benign,left_malignant,right_benign,right_malignant``) and
 ``annotations.csv`` (``exam,side,pathology,slice,row,col,radius``; centre in canonical voxel
 coordinates, in-plane radius in voxels). Anatomy and signal: `synthetic_anatomy`; geometry:
@@ -49,7 +50,15 @@ from tfrecords_tools.synthetic_anatomy import (
     render_exam,
     sample_anatomy,
 )
-from tfrecords_tools.synthetic_dicom import Frame, format_ds, format_time, window, write_series
+from tfrecords_tools.synthetic_dicom import (
+    Frame,
+    format_ds,
+    format_time,
+    multiframe_dataset,
+    window,
+    write_multiframe,
+    write_series,
+)
 from tfrecords_tools.synthetic_geometry import ORIENTATIONS, acquire
 
 PHASES = schema.PHASES
@@ -62,7 +71,17 @@ VARIANTS = (
     "sagittal",
     "coronal",
     "multiphase_series",
+    # Enhanced MR Image Storage: every phase and slice a frame of one file (phases told by
+    # TemporalPositionIndex), frames shuffled.
+    "enhanced_one_file",
+    # Enhanced MR, one file (and series) per phase, phases told only by
+    # FrameAcquisitionDateTime, rescale in each frame's functional groups, frames shuffled.
+    "enhanced_per_phase",
+    # Sagittal, each breast its own series per phase (two series per phase, on parallel grids).
+    "unilateral_sagittal",
 )
+# Variants whose phases are frames of multi-frame objects rather than one file per slice.
+MULTIFRAME_VARIANTS = ("enhanced_one_file", "enhanced_per_phase")
 # Exam-level label mix of the paper's data set.
 LABEL_MIX = (("malignant_only", 0.13), ("benign_only", 0.25), ("both", 0.11), ("negative", 0.51))
 # Field of view (mm) along (slice, row, col) used when no spacing is given.
@@ -83,6 +102,12 @@ _SCANNERS = (  # manufacturer, model, field strength (T), DCE series description
 # Exactly representable rescale values, so stored x slope + intercept is exact in float32.
 _SLOPES = (1.0, 1.0, 0.5, 0.75, 1.25, 1.5, 1.6875, 2.375, 0.8125)
 _INTERCEPTS = (0.0, 0.0, 0.0, -16.0, 8.0, 32.0)
+_ORIENTATION_OF = {
+    "multiphase_series": "standard",
+    "enhanced_one_file": "standard",
+    "enhanced_per_phase": "standard",
+    "unilateral_sagittal": "sagittal",
+}
 _BPE_LEVELS = ((0.03, 0.1), (0.1, 0.22), (0.22, 0.4), (0.4, 0.65))  # minimal .. marked
 
 
@@ -449,7 +474,12 @@ def _plan(output_dir, num_patients, seed, shape, spacing, variants, extra_series
             variant = variants[len(jobs) % len(variants)]
             study_uid = _uid(seed, exam_name, "study")
             frame_uid = _uid(seed, exam_name, "frame")
-            roles = ["dce"] if variant == "multiphase_series" else list(PHASES)
+            if variant in ("multiphase_series", "enhanced_one_file"):
+                roles = ["dce"]
+            elif variant == "unilateral_sagittal":
+                roles = [f"{p}_{side}" for p in PHASES for side in ("right", "left")]
+            else:
+                roles = list(PHASES)
             if extra_series:
                 roles += ["t2w", "localizer", "sub"]
             series_uids = {role: _uid(seed, exam_name, "series", role) for role in roles}
@@ -566,7 +596,7 @@ def _write_exam(job: _ExamJob) -> int:
     )
     header = _study_header(job)
     stem = job.scanner[3]
-    orientation = ORIENTATIONS["standard" if exam.variant == "multiphase_series" else exam.variant]
+    orientation = ORIENTATIONS[_ORIENTATION_OF.get(exam.variant, exam.variant)]
     stacks = {p: acquire(stored[p], exam.spacing, exam.origin, orientation) for p in PHASES}
     center, width = window(_rescale(stored["t2"], slope, intercept))
     dce = dict(
@@ -610,6 +640,10 @@ def _write_exam(job: _ExamJob) -> int:
                       SeriesDescription=f"{stem} multiphase", SeriesTime=format_time(times[0]),
                       ContrastBolusAgent="GADOBUTROL")
         written += len(write_series(series_dir(3), series, frames, names, uids("dce", len(frames))))
+    elif exam.variant in MULTIFRAME_VARIANTS:
+        written += _write_enhanced(job, dce, stacks, names, series_dir)
+    elif exam.variant == "unilateral_sagittal":
+        written += _write_unilateral(job, dce, stored, names, uids, series_dir)
     else:
         for q, p in enumerate(PHASES):
             series = dict(dce, SeriesInstanceUID=job.series_uids[p], SeriesNumber=3 + q,
@@ -624,6 +658,73 @@ def _write_exam(job: _ExamJob) -> int:
                                        series_dir)
         with open(os.path.join(exam_dir, "notes.txt"), "w") as f:
             f.write("Exported from a synthetic PACS. This file is not DICOM.\n")
+    return written
+
+
+def _write_enhanced(job: _ExamJob, dce, stacks, names, series_dir) -> int:
+    """The DCE phases as Enhanced MR objects: one file for all, or one file per phase."""
+    exam = job.exam
+    times = exam.phase_times
+    stem = job.scanner[3]
+    count = stacks["t0"].pixels.shape[0]
+    # Vendors interleave frames either way (slice-major, phase-major, ...): a seeded shuffle
+    # makes sure the reader uses neither.
+    rng = np.random.default_rng(np.random.SeedSequence([job.seed, 5, exam.patient_index,
+                                                        job.exam_index]))
+    if exam.variant == "enhanced_one_file":
+        frames = [
+            Frame(stacks[p], n, times[q], {"TemporalPositionIndex": q + 1})
+            for q, p in enumerate(PHASES) for n in range(count)
+        ]
+        series = dict(dce, SeriesInstanceUID=job.series_uids["dce"], SeriesNumber=3,
+                      SeriesDescription=f"{stem} dynamic", SeriesTime=format_time(times[0]),
+                      ContrastBolusAgent="GADOBUTROL")
+        parts = [(3, series, frames, "index", False)]
+    else:
+        parts = []
+        for q, p in enumerate(PHASES):
+            series = dict(dce, SeriesInstanceUID=job.series_uids[p], SeriesNumber=3 + q,
+                          SeriesDescription=f"{stem} {'pre' if q == 0 else f'post{q}'}",
+                          SeriesTime=format_time(times[q]))
+            if q:
+                series["ContrastBolusAgent"] = "GADOBUTROL"
+            frames = [Frame(stacks[p], n, times[q], {"TemporalPositionIndex": q + 1})
+                      for n in range(count)]
+            parts.append((3 + q, series, frames, "datetime", True))
+    for number, series, frames, temporal, per_frame in parts:
+        uid = _uid(job.seed, exam.exam, "enhanced", number)
+        ds = multiframe_dataset(series, frames, uid, rng.permutation(len(frames)),
+                                temporal=temporal, rescale_per_frame=per_frame)
+        write_multiframe(os.path.join(series_dir(number), next(names)), ds)
+    return len(parts)
+
+
+def _write_unilateral(job: _ExamJob, dce, stored, names, uids, series_dir) -> int:
+    """The DCE phases as sagittal series per breast: two series per phase, on one grid."""
+    exam = job.exam
+    times = exam.phase_times
+    stem = job.scanner[3]
+    half = exam.shape[2] // 2  # Canonical columns run toward the patient's Left.
+    written = 0
+    for q, p in enumerate(PHASES):
+        for s, (side, cols) in enumerate((("right", slice(0, half)),
+                                          ("left", slice(half, None)))):
+            origin = np.asarray(exam.origin, np.float64)
+            origin[0] += cols.start * exam.spacing[2]
+            stack = acquire(stored[p][:, :, cols], exam.spacing, origin, ORIENTATIONS["sagittal"])
+            number = 11 + 2 * q + s  # After the extra series (1, 2, 7).
+            role = f"{p}_{side}"
+            # Each breast acquired on its own: the left a few seconds after the right.
+            t = times[q] + 4.0 * s
+            series = dict(dce, SeriesInstanceUID=job.series_uids[role], SeriesNumber=number,
+                          SeriesDescription=f"{stem} sag {side.upper()} "
+                          f"{'pre' if q == 0 else f'post{q}'}",
+                          SeriesTime=format_time(t), AcquisitionNumber=1)
+            if q:
+                series["ContrastBolusAgent"] = "GADOBUTROL"
+            n = stack.pixels.shape[0]
+            frames = [Frame(stack, k, t) for k in range(n)]
+            written += len(write_series(series_dir(number), series, frames, names, uids(role, n)))
     return written
 
 

@@ -16,6 +16,15 @@ cost (parse, decode, rescale to float32) and the exactness of the converter's re
 stored values + rescale) against float32, float16 and per-slice re-quantised int16 voxels,
 the figures behind the voxel dtype choice in ``tfrecords_tools/schema.py``.
 
+``--enhanced`` measures reading Enhanced MR exams instead (its own small cohort: the
+``enhanced_one_file`` and ``enhanced_per_phase`` variants, ``--enhanced_patients`` patients,
+``--slices`` x ``--rows`` x ``--cols`` per phase): per exam, in this process, the CPU seconds of
+``dicom_reader.load_exam`` (as the converter calls it) against ``pydicom.dcmread(f).pixel_array``
+on the same files, alternating, median of ``--repeats`` after a warm-up; target ratio <= 1.3.
+glibc malloc is tuned as in the converter (``convert_lib.tune_malloc``) for both passes.
+
+  .venv/bin/python scripts/bench/ingest.py --enhanced --slices=48 --rows=192 --cols=192
+
   .venv/bin/python scripts/bench/ingest.py --num_patients=8 --num_workers=2 --stages --dtype_study
 """
 
@@ -51,6 +60,10 @@ flags.DEFINE_bool("page_cache_study", False,
                   "Also measure the system time of writing 100 MB files into fresh page cache "
                   "against writing them into pages just freed (why the converter releases "
                   "what it writes).")
+flags.DEFINE_bool("enhanced", False,
+                  "Only measure reading Enhanced MR exams against a bare pydicom decode (see the "
+                  "module docstring).")
+flags.DEFINE_integer("enhanced_patients", 4, "Patients of the --enhanced cohort.")
 flags.DEFINE_bool("stages", False,
                   "Also time each stage on one exam in this process (steady state, after a "
                   "warm-up exam): bare decode vs read, encode, cache write, shard copy.")
@@ -258,10 +271,66 @@ def _stages(exam_dir: str, repeats: int = 4) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _enhanced(base: str, repeats: int) -> None:
+    """CPU seconds per Enhanced MR exam: ``load_exam`` against ``dcmread(f).pixel_array``."""
+    import pydicom
+
+    FLAGS = flags.FLAGS
+    convert_lib.tune_malloc()  # As the converter's processes do (both passes gain from it).
+    root = os.path.join(base, "enhanced")
+    t = time.perf_counter()
+    cohort = synthetic.generate_cohort(
+        root, FLAGS.enhanced_patients, seed=0, slices=FLAGS.slices, rows=FLAGS.rows,
+        cols=FLAGS.cols, variants=synthetic.MULTIFRAME_VARIANTS, workers=1, overwrite=True,
+    )
+    exams = [(e.variant, os.path.join(root, e.exam)) for e in cohort.exams]
+    files = {d: [os.path.join(d, f) for f in dicom_reader.list_files(d)] for _, d in exams}
+    mb = sum(os.path.getsize(f) for fs in files.values() for f in fs) / 1e6
+    for fs in files.values():  # Warm the page cache.
+        for f in fs:
+            with open(f, "rb") as fh:
+                fh.read()
+    _emit(what="enhanced_cohort", exams=len(exams), files=sum(map(len, files.values())),
+          dicom_mb=round(mb, 1), shape=[4, FLAGS.slices, FLAGS.rows, FLAGS.cols],
+          generate_s=round(time.perf_counter() - t, 1))
+
+    def cpu(fn) -> float:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        fn()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+
+    totals = {"bare_decode": 0.0, "load_exam": 0.0}
+    for variant, exam_dir in exams:
+        runs = {"bare_decode": [], "load_exam": []}
+        for _ in range(repeats + 1):  # The first round warms up.
+            runs["bare_decode"].append(cpu(
+                lambda: [pydicom.dcmread(f).pixel_array for f in files[exam_dir]]))
+            runs["load_exam"].append(cpu(
+                lambda: dicom_reader.load_exam(exam_dir, keep_stored=True)))
+        med = {k: statistics.median(v[1:]) for k, v in runs.items()}
+        for k in totals:
+            totals[k] += med[k]
+        _emit(what="enhanced_exam", variant=variant, files=len(files[exam_dir]),
+              bare_cpu_s=round(med["bare_decode"], 4), load_exam_cpu_s=round(med["load_exam"], 4),
+              ratio=round(med["load_exam"] / med["bare_decode"], 3))
+    ratio = totals["load_exam"] / totals["bare_decode"]
+    _emit(what="enhanced_ratio", bare_cpu_s=round(totals["bare_decode"], 4),
+          load_exam_cpu_s=round(totals["load_exam"], 4), load_exam_over_bare=round(ratio, 3),
+          target=1.3, met=ratio <= 1.3, repeats=repeats,
+          load_average=[round(x, 1) for x in os.getloadavg()])
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
+    if FLAGS.enhanced:
+        base = FLAGS.work_dir or tempfile.mkdtemp(prefix="ingest-bench-")
+        _enhanced(base, FLAGS.repeats)
+        if not FLAGS.keep and not FLAGS.work_dir:
+            shutil.rmtree(base, ignore_errors=True)
+        return
     import tensorflow  # noqa: F401 - start-up cost outside the timed region.
 
     # As the converter's command line does (it matters with --num_workers=1, where the
