@@ -106,30 +106,36 @@ def _skip_sequence(buf, pos: int, end: int, implicit: bool) -> int:
     raise ValueError("sequence without delimiter")
 
 
-def _items(value, implicit: bool) -> List[dict]:
-    """Items of a sequence value: raw bytes, or a sequence pydicom already parsed."""
-    if value is None:
-        return []
-    if not isinstance(value, (bytes, bytearray, memoryview)):  # pydicom Sequence of Datasets.
-        return [{tag: ds.get_item(tag).value for tag in ds.keys()} for ds in value]
-    buf = memoryview(value)
-    out = []
+def _walk_items(buf, read_item):
+    """Yields ``read_item(buf, start, stop)[0]`` for each item of a sequence value's bytes.
+
+    ``read_item`` returns ``(value, position after the item)``; the position is used for items
+    of undefined length (which end at their delimiter), ignored for the others.
+    """
     pos, end = 0, len(buf)
     while pos + 8 <= end:
         group, elem, length = _TAG_LEN.unpack_from(buf, pos)
         tag = group << 16 | elem
         pos += 8
         if tag == _SEQUENCE_END:
-            break
+            return
         if tag != _ITEM:
             raise ValueError("malformed sequence item")
         if length == _UNDEFINED:
-            item, pos = _dataset(buf, pos, end, implicit)
+            value, pos = read_item(buf, pos, end)
         else:
-            item, _ = _dataset(buf, pos, pos + length, implicit)
+            value, _ = read_item(buf, pos, pos + length)
             pos += length
-        out.append(item)
-    return out
+        yield value
+
+
+def _items(value, implicit: bool) -> List[dict]:
+    """Items of a sequence value: raw bytes, or a sequence pydicom already parsed."""
+    if value is None:
+        return []
+    if not isinstance(value, (bytes, bytearray, memoryview)):  # pydicom Sequence of Datasets.
+        return [{tag: ds.get_item(tag).value for tag in ds.keys()} for ds in value]
+    return list(_walk_items(memoryview(value), lambda b, p, e: _dataset(b, p, e, implicit)))
 
 
 def _first(items: dict, tag: int, implicit: bool) -> dict:
@@ -322,25 +328,12 @@ def _frame_values(value, implicit: bool) -> List[dict]:
                                 found.setdefault(k, x)
             out.append(found)
         return out
-    buf = bytes(value)
-    out = []
-    pos, end = 0, len(buf)
-    while pos + 8 <= end:
-        group, elem, length = _TAG_LEN.unpack_from(buf, pos)
-        tag = group << 16 | elem
-        pos += 8
-        if tag == _SEQUENCE_END:
-            break
-        if tag != _ITEM:
-            raise ValueError("malformed sequence item")
+
+    def read_item(buf, start, stop):
         found = {}
-        if length == _UNDEFINED:
-            pos = _collect(buf, pos, end, implicit, found)
-        else:
-            _collect(buf, pos, pos + length, implicit, found)
-            pos += length
-        out.append(found)
-    return out
+        return found, _collect(buf, start, stop, implicit, found)
+
+    return list(_walk_items(bytes(value), read_item))
 
 
 # Explicit VR of each collected value, and the functional group sequence it belongs to.
