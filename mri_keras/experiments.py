@@ -234,7 +234,8 @@ def table1_seed_rows(eval_root: str, split: str = "test") -> list:
                 with open(path) as f:
                     best = json.load(f).get("test_vs_best_member")
             if best:
-                comparisons.append({"seed": seed, **best})
+                # The training seed wins over the bootstrap seed the comparison also records.
+                comparisons.append({**best, "bootstrap_seed": best.get("seed"), "seed": seed})
         if comparisons:
             stats = spread([c["difference"] for c in comparisons], [c["seed"] for c in comparisons])
             row["vs_best"] = {**stats, "per_seed": comparisons}

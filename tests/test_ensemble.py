@@ -247,6 +247,21 @@ def test_table1_over_seeds_reports_mean_sd_lowest_seed_and_the_paper(tmp_path):
     rows = list(__import__("csv").DictReader(open(tmp_path / "table1.csv")))
     assert len(rows) == 2 * 3 * 2 and {r["seed"] for r in rows} == {"0", "1", "2"}
 
+    # Ensemble rows: each seed's paired difference with its best member, named by its seed
+    # (not by the bootstrap seed the comparison also records).
+    for seed in (0, 1, 2):
+        _write_seeded_eval(root, "mean_sub", seed, 2.5)
+        with open(os.path.join(root, "mean_sub", f"seed_{seed}", "ensemble.json"), "w") as f:
+            json.dump({"test_vs_best_member": {
+                "member": "t2sub", "difference": 0.01 * (seed + 1), "ci_low": -0.01,
+                "ci_high": 0.03, "p_value": 0.5, "seed": 0}}, f)
+    text = experiments.run(experiments.ExperimentsConfig(
+        report="table1", eval_root=root, output_dir=str(tmp_path)))
+    line = next(l for l in text.splitlines() if l.startswith("- Mean of"))
+    assert "mean +0.020" in line
+    for seed in (0, 1, 2):
+        assert f"seed {seed} vs t2sub: +0.0{seed + 1}0" in line
+
     # Figure 2 over seeds: mean +- sd per point, error-bar plot.
     for pct, scale in (("10", 0.3), ("100", 2.0)):
         for seed in (0, 1, 2):
