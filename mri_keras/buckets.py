@@ -22,7 +22,6 @@ path)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
 
 import tensorflow as tf
 
@@ -30,7 +29,7 @@ DEFAULT_SLICE_BUCKETS = (32, 48, 64, 96, 128, 160, 192, 256)
 DEFAULT_SIZE_BUCKETS = (128, 192, 256, 320, 384, 448, 512)
 
 
-def parse_buckets(text: str, name: str = "buckets") -> Tuple[int, ...]:
+def parse_buckets(text: str, name: str = "buckets") -> tuple[int, ...]:
     """Parses ``"32,64,128"`` into a sorted tuple of distinct positive ints.
 
     Args:
@@ -64,8 +63,8 @@ class BucketSpec:
       pad_value: float. Value of padded voxels. Defaults to 0.0.
     """
 
-    slice_buckets: Tuple[int, ...] = DEFAULT_SLICE_BUCKETS
-    size_buckets: Tuple[int, ...] = DEFAULT_SIZE_BUCKETS
+    slice_buckets: tuple[int, ...] = DEFAULT_SLICE_BUCKETS
+    size_buckets: tuple[int, ...] = DEFAULT_SIZE_BUCKETS
     pad_value: float = 0.0
 
     def __post_init__(self):

@@ -6,7 +6,6 @@ Entry points convert absl flags into these once; nothing below an entry point re
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
 
 from mri_keras import constants
 
@@ -40,7 +39,7 @@ class ModelConfig:
     """
 
     width: int = 64
-    blocks_per_stage: Tuple[int, int, int, int] = (2, 2, 2, 2)
+    blocks_per_stage: tuple[int, int, int, int] = (2, 2, 2, 2)
     stem_kernel: int = 5
     channels_3d: int = 128
     dropout: float = 0.0
@@ -76,9 +75,9 @@ class InputConfig:
 
     input_variant: str = "t2-t0"
     normalization: str = "zscore"
-    percentiles: Tuple[float, float] = (0.5, 99.5)
+    percentiles: tuple[float, float] = (0.5, 99.5)
     flip: bool = True
-    crop: Optional[object] = None
+    crop: object | None = None
     crop_slices: int = 0
     shuffle_buffer: int = 64
     seed: int = 0

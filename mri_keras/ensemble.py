@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -61,10 +61,10 @@ class EnsembleConfig:
       seed: int. Bootstrap seed. Defaults to 0.
     """
 
-    test_predictions: Tuple[str, ...]
+    test_predictions: tuple[str, ...]
     output_dir: str
-    val_predictions: Tuple[str, ...] = ()
-    names: Tuple[str, ...] = ()
+    val_predictions: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
     method: str = "mean"
     caruana_iterations: int = 50
     selection_metric: str = "malignant"
@@ -75,8 +75,10 @@ class EnsembleConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}. Received: method={self.method!r}")
         if self.selection_metric not in SELECTION_METRICS:
-            raise ValueError(f"selection_metric must be one of {SELECTION_METRICS}. "
-                             f"Received: {self.selection_metric!r}")
+            raise ValueError(
+                f"selection_metric must be one of {SELECTION_METRICS}. "
+                f"Received: {self.selection_metric!r}"
+            )
         if not self.test_predictions:
             raise ValueError("At least one member's test predictions are needed.")
         if self.val_predictions and len(self.val_predictions) != len(self.test_predictions):
@@ -87,13 +89,15 @@ class EnsembleConfig:
         if self.method == "caruana" and not self.val_predictions:
             raise ValueError("method='caruana' selects on validation predictions; give them.")
         if self.names and len(self.names) != len(self.test_predictions):
-            raise ValueError(f"names ({len(self.names)}) must match the members "
-                             f"({len(self.test_predictions)}).")
+            raise ValueError(
+                f"names ({len(self.names)}) must match the members ({len(self.test_predictions)})."
+            )
         if self.names and len(set(self.names)) != len(self.names):
             raise ValueError(f"Member names must be unique. Received: {self.names}")
         if self.caruana_iterations < 1:
             raise ValueError(
-                f"caruana_iterations must be >= 1. Received: {self.caruana_iterations}")
+                f"caruana_iterations must be >= 1. Received: {self.caruana_iterations}"
+            )
 
 
 def member_name(path: str) -> str:
@@ -129,8 +133,10 @@ def align(members: Sequence[predictions_io.Predictions], names: Sequence[str]):
         member = member.reindex(ref.exam_ids)
         if not np.array_equal(member.labels, ref.labels):
             bad = int(np.argmax(np.any(member.labels != ref.labels, axis=1)))
-            raise ValueError(f"Member {name!r} disagrees with {names[0]!r} on the labels of exam "
-                             f"{ref.exam_ids[bad]}.")
+            raise ValueError(
+                f"Member {name!r} disagrees with {names[0]!r} on the labels of exam "
+                f"{ref.exam_ids[bad]}."
+            )
         if member.patient_ids != ref.patient_ids:
             raise ValueError(f"Member {name!r} disagrees with {names[0]!r} on patient ids.")
         stacked.append(member.probs)
@@ -145,8 +151,7 @@ def selection_score(labels, probs, selection_metric: str = "malignant") -> float
     return metrics_lib.breast_level_auc(labels, probs, selection_metric)
 
 
-def caruana_select(member_probs, labels, iterations: int = 50,
-                   selection_metric: str = "malignant"):
+def caruana_select(member_probs, labels, iterations: int = 50, selection_metric: str = "malignant"):
     """Greedy forward ensemble selection with replacement (Caruana et al., 2004).
 
     Args:
@@ -167,10 +172,12 @@ def caruana_select(member_probs, labels, iterations: int = 50,
     best_counts, best_score = None, -np.inf
     trace = []
     for step in range(1, iterations + 1):
-        scores = np.array([
-            selection_score(labels, (total + member_probs[m]) / step, selection_metric)
-            for m in range(num_members)
-        ])
+        scores = np.array(
+            [
+                selection_score(labels, (total + member_probs[m]) / step, selection_metric)
+                for m in range(num_members)
+            ]
+        )
         scores = np.where(np.isnan(scores), -np.inf, scores)
         chosen = int(np.argmax(scores))
         counts[chosen] += 1
@@ -206,8 +213,9 @@ def run_ensemble(config: EnsembleConfig) -> dict:
     if config.method == "mean":
         counts = np.ones(len(names), np.int64)
     else:
-        counts, trace = caruana_select(val[3], val[2], config.caruana_iterations,
-                                       config.selection_metric)
+        counts, trace = caruana_select(
+            val[3], val[2], config.caruana_iterations, config.selection_metric
+        )
     weights = counts / counts.sum()
     description = {
         "method": config.method,
@@ -220,25 +228,32 @@ def run_ensemble(config: EnsembleConfig) -> dict:
         "weights": {n: float(w) for n, w in zip(names, weights)},
     }
     if config.method == "caruana":
-        description.update({
-            "selection_split": "val",
-            "selection_metric": f"breast-level {config.selection_metric} AUC",
-            "iterations": config.caruana_iterations,
-            "kept_step": int(counts.sum()),
-            "selection_trace": trace,
-        })
+        description.update(
+            {
+                "selection_split": "val",
+                "selection_metric": f"breast-level {config.selection_metric} AUC",
+                "iterations": config.caruana_iterations,
+                "kept_step": int(counts.sum()),
+                "selection_trace": trace,
+            }
+        )
     os.makedirs(config.output_dir, exist_ok=True)
     splits = [("test", test)] + ([("val", val)] if val is not None else [])
     for split, (exam_ids, patient_ids, labels, probs) in splits:
-        predictions = predictions_io.Predictions(exam_ids, patient_ids, labels,
-                                                 combine(probs, weights))
+        predictions = predictions_io.Predictions(
+            exam_ids, patient_ids, labels, combine(probs, weights)
+        )
         summary = evaluate_lib.summarize(predictions, config.n_bootstrap, config.seed)
         name = f"{config.method} ensemble"
         summary = {"name": name, "split": split, **summary, "ensemble": description}
         if split == "val" and config.method == "caruana":
             summary["note"] = "In-sample: the ensemble was selected on these predictions."
-        evaluate_lib.write_report(os.path.join(config.output_dir, split), predictions, summary,
-                                  title=f"{name} of {len(names)} ({split})")
+        evaluate_lib.write_report(
+            os.path.join(config.output_dir, split),
+            predictions,
+            summary,
+            title=f"{name} of {len(names)} ({split})",
+        )
         description[f"{split}_breast_level"] = {
             t: summary["breast_level"][t] for t in ("malignant", "benign")
         }
@@ -249,8 +264,14 @@ def run_ensemble(config: EnsembleConfig) -> dict:
     description["test_vs_members"] = {
         name: {
             task: metrics_lib.paired_auc_difference(
-                labels, ensemble_probs, probs[m], patient_ids, task=task,
-                n_bootstrap=config.n_bootstrap, seed=config.seed)
+                labels,
+                ensemble_probs,
+                probs[m],
+                patient_ids,
+                task=task,
+                n_bootstrap=config.n_bootstrap,
+                seed=config.seed,
+            )
             for task in ("malignant", "benign")
         }
         for m, name in enumerate(names)
@@ -258,14 +279,16 @@ def run_ensemble(config: EnsembleConfig) -> dict:
     if val is not None:
         # "Better than its best member" needs the best member chosen without looking at test:
         # the member with the highest validation breast-level malignant AUC.
-        val_aucs = [metrics_lib.breast_level_auc(val[2], val[3][m], "malignant")
-                    for m in range(len(names))]
+        val_aucs = [
+            metrics_lib.breast_level_auc(val[2], val[3][m], "malignant") for m in range(len(names))
+        ]
         finite = [(a, i) for i, a in enumerate(val_aucs) if not np.isnan(a)]
         if finite:
             best = names[max(finite)[1]]
             description["best_member_on_val"] = best
             description["test_vs_best_member"] = {
-                "member": best, **description["test_vs_members"][best]["malignant"]
+                "member": best,
+                **description["test_vs_members"][best]["malignant"],
             }
     with open(os.path.join(config.output_dir, ENSEMBLE_FILENAME), "w") as f:
         json.dump(evaluate_lib.json_safe(description), f, indent=2)
@@ -273,7 +296,7 @@ def run_ensemble(config: EnsembleConfig) -> dict:
     return description
 
 
-def _split_list(value: Optional[str]):
+def _split_list(value: str | None):
     return tuple(v for v in (value or "").split(",") if v)
 
 
@@ -288,8 +311,12 @@ def define_flags():
     flags.DEFINE_enum("method", "mean", list(METHODS), "mean or caruana.")
     flags.DEFINE_string("output_dir", None, "Output directory.")
     flags.DEFINE_integer("caruana_iterations", 50, "Caruana selection steps.")
-    flags.DEFINE_enum("selection_metric", "malignant", list(SELECTION_METRICS),
-                      "Validation metric Caruana selection maximises.")
+    flags.DEFINE_enum(
+        "selection_metric",
+        "malignant",
+        list(SELECTION_METRICS),
+        "Validation metric Caruana selection maximises.",
+    )
     flags.DEFINE_integer("n_bootstrap", metrics_lib.DEFAULT_N_BOOTSTRAP, "Bootstrap resamples.")
     flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
     flags.mark_flag_as_required("output_dir")
@@ -312,9 +339,15 @@ def config_from_flags(f) -> EnsembleConfig:
     if not test:
         raise app.UsageError("No members: give --eval_dirs or --test_predictions.")
     return EnsembleConfig(
-        test_predictions=test, val_predictions=val, names=names, method=f.method,
-        output_dir=f.output_dir, caruana_iterations=f.caruana_iterations,
-        selection_metric=f.selection_metric, n_bootstrap=f.n_bootstrap, seed=f.seed,
+        test_predictions=test,
+        val_predictions=val,
+        names=names,
+        method=f.method,
+        output_dir=f.output_dir,
+        caruana_iterations=f.caruana_iterations,
+        selection_metric=f.selection_metric,
+        n_bootstrap=f.n_bootstrap,
+        seed=f.seed,
     )
 
 
@@ -331,8 +364,10 @@ def main(argv):
     chosen = ", ".join(f"{n} x{c}" for n, c in description["chosen"].items() if c)
     print(f"{config.method} ensemble: {chosen}")
     for task in ("malignant", "benign"):
-        print(f"test breast-level {task} AUC: "
-              f"{metrics_lib.format_auc(description['test_breast_level'][task])}")
+        print(
+            f"test breast-level {task} AUC: "
+            f"{metrics_lib.format_auc(description['test_breast_level'][task])}"
+        )
     print(f"wrote {config.output_dir}")
 
 

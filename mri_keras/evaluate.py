@@ -25,13 +25,12 @@ import json
 import os
 import sys
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 
-from mri_keras import constants
+from mri_keras import constants, predictions_io
 from mri_keras import metrics as metrics_lib
-from mri_keras import predictions_io
 
 METRICS_FILENAME = "metrics.json"
 ROC_FILENAME = "roc.png"
@@ -62,7 +61,7 @@ class EvalConfig:
     seed: int = 0
     confidence: float = metrics_lib.DEFAULT_CONFIDENCE
     model_format: str = "auto"
-    name: Optional[str] = None
+    name: str | None = None
 
     def __post_init__(self):
         if self.split not in ("train", "val", "test"):
@@ -95,14 +94,17 @@ def iterate_split(data_dir: str, split: str, phases) -> Iterator[dict]:
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(
-            f"{data_dir}: shard(s) listed in manifest.json are missing: {missing}")
+            f"{data_dir}: shard(s) listed in manifest.json are missing: {missing}"
+        )
     stored = manifest.get("phases", list(constants.PHASES))
     absent = [p for p in phases if p not in stored]
     if absent:
         raise ValueError(f"{data_dir}: records hold phases {stored}; the model needs {absent} too")
-    dataset = tf.data.TFRecordDataset(files).map(
-        lambda s: schema.decode_example(s, tuple(phases)), num_parallel_calls=tf.data.AUTOTUNE
-    ).prefetch(2)
+    dataset = (
+        tf.data.TFRecordDataset(files)
+        .map(lambda s: schema.decode_example(s, tuple(phases)), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(2)
+    )
     for record in dataset.as_numpy_iterator():
         out = {
             "exam_id": record[schema.KEY_EXAM_ID].decode(),
@@ -124,8 +126,9 @@ def predict_split(predictor, data_dir: str, split: str) -> predictions_io.Predic
         probs.append(predictor({p: exam[p] for p in predictor.phases}))
     if not exam_ids:
         raise ValueError(f"{data_dir}: split {split!r} holds no exams")
-    return predictions_io.Predictions(tuple(exam_ids), tuple(patient_ids), np.stack(labels),
-                                      np.stack(probs))
+    return predictions_io.Predictions(
+        tuple(exam_ids), tuple(patient_ids), np.stack(labels), np.stack(probs)
+    )
 
 
 def summarize(
@@ -145,8 +148,14 @@ def summarize(
     for level in ("breast", "exam"):
         for task in ("malignant", "benign"):
             out[f"{level}_level"][task] = metrics_lib.auc_with_ci(
-                labels, probs, pids, task=task, level=level, n_bootstrap=n_bootstrap,
-                seed=seed, confidence=confidence,
+                labels,
+                probs,
+                pids,
+                task=task,
+                level=level,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                confidence=confidence,
             )
     counts = {
         "exams": len(predictions),
@@ -190,8 +199,7 @@ def plot_roc(predictions: predictions_io.Predictions, summary: dict, path: str, 
         ci = ""
         if not np.isnan(result["ci_low"]):
             ci = f" ({level}% CI {result['ci_low']:.3f}-{result['ci_high']:.3f})"
-        ax.plot(fpr, tpr, color=color, linewidth=1.5,
-                label=f"{task}: AUC {result['auc']:.3f}{ci}")
+        ax.plot(fpr, tpr, color=color, linewidth=1.5, label=f"{task}: AUC {result['auc']:.3f}{ci}")
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_xlim(0, 1)
@@ -200,9 +208,11 @@ def plot_roc(predictions: predictions_io.Predictions, summary: dict, path: str, 
     counts = summary.get("counts", {})
     subtitle = ""
     if counts:
-        subtitle = (f"\n{counts['exams']} exams, {counts['patients']} patients, "
-                    f"{counts['breasts']} breasts ({counts['malignant_breasts']} malignant, "
-                    f"{counts['benign_breasts']} benign)")
+        subtitle = (
+            f"\n{counts['exams']} exams, {counts['patients']} patients, "
+            f"{counts['breasts']} breasts ({counts['malignant_breasts']} malignant, "
+            f"{counts['benign_breasts']} benign)"
+        )
     ax.set_title((title or "Breast-level ROC") + subtitle, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -227,8 +237,9 @@ def check_output_dir(output_dir: str) -> None:
         raise ValueError(f"output_dir {output_dir!r} exists and is not a directory.")
 
 
-def write_report(output_dir: str, predictions: predictions_io.Predictions, summary: dict,
-                 title: str = "") -> dict:
+def write_report(
+    output_dir: str, predictions: predictions_io.Predictions, summary: dict, title: str = ""
+) -> dict:
     """Writes predictions.csv, metrics.json and roc.png; returns the paths."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {
@@ -299,12 +310,19 @@ def define_flags():
     flags.DEFINE_string("data_dir", None, "Converted records directory (with manifest.json).")
     flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
     flags.DEFINE_string("output_dir", None, "Where predictions.csv, metrics.json, roc.png go.")
-    flags.DEFINE_integer("n_bootstrap", metrics_lib.DEFAULT_N_BOOTSTRAP,
-                         "Bootstrap resamples (patients drawn with replacement).")
+    flags.DEFINE_integer(
+        "n_bootstrap",
+        metrics_lib.DEFAULT_N_BOOTSTRAP,
+        "Bootstrap resamples (patients drawn with replacement).",
+    )
     flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
     flags.DEFINE_float("confidence", metrics_lib.DEFAULT_CONFIDENCE, "Confidence level of CIs.")
-    flags.DEFINE_enum("model_format", "auto", ["auto", "export", "keras"],
-                      "auto: export/ SavedModel if present, else best.keras.")
+    flags.DEFINE_enum(
+        "model_format",
+        "auto",
+        ["auto", "export", "keras"],
+        "auto: export/ SavedModel if present, else best.keras.",
+    )
     flags.DEFINE_string("name", None, "Name of the model in the report (default: its dir name).")
     flags.mark_flags_as_required(["model", "data_dir", "output_dir"])
 
@@ -320,16 +338,24 @@ def main(argv):
     f = flags.FLAGS
     try:  # Bad input (no model, no manifest, a bad split...): a message, not a traceback.
         config = EvalConfig(
-            model=f.model, data_dir=f.data_dir, output_dir=f.output_dir, split=f.split,
-            n_bootstrap=f.n_bootstrap, seed=f.seed, confidence=f.confidence,
-            model_format=f.model_format, name=f.name,
+            model=f.model,
+            data_dir=f.data_dir,
+            output_dir=f.output_dir,
+            split=f.split,
+            n_bootstrap=f.n_bootstrap,
+            seed=f.seed,
+            confidence=f.confidence,
+            model_format=f.model_format,
+            name=f.name,
         )
         summary = evaluate(config)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"mri_keras.evaluate: error: {e}")
     for task in ("malignant", "benign"):
-        print(f"{summary['name']} {config.split} breast-level {task} AUC: "
-              f"{metrics_lib.format_auc(summary['breast_level'][task])}")
+        print(
+            f"{summary['name']} {config.split} breast-level {task} AUC: "
+            f"{metrics_lib.format_auc(summary['breast_level'][task])}"
+        )
     print(f"exam-level malignant AUC: {metrics_lib.format_auc(summary['exam_level']['malignant'])}")
     print(f"wrote {config.output_dir}")
 

@@ -28,7 +28,7 @@ import glob
 import json
 import os
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -91,7 +91,7 @@ class ExperimentsConfig:
             raise ValueError(f"report must be one of {REPORTS}. Received: {self.report!r}")
 
 
-def _cell(result: Optional[dict]) -> str:
+def _cell(result: dict | None) -> str:
     return "not run" if result is None else metrics_lib.format_auc(result)
 
 
@@ -99,8 +99,9 @@ def seed_runs(eval_root: str, key: str, split: str) -> list:
     """``[(seed or None, metrics)]`` of one row: ``key/seed_<S>/<split>/metrics.json`` for
     every seed (by seed), else ``key/<split>/metrics.json`` as one run (seed None)."""
     runs = []
-    for path in glob.glob(os.path.join(eval_root, key, "seed_*", split,
-                                       evaluate_lib.METRICS_FILENAME)):
+    for path in glob.glob(
+        os.path.join(eval_root, key, "seed_*", split, evaluate_lib.METRICS_FILENAME)
+    ):
         match = SEED_DIR.match(os.path.basename(os.path.dirname(os.path.dirname(path))))
         if match:
             runs.append((int(match.group(1)), evaluate_lib.read_metrics(path)))
@@ -125,8 +126,16 @@ def spread(values, seeds=None) -> dict:
     pairs = [(float(v), s) for v, s in zip(values, seeds) if v is not None and not np.isnan(v)]
     if not pairs:
         nan = float("nan")
-        return {"n": 0, "mean": nan, "sd": nan, "min": nan, "max": nan, "values": [],
-                "seeds": [], "lowest_seed": None}
+        return {
+            "n": 0,
+            "mean": nan,
+            "sd": nan,
+            "min": nan,
+            "max": nan,
+            "values": [],
+            "seeds": [],
+            "lowest_seed": None,
+        }
     arr = np.array([v for v, _ in pairs])
     lowest = min(pairs, key=lambda p: p[0])
     return {
@@ -170,9 +179,11 @@ def table1_rows(eval_root: str, split: str = "test") -> list:
         row = {"key": key, "image": image, "benign": None, "malignant": None, "n_exams": None}
         if os.path.isfile(path):
             m = evaluate_lib.read_metrics(path)
-            row.update(benign=m["breast_level"]["benign"],
-                       malignant=m["breast_level"]["malignant"],
-                       n_exams=m["counts"]["exams"])
+            row.update(
+                benign=m["breast_level"]["benign"],
+                malignant=m["breast_level"]["malignant"],
+                n_exams=m["counts"]["exams"],
+            )
             if "ensemble" in m:
                 chosen = {k: v for k, v in m["ensemble"]["chosen"].items() if v}
                 row["chosen"] = chosen
@@ -222,13 +233,19 @@ def table1_seed_rows(eval_root: str, split: str = "test") -> list:
     rows = []
     for key, image in [(v, IMAGE_NAMES[v]) for v in TABLE1_VARIANTS] + list(TABLE1_ENSEMBLES):
         runs = seed_runs(eval_root, key, split)
-        row = {"key": key, "image": image, "runs": runs,
-               "benign": _task_spread(runs, "benign"),
-               "malignant": _task_spread(runs, "malignant"), "vs_best": None}
+        row = {
+            "key": key,
+            "image": image,
+            "runs": runs,
+            "benign": _task_spread(runs, "benign"),
+            "malignant": _task_spread(runs, "malignant"),
+            "vs_best": None,
+        }
         comparisons = []
         for seed, _ in runs:
-            path = os.path.join(eval_root, key, f"seed_{seed}" if seed is not None else "",
-                                "ensemble.json")
+            path = os.path.join(
+                eval_root, key, f"seed_{seed}" if seed is not None else "", "ensemble.json"
+            )
             best = None
             if os.path.isfile(path):
                 with open(path) as f:
@@ -251,7 +268,8 @@ def format_table1_seeds(rows: Sequence[dict], split: str = "test") -> str:
         f"{', '.join(str(s) for s in seeds)} (sample sd); the paper's figures for comparison "
         f"({PAPER_CITATION}, its own data, one run each).",
         "",
-        "| Image | Benign AUC | Malignant AUC | Malignant AUC per seed | Paper benign / malignant |",
+        "| Image | Benign AUC | Malignant AUC | Malignant AUC per seed "
+        "| Paper benign / malignant |",
         "|---|---|---|---|---|",
     ]
     for i, row in enumerate(rows):
@@ -266,16 +284,21 @@ def format_table1_seeds(rows: Sequence[dict], split: str = "test") -> str:
         )
     compared = [r for r in rows if r["vs_best"]]
     if compared:
-        lines += ["", "Ensemble minus its best member (the member with the highest val malignant "
-                  "AUC), test malignant AUC, paired patient bootstrap per seed:", ""]
+        lines += [
+            "",
+            "Ensemble minus its best member (the member with the highest val malignant "
+            "AUC), test malignant AUC, paired patient bootstrap per seed:",
+            "",
+        ]
         for row in compared:
             parts = [
                 f"seed {c['seed']} vs {c['member']}: {c['difference']:+.3f} "
                 f"(95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, p={c['p_value']:.3g})"
                 for c in row["vs_best"]["per_seed"]
             ]
-            lines.append(f"- {row['image']}: mean {row['vs_best']['mean']:+.3f}; "
-                         + "; ".join(parts))
+            lines.append(
+                f"- {row['image']}: mean {row['vs_best']['mean']:+.3f}; " + "; ".join(parts)
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -292,8 +315,18 @@ def _write_table1_seeds(config: ExperimentsConfig) -> str:
             for seed, m in row["runs"]:
                 for task in ("benign", "malignant"):
                     r = m["breast_level"][task]
-                    w.writerow([row["key"], row["image"], task, seed, r["auc"], r["ci_low"],
-                                r["ci_high"], m["counts"]["exams"]])
+                    w.writerow(
+                        [
+                            row["key"],
+                            row["image"],
+                            task,
+                            seed,
+                            r["auc"],
+                            r["ci_low"],
+                            r["ci_high"],
+                            m["counts"]["exams"],
+                        ]
+                    )
     return text
 
 
@@ -317,8 +350,17 @@ def write_table1(config: ExperimentsConfig) -> str:
         for row in rows:
             for task in ("benign", "malignant"):
                 r = row[task] or {}
-                w.writerow([row["key"], row["image"], task, r.get("auc", ""),
-                            r.get("ci_low", ""), r.get("ci_high", ""), row["n_exams"] or ""])
+                w.writerow(
+                    [
+                        row["key"],
+                        row["image"],
+                        task,
+                        r.get("auc", ""),
+                        r.get("ci_low", ""),
+                        r.get("ci_high", ""),
+                        row["n_exams"] or "",
+                    ]
+                )
     return text
 
 
@@ -367,8 +409,7 @@ def plot_data_fraction(points, path: str, split: str = "test", title: str = "") 
         low = np.array([r["ci_low"] for r in res], float)
         high = np.array([r["ci_high"] for r in res], float)
         ax.plot(x, auc, "o-", color=color, label=f"{task} AUC")
-        ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0,
-                        label=f"{task} 95% CI")
+        ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0, label=f"{task} 95% CI")
     _finish_fraction_plot(fig, ax, x, path, split, title)
 
 
@@ -378,8 +419,9 @@ def fraction_seed_points(eval_root: str, split: str = "test") -> list:
     for path in glob.glob(os.path.join(eval_root, "frac_*")):
         match = FRACTION_DIR.match(os.path.basename(path))
         if match:
-            runs = [r for r in seed_runs(eval_root, os.path.basename(path), split)
-                    if r[0] is not None]
+            runs = [
+                r for r in seed_runs(eval_root, os.path.basename(path), split) if r[0] is not None
+            ]
             if runs:
                 points.append((float(match.group(1)), runs))
     return sorted(points, key=lambda p: p[0])
@@ -398,8 +440,15 @@ def plot_data_fraction_seeds(points, path: str, split: str = "test", title: str 
         stats = [_task_spread(runs, task) for _, runs in points]
         mean = np.array([s["mean"] for s in stats])
         sd = np.array([s["sd"] for s in stats])
-        ax.errorbar(x * shift, mean, yerr=sd, fmt="o-", color=color, capsize=3,
-                    label=f"{task} AUC, mean ± sd over seeds")
+        ax.errorbar(
+            x * shift,
+            mean,
+            yerr=sd,
+            fmt="o-",
+            color=color,
+            capsize=3,
+            label=f"{task} AUC, mean ± sd over seeds",
+        )
         for xi, s in zip(x, stats):
             ax.plot([xi * shift] * len(s["values"]), s["values"], ".", color=color, alpha=0.4)
     _finish_fraction_plot(fig, ax, x, path, split, title)
@@ -407,10 +456,13 @@ def plot_data_fraction_seeds(points, path: str, split: str = "test", title: str 
 
 def _write_data_fraction_seeds(config: ExperimentsConfig, points) -> str:
     os.makedirs(config.output_dir, exist_ok=True)
-    plot_data_fraction_seeds(points, os.path.join(config.output_dir, "data_fraction.png"),
-                             config.split, config.title)
-    lines = ["| Training patients | Benign AUC | Malignant AUC | Malignant AUC per seed |",
-             "|---|---|---|---|"]
+    plot_data_fraction_seeds(
+        points, os.path.join(config.output_dir, "data_fraction.png"), config.split, config.title
+    )
+    lines = [
+        "| Training patients | Benign AUC | Malignant AUC | Malignant AUC per seed |",
+        "|---|---|---|---|",
+    ]
     with open(os.path.join(config.output_dir, "data_fraction.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["percent", "task", "seed", "auc", "ci_low", "ci_high"])
@@ -420,8 +472,10 @@ def _write_data_fraction_seeds(config: ExperimentsConfig, points) -> str:
                     r = m["breast_level"][task]
                     w.writerow([percent, task, seed, r["auc"], r["ci_low"], r["ci_high"]])
             malignant = _task_spread(runs, "malignant")
-            lines.append(f"| {percent:g}% | {format_spread(_task_spread(runs, 'benign'))} | "
-                         f"{format_spread(malignant)} | {_per_seed(malignant)} |")
+            lines.append(
+                f"| {percent:g}% | {format_spread(_task_spread(runs, 'benign'))} | "
+                f"{format_spread(malignant)} | {_per_seed(malignant)} |"
+            )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(config.output_dir, "data_fraction.md"), "w") as f:
         f.write(text)
@@ -453,8 +507,10 @@ def write_seeds(config: ExperimentsConfig) -> str:
     for seed, m in runs[config.split]:
         v = val.get(seed)
         v_text = f"{v['breast_level']['malignant']['auc']:.3f}" if v else "-"
-        lines.append(f"| {seed} | {v_text} | {metrics_lib.format_auc(m['breast_level']['malignant'])}"
-                     f" | {metrics_lib.format_auc(m['breast_level']['benign'])} |")
+        lines.append(
+            f"| {seed} | {v_text} | {metrics_lib.format_auc(m['breast_level']['malignant'])}"
+            f" | {metrics_lib.format_auc(m['breast_level']['benign'])} |"
+        )
         rows.append((seed, m))
     malignant = _task_spread(rows, "malignant")
     benign = _task_spread(rows, "benign")
@@ -492,8 +548,9 @@ def write_data_fraction(config: ExperimentsConfig) -> str:
             "scripts/data_fraction.sh (or mri_keras.evaluate) first."
         )
     os.makedirs(config.output_dir, exist_ok=True)
-    plot_data_fraction(points, os.path.join(config.output_dir, "data_fraction.png"),
-                       config.split, config.title)
+    plot_data_fraction(
+        points, os.path.join(config.output_dir, "data_fraction.png"), config.split, config.title
+    )
     lines = ["| Training patients | Benign AUC | Malignant AUC |", "|---|---|---|"]
     with open(os.path.join(config.output_dir, "data_fraction.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -502,8 +559,10 @@ def write_data_fraction(config: ExperimentsConfig) -> str:
             for task in ("benign", "malignant"):
                 r = m["breast_level"][task]
                 w.writerow([percent, task, r["auc"], r["ci_low"], r["ci_high"]])
-            lines.append(f"| {percent:g}% | {metrics_lib.format_auc(m['breast_level']['benign'])} "
-                         f"| {metrics_lib.format_auc(m['breast_level']['malignant'])} |")
+            lines.append(
+                f"| {percent:g}% | {metrics_lib.format_auc(m['breast_level']['benign'])} "
+                f"| {metrics_lib.format_auc(m['breast_level']['malignant'])} |"
+            )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(config.output_dir, "data_fraction.md"), "w") as f:
         f.write(text)
@@ -537,8 +596,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    print(run(ExperimentsConfig(report=f.report, eval_root=f.eval_root,
-                                output_dir=f.output_dir, split=f.split, title=f.title)), end="")
+    print(
+        run(
+            ExperimentsConfig(
+                report=f.report,
+                eval_root=f.eval_root,
+                output_dir=f.output_dir,
+                split=f.split,
+                title=f.title,
+            )
+        ),
+        end="",
+    )
 
 
 if __name__ == "__main__":

@@ -27,15 +27,14 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 from mri_keras import config as config_lib
-from mri_keras import constants
-from mri_keras import input_pipeline
+from mri_keras import constants, input_pipeline
 from mri_keras import model as model_lib
 from tfrecords_tools import schema
 
@@ -74,8 +73,8 @@ def export_model(
     export_dir: str,
     input_config: config_lib.InputConfig,
     *,
-    model_config: Optional[config_lib.ModelConfig] = None,
-    metadata: Optional[dict] = None,
+    model_config: config_lib.ModelConfig | None = None,
+    metadata: dict | None = None,
 ) -> str:
     """Writes ``model`` as a SavedModel with both signatures (atomically replacing export_dir).
 
@@ -172,7 +171,7 @@ def export_from_keras_file(
     model_config: config_lib.ModelConfig,
     input_config: config_lib.InputConfig,
     *,
-    metadata: Optional[dict] = None,
+    metadata: dict | None = None,
 ) -> str:
     """Exports the weights in ``keras_path`` (e.g. best.keras, saved in the serving
     architecture of ``model_config``) into a float32 model."""
@@ -184,7 +183,7 @@ def export_from_keras_file(
     )
 
 
-def read_metadata(export_dir: str) -> Optional[dict]:
+def read_metadata(export_dir: str) -> dict | None:
     """The export's ``assets.extra/mri_keras.json``, or None when there is no complete export."""
     path = os.path.join(export_dir, METADATA_PATH)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):

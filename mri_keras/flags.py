@@ -8,7 +8,7 @@ with ``--flagfile=``.
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from collections.abc import Sequence
 
 from absl import flags
 
@@ -41,7 +41,7 @@ def _resolve_nested(path: str, including_file: str) -> str:
         directory = parent
 
 
-def _flagfile_lines(path: str, stack: List[str]) -> List[str]:
+def _flagfile_lines(path: str, stack: list[str]) -> list[str]:
     real = os.path.realpath(path)
     if real in stack:
         raise flags.CantOpenFlagFileError(f"circular --flagfile include of {path}")
@@ -66,7 +66,7 @@ def _flagfile_lines(path: str, stack: List[str]) -> List[str]:
     return out
 
 
-def expand_flagfiles(argv: Sequence[str]) -> List[str]:
+def expand_flagfiles(argv: Sequence[str]) -> list[str]:
     """Inlines every ``--flagfile=PATH`` of ``argv`` (``argv[0]`` is the program name).
 
     As absl does, except that a nested ``--flagfile=`` inside a flagfile that does not exist
@@ -115,7 +115,7 @@ def parse_in_process(program: str, define, argv: Sequence[str]) -> flags.FlagVal
     try:
         rest = fv(expand_flagfiles([program, *argv]))
     except flags.Error as e:
-        raise SystemExit(f"{program}: error: {e}")
+        raise SystemExit(f"{program}: error: {e}") from None
     if len(rest) > 1:
         raise SystemExit(f"{program}: error: unexpected command-line arguments: {rest[1:]}")
     return fv
@@ -154,7 +154,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     # Recipe.
     flags.DEFINE_integer("epochs", 50, "Passes over the training exams.", lower_bound=1, **fv)
     flags.DEFINE_float(
-        "learning_rate", 1e-5, "Adam learning rate (the peak of a schedule).", lower_bound=0.0,
+        "learning_rate",
+        1e-5,
+        "Adam learning rate (the peak of a schedule).",
+        lower_bound=0.0,
         **fv,
     )
     flags.DEFINE_enum(

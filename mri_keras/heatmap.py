@@ -38,7 +38,7 @@ it is computed with ``best.keras`` (``MODEL_DIR/best.keras``, next to ``MODEL_DI
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ GRADCAM_LAYER = "block3d_out"
 NPY_FILENAME = "heatmap.npy"
 
 
-def target_labels(target: str) -> Tuple[str, ...]:
+def target_labels(target: str) -> tuple[str, ...]:
     """Heads whose log-odds are summed for ``target`` (e.g. "malignant" -> both sides)."""
     if target in constants.TASKS:
         return tuple(f"{side}_{target}" for side in constants.SIDES)
@@ -74,8 +74,10 @@ def _gradcam_layer(model, layer_name: str):
         if rank == 5:
             candidates.append(layer)
     if not candidates:
-        raise ValueError(f"Model {model.name!r} has no layer {layer_name!r} and no 5-D feature "
-                         "map to compute Grad-CAM on.")
+        raise ValueError(
+            f"Model {model.name!r} has no layer {layer_name!r} and no 5-D feature "
+            "map to compute Grad-CAM on."
+        )
     return candidates[-1]
 
 
@@ -110,8 +112,13 @@ def _normalise(volume: np.ndarray) -> np.ndarray:
     return volume / peak if peak > 0 else volume
 
 
-def saliency(model, volume, target: str = "malignant", method: str = "gradient",
-             layer_name: str = GRADCAM_LAYER) -> np.ndarray:
+def saliency(
+    model,
+    volume,
+    target: str = "malignant",
+    method: str = "gradient",
+    layer_name: str = GRADCAM_LAYER,
+) -> np.ndarray:
     """Saliency of one preprocessed exam.
 
     Args:
@@ -177,8 +184,9 @@ def _cam(model, x, labels, layer_name, shape, hires: bool) -> np.ndarray:
     return _normalise(_upsample(cam, shape).numpy())
 
 
-def exam_saliency(model, phases: Mapping[str, np.ndarray], input_config, target="malignant",
-                  method="gradient") -> Tuple[np.ndarray, np.ndarray]:
+def exam_saliency(
+    model, phases: Mapping[str, np.ndarray], input_config, target="malignant", method="gradient"
+) -> tuple[np.ndarray, np.ndarray]:
     """Preprocesses raw phases with the model's input config and computes the saliency.
 
     Returns:
@@ -198,8 +206,14 @@ def most_salient_slices(heatmap: np.ndarray, k: int) -> list:
     return [int(i) for i in order[: max(0, min(k, len(order)))]]
 
 
-def write_heatmaps(output_dir: str, heatmap: np.ndarray, image: np.ndarray,
-                   top_slices: int = 4, title: str = "", spacing=None) -> dict:
+def write_heatmaps(
+    output_dir: str,
+    heatmap: np.ndarray,
+    image: np.ndarray,
+    top_slices: int = 4,
+    title: str = "",
+    spacing=None,
+) -> dict:
     """Writes ``heatmap.npy`` and PNG overlays of the most salient slices.
 
     Each PNG shows one axial slice in radiological view (row 0 at the top, the patient's
@@ -234,24 +248,46 @@ def write_heatmaps(output_dir: str, heatmap: np.ndarray, image: np.ndarray,
         height = 3.2 * heatmap.shape[1] / heatmap.shape[2] * aspect
         fig, axes = plt.subplots(1, 2, figsize=(6.4, height + 0.6), dpi=100)
         for ax, overlay in zip(axes, (False, True)):
-            ax.imshow(image[s], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
-                      aspect=aspect, interpolation="nearest")
+            ax.imshow(
+                image[s],
+                cmap="gray",
+                vmin=lo,
+                vmax=hi if hi > lo else lo + 1,
+                aspect=aspect,
+                interpolation="nearest",
+            )
             if overlay:
                 # Colours span this slice's own range up to its 99.5th percentile (the slice
                 # peak relative to the volume's is in the title), so sparse full-resolution
                 # maps stay visible.
                 top = float(np.percentile(heatmap[s], 99.5))
                 top = top if top > 0 else max(float(heatmap[s].max()), 1e-6)
-                ax.imshow(np.ma.masked_less(heatmap[s], 0.2 * top), cmap="jet", alpha=0.6,
-                          vmin=0, vmax=top, aspect=aspect, interpolation="nearest")
+                ax.imshow(
+                    np.ma.masked_less(heatmap[s], 0.2 * top),
+                    cmap="jet",
+                    alpha=0.6,
+                    vmin=0,
+                    vmax=top,
+                    aspect=aspect,
+                    interpolation="nearest",
+                )
             # Radiological view: the patient's right (col 0) on the image's left.
             for x, text in ((0.02, "R"), (0.93, "L")):
-                ax.text(x, 0.5, text, color="yellow", transform=ax.transAxes, fontsize=11,
-                        fontweight="bold", va="center")
+                ax.text(
+                    x,
+                    0.5,
+                    text,
+                    color="yellow",
+                    transform=ax.transAxes,
+                    fontsize=11,
+                    fontweight="bold",
+                    va="center",
+                )
             ax.set_title("saliency" if overlay else "model input", fontsize=9)
             ax.axis("off")
-        fig.suptitle(f"{title} slice {s} (rank {rank + 1}, peak {heatmap[s].max():.2f})",
-                     fontsize=9)
+        fig.suptitle(
+            f"{title} slice {s} (rank {rank + 1}, peak {heatmap[s].max():.2f})", fontsize=9
+        )
         path = os.path.join(output_dir, f"slice_{s:03d}.png")
         fig.tight_layout()
         fig.savefig(path)

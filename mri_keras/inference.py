@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -41,9 +41,9 @@ class ModelLocation:
       model_dir: Optional[str]. The training run's directory (holds config.json), if known.
     """
 
-    export_dir: Optional[str]
-    keras_path: Optional[str]
-    model_dir: Optional[str]
+    export_dir: str | None
+    keras_path: str | None
+    model_dir: str | None
 
 
 def locate_model(path: str) -> ModelLocation:
@@ -67,8 +67,9 @@ def locate_model(path: str) -> ModelLocation:
     if os.path.isfile(os.path.join(path, SAVED_MODEL_PB)):
         parent = os.path.dirname(path)
         keras_path = os.path.join(parent, KERAS_FILENAME)
-        has_run = (os.path.isfile(os.path.join(parent, CONFIG_FILENAME))
-                   or os.path.isfile(keras_path))
+        has_run = os.path.isfile(os.path.join(parent, CONFIG_FILENAME)) or os.path.isfile(
+            keras_path
+        )
         return ModelLocation(
             export_dir=path,
             keras_path=keras_path if os.path.isfile(keras_path) else None,
@@ -101,7 +102,7 @@ def _input_config_from_dict(d: Mapping) -> config_lib.InputConfig:
     return config_lib.InputConfig(**kwargs)
 
 
-def _find_input_dict(obj) -> Optional[Mapping]:
+def _find_input_dict(obj) -> Mapping | None:
     """Finds the input-config dict in a saved config (``{"input": {...}}`` or flat)."""
     if not isinstance(obj, Mapping):
         return None
@@ -162,8 +163,10 @@ def _positive_probs(outputs: Mapping) -> np.ndarray:
         elif value.size == 1:  # already p(positive)
             probs[i] = value[0]
         else:
-            raise ValueError(f"Head {label!r} returned shape {np.shape(outputs[label])}; "
-                             "expected one exam's 2-way softmax.")
+            raise ValueError(
+                f"Head {label!r} returned shape {np.shape(outputs[label])}; "
+                "expected one exam's 2-way softmax."
+            )
     return probs
 
 
@@ -179,8 +182,10 @@ class Predictor:
 
     def __init__(self, location: ModelLocation, model_format: str = "auto"):
         if model_format not in MODEL_FORMATS:
-            raise ValueError(f"model_format must be one of {MODEL_FORMATS}. "
-                             f"Received: model_format={model_format!r}")
+            raise ValueError(
+                f"model_format must be one of {MODEL_FORMATS}. "
+                f"Received: model_format={model_format!r}"
+            )
         self.location = location
         self.input_config = load_input_config(location)
         self.phases = constants.phases_needed(self.input_config.input_variant)
@@ -201,15 +206,19 @@ class Predictor:
 
         self._saved = tf.saved_model.load(export_dir)
         if "serving_default" not in self._saved.signatures:
-            raise ValueError(f"{export_dir} has no serving_default signature "
-                             f"(has {list(self._saved.signatures)})")
+            raise ValueError(
+                f"{export_dir} has no serving_default signature "
+                f"(has {list(self._saved.signatures)})"
+            )
         self._serving = self._saved.signatures["serving_default"]
         _, kwargs = self._serving.structured_input_signature
         self._serving_inputs = tuple(kwargs)
         unknown = [k for k in self._serving_inputs if k not in constants.PHASES]
         if unknown:
-            raise ValueError(f"{export_dir}: serving_default inputs {self._serving_inputs} are not "
-                             f"phase names {constants.PHASES}")
+            raise ValueError(
+                f"{export_dir}: serving_default inputs {self._serving_inputs} are not "
+                f"phase names {constants.PHASES}"
+            )
         # An export's own signature is the truth about which phases it reads.
         self.phases = tuple(p for p in constants.PHASES if p in self._serving_inputs)
 
@@ -226,12 +235,11 @@ class Predictor:
         volume = preprocess_phases(phases, self.input_config)[tf.newaxis]  # (1, S, H, W, 1)
         if self._keras_fn is None:
             model = self._keras_model
-            self._keras_fn = tf.function(lambda x: model(x, training=False),
-                                         reduce_retracing=True)
+            self._keras_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         return _positive_probs(self._keras_fn(volume))
 
 
-def preprocess_phases(phases: Mapping[str, np.ndarray], input_config) :
+def preprocess_phases(phases: Mapping[str, np.ndarray], input_config):
     """`input_pipeline.preprocess` on numpy/tensor phases; returns a (S, H, W, 1) tensor."""
     import tensorflow as tf
 

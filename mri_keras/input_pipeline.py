@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Iterable, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -31,7 +31,7 @@ _MAX_CYCLE_LENGTH = 4
 _SEED_FLIP, _SEED_CROP_ROWS, _SEED_CROP_COLS, _SEED_CROP_SLICES = 0, 1, 2, 3
 
 
-def _mirrored_label_order() -> Tuple[int, ...]:
+def _mirrored_label_order() -> tuple[int, ...]:
     """Index of each label's mirror image: left_benign <-> right_benign, and so on."""
     other = {"left": "right", "right": "left"}
     order = []
@@ -97,7 +97,7 @@ def _zscore(x: tf.Tensor) -> tf.Tensor:
     return centred / tf.where(std > 0.0, std, tf.ones_like(std))
 
 
-def percentile(x: tf.Tensor, low: float, high: float) -> Tuple[tf.Tensor, tf.Tensor]:
+def percentile(x: tf.Tensor, low: float, high: float) -> tuple[tf.Tensor, tf.Tensor]:
     """The ``low`` and ``high`` percentiles of all values of ``x``.
 
     Linear interpolation between order statistics, as ``numpy.percentile``'s default. Only the
@@ -181,7 +181,7 @@ def preprocess(phases: Mapping[str, tf.Tensor], config: InputConfig) -> tf.Tenso
     return x[..., tf.newaxis]
 
 
-def crop_spec(crop) -> Optional[Tuple[str, object]]:
+def crop_spec(crop) -> tuple[str, object] | None:
     """Validates ``InputConfig.crop``.
 
     Args:
@@ -225,7 +225,7 @@ def _random_offset(room: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 def augment(
     volume: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, config: InputConfig
-) -> Tuple[tf.Tensor, tf.Tensor]:
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Train-time augmentation of one preprocessed exam, a pure function of ``seed``.
 
     Crops first, then the left-right flip. Each random draw uses its own stream folded out of
@@ -285,13 +285,11 @@ def augment(
             lambda: tf.reverse(tf.squeeze(volume, axis=-1), axis=[2])[..., tf.newaxis],
             lambda: volume,
         )
-        labels = tf.cond(
-            flip, lambda: tf.gather(labels, MIRRORED_LABEL_ORDER), lambda: labels
-        )
+        labels = tf.cond(flip, lambda: tf.gather(labels, MIRRORED_LABEL_ORDER), lambda: labels)
     return volume, labels
 
 
-def shard_files(records_dir: str, split: str, input_variant: str) -> Tuple[list, dict]:
+def shard_files(records_dir: str, split: str, input_variant: str) -> tuple[list, dict]:
     """Lists a split's shard files and checks the records can feed ``input_variant``.
 
     Args:
@@ -325,8 +323,7 @@ def shard_files(records_dir: str, split: str, input_variant: str) -> Tuple[list,
     splits = manifest.get("splits", {})
     if split not in splits:
         raise ValueError(
-            f"Split {split!r} is not in {records_dir!r} (manifest has splits "
-            f"{sorted(splits)})."
+            f"Split {split!r} is not in {records_dir!r} (manifest has splits {sorted(splits)})."
         )
     names = splits[split].get("shards") or []
     if not names:
@@ -371,11 +368,11 @@ def make_dataset(
     config: InputConfig,
     training: bool,
     *,
-    exam_ids: Optional[Sequence[str]] = None,
-    input_context: Optional[tf.distribute.InputContext] = None,
+    exam_ids: Sequence[str] | None = None,
+    input_context: tf.distribute.InputContext | None = None,
     repeat: bool = False,
     with_ids: bool = False,
-    num_exams: Optional[int] = None,
+    num_exams: int | None = None,
 ) -> tf.data.Dataset:
     """The dataset of one split: one preprocessed exam per batch.
 
@@ -438,9 +435,7 @@ def make_dataset(
         # Same seed in every pipeline: sharding by record below needs one common file order.
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(
-        lambda path: tf.data.TFRecordDataset(path).map(
-            lambda record: (record, path)
-        ),
+        lambda path: tf.data.TFRecordDataset(path).map(lambda record: (record, path)),
         cycle_length=min(len(files), _MAX_CYCLE_LENGTH),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=seeded or not training,

@@ -26,8 +26,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from mri_keras import constants
-from mri_keras import remat_tf
+from mri_keras import constants, remat_tf
 from mri_keras.config import ModelConfig
 
 SLICE_MODES = ("fold", "time_distributed")
@@ -188,15 +187,23 @@ class _Blocks:
         conv_cls = layers.Conv2D if rank == 2 else layers.Conv3D
         plain_relu = relu and self.norm == "none"
         conv = conv_cls(
-            filters, kernel, strides=strides, padding="same",
-            activation="relu" if plain_relu else None, name=name, dtype=self.dtype, **kwargs,
+            filters,
+            kernel,
+            strides=strides,
+            padding="same",
+            activation="relu" if plain_relu else None,
+            name=name,
+            dtype=self.dtype,
+            **kwargs,
         )
         norm = None
         if self.norm == "group":
             gamma = "zeros" if (last and self.init == "he_zero_residual") else "ones"
             norm = layers.GroupNormalization(
-                groups=_groups(filters, self.groups), gamma_initializer=gamma,
-                name=f"{name}_gn", dtype=self.dtype,
+                groups=_groups(filters, self.groups),
+                gamma_initializer=gamma,
+                name=f"{name}_gn",
+                dtype=self.dtype,
             )
 
         def apply(x):
@@ -286,16 +293,20 @@ def build_trunk(config: ModelConfig) -> keras.Model:
     dtype = config.dtype_policy
     layer_maker = _blocks_of(config)
     image = keras.Input(shape=(None, None, 1), name="slice")  # (n, H, W, 1)
-    x = layer_maker.conv(
-        2, config.width, config.stem_kernel, "stem_conv", strides=2, relu=True
-    )(image)  # (n, H/2, W/2, width)
+    x = layer_maker.conv(2, config.width, config.stem_kernel, "stem_conv", strides=2, relu=True)(
+        image
+    )  # (n, H/2, W/2, width)
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool", dtype=dtype)(x)
     for stage, (mult, blocks) in enumerate(zip(STAGE_MULTIPLIERS, config.blocks_per_stage)):
         for block in range(blocks):
             stride = 2 if stage > 0 and block == 0 else 1
             x = apply_basic_block(
-                x, config.width * mult, stride, f"stage{stage + 1}_block{block + 1}",
-                dtype=dtype, blocks=layer_maker,
+                x,
+                config.width * mult,
+                stride,
+                f"stage{stage + 1}_block{block + 1}",
+                dtype=dtype,
+                blocks=layer_maker,
             )
     # x: (n, H/32, W/32, 8*width)
     x = layer_maker.shortcut(2, 1, 1, "collapse_conv")(x)  # (n, H/32, W/32, 1)
@@ -306,7 +317,7 @@ def _blocks_of(config: ModelConfig) -> _Blocks:
     return _Blocks(config.init, config.norm, config.norm_groups, config.dtype_policy)
 
 
-def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
+def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:  # noqa: B008 - frozen
     """Builds the Doubly Deep CNN.
 
     Args:

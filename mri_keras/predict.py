@@ -30,11 +30,9 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Optional
 
-from mri_keras import constants
+from mri_keras import constants, inference
 from mri_keras import heatmap as heatmap_lib
-from mri_keras import inference
 
 EXIT_BAD_EXAM = 2
 
@@ -55,7 +53,7 @@ class PredictConfig:
 
     model: str
     exam_dir: str
-    heatmap_dir: Optional[str] = None
+    heatmap_dir: str | None = None
     heatmap_target: str = "malignant"
     heatmap_method: str = "gradient"
     top_slices: int = 4
@@ -64,8 +62,10 @@ class PredictConfig:
     def __post_init__(self):
         heatmap_lib.target_labels(self.heatmap_target)
         if self.heatmap_method not in heatmap_lib.METHODS:
-            raise ValueError(f"heatmap_method must be one of {heatmap_lib.METHODS}. "
-                             f"Received: {self.heatmap_method!r}")
+            raise ValueError(
+                f"heatmap_method must be one of {heatmap_lib.METHODS}. "
+                f"Received: {self.heatmap_method!r}"
+            )
         if self.top_slices < 0:
             raise ValueError(f"top_slices must be >= 0. Received: {self.top_slices}")
 
@@ -73,13 +73,14 @@ class PredictConfig:
 def probabilities_json(probs) -> dict:
     """(4,) p(positive) in LABELS order -> {"left": {"benign", "malignant"}, "right": ...}."""
     return {
-        side: {task: float(probs[constants.LABELS.index(f"{side}_{task}")])
-               for task in constants.TASKS}
+        side: {
+            task: float(probs[constants.LABELS.index(f"{side}_{task}")]) for task in constants.TASKS
+        }
         for side in constants.SIDES
     }
 
 
-def predict_exam(config: PredictConfig, predictor: Optional[inference.Predictor] = None) -> dict:
+def predict_exam(config: PredictConfig, predictor: inference.Predictor | None = None) -> dict:
     """Scores one exam folder; optionally writes its heatmaps.
 
     Args:
@@ -96,8 +97,11 @@ def predict_exam(config: PredictConfig, predictor: Optional[inference.Predictor]
     """
     from tfrecords_tools import dicom_reader
 
-    if config.heatmap_dir and os.path.exists(config.heatmap_dir) and not os.path.isdir(
-            config.heatmap_dir):
+    if (
+        config.heatmap_dir
+        and os.path.exists(config.heatmap_dir)
+        and not os.path.isdir(config.heatmap_dir)
+    ):
         raise ValueError(f"heatmap_dir {config.heatmap_dir!r} exists and is not a directory.")
     predictor = predictor or inference.load_predictor(config.model, config.model_format)
     if config.heatmap_dir and predictor.location.keras_path is None:
@@ -124,11 +128,20 @@ def predict_exam(config: PredictConfig, predictor: Optional[inference.Predictor]
     if config.heatmap_dir:
         keras_model = inference.load_keras_model(predictor.location.keras_path)
         heat, image = heatmap_lib.exam_saliency(
-            keras_model, phases, predictor.input_config, config.heatmap_target,
-            config.heatmap_method)
+            keras_model,
+            phases,
+            predictor.input_config,
+            config.heatmap_target,
+            config.heatmap_method,
+        )
         written = heatmap_lib.write_heatmaps(
-            config.heatmap_dir, heat, image, config.top_slices,
-            title=f"{config.heatmap_method} ({config.heatmap_target})", spacing=exam.spacing)
+            config.heatmap_dir,
+            heat,
+            image,
+            config.top_slices,
+            title=f"{config.heatmap_method} ({config.heatmap_target})",
+            spacing=exam.spacing,
+        )
         result["heatmap"] = {
             "method": config.heatmap_method,
             "target": config.heatmap_target,
@@ -147,32 +160,46 @@ def define_flags():
     flags.DEFINE_string("model", None, "MODEL_DIR/export (SavedModel), a MODEL_DIR or .keras.")
     flags.DEFINE_string("exam_dir", None, "One exam's DICOM folder.")
     flags.DEFINE_string("heatmap_dir", None, "Write heatmap.npy + PNG overlays here.")
-    flags.DEFINE_enum("heatmap_target", "malignant", list(heatmap_lib.TARGETS),
-                      "Heads whose log-odds the saliency explains.")
-    flags.DEFINE_enum("heatmap_method", "gradient", list(heatmap_lib.METHODS),
-                      "Saliency method (see mri_keras.heatmap): gradient (full resolution), "
-                      "hirescam / gradcam (3D block, coarse), or a CAM x gradient.")
+    flags.DEFINE_enum(
+        "heatmap_target",
+        "malignant",
+        list(heatmap_lib.TARGETS),
+        "Heads whose log-odds the saliency explains.",
+    )
+    flags.DEFINE_enum(
+        "heatmap_method",
+        "gradient",
+        list(heatmap_lib.METHODS),
+        "Saliency method (see mri_keras.heatmap): gradient (full resolution), "
+        "hirescam / gradcam (3D block, coarse), or a CAM x gradient.",
+    )
     flags.DEFINE_integer("top_slices", 4, "Number of PNG overlays (most salient slices).")
-    flags.DEFINE_enum("model_format", "auto", list(inference.MODEL_FORMATS),
-                      "auto: the export if present, else best.keras.")
+    flags.DEFINE_enum(
+        "model_format",
+        "auto",
+        list(inference.MODEL_FORMATS),
+        "auto: the export if present, else best.keras.",
+    )
     flags.mark_flags_as_required(["model", "exam_dir"])
 
 
 def main(argv):
     from absl import app, flags
 
-    from tfrecords_tools import memory
-
-    from tfrecords_tools import dicom_reader
+    from tfrecords_tools import dicom_reader, memory
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     memory.tune_malloc()  # Reuse freed exam-sized blocks (tfrecords_tools.memory).
     f = flags.FLAGS
     config = PredictConfig(
-        model=f.model, exam_dir=f.exam_dir, heatmap_dir=f.heatmap_dir,
-        heatmap_target=f.heatmap_target, heatmap_method=f.heatmap_method,
-        top_slices=f.top_slices, model_format=f.model_format,
+        model=f.model,
+        exam_dir=f.exam_dir,
+        heatmap_dir=f.heatmap_dir,
+        heatmap_target=f.heatmap_target,
+        heatmap_method=f.heatmap_method,
+        top_slices=f.top_slices,
+        model_format=f.model_format,
     )
     try:
         result = predict_exam(config)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import Tuple
 
 import numpy as np
 
@@ -45,8 +44,8 @@ class Predictions:
       probs: float64 array (N, 4) of probabilities in LABELS order.
     """
 
-    exam_ids: Tuple[str, ...]
-    patient_ids: Tuple[str, ...]
+    exam_ids: tuple[str, ...]
+    patient_ids: tuple[str, ...]
     labels: np.ndarray
     probs: np.ndarray
 
@@ -70,7 +69,7 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.exam_ids)
 
-    def reindex(self, exam_ids) -> "Predictions":
+    def reindex(self, exam_ids) -> Predictions:
         """Returns these predictions in the order of ``exam_ids`` (each must be present)."""
         position = {e: i for i, e in enumerate(self.exam_ids)}
         missing = [e for e in exam_ids if e not in position]

@@ -95,15 +95,17 @@ def chunked_apply(layer, x, chunk: int, training=None):
         n = tf.shape(x)[0]
         xp, num_chunks = pad_rows(x, n)
         first = apply(take(xp, 0), weights)  # (chunk, h, w, c); fixes dtype and shape
-        y_chunks = tf.TensorArray(
-            first.dtype, size=num_chunks, element_shape=first.shape
-        ).write(0, first)
+        y_chunks = tf.TensorArray(first.dtype, size=num_chunks, element_shape=first.shape).write(
+            0, first
+        )
 
         def body(i, acc):
             return i + 1, acc.write(i, apply(take(xp, i), weights))
 
         _, y_chunks = tf.while_loop(
-            lambda i, _: i < num_chunks, body, (tf.constant(1), y_chunks),
+            lambda i, _: i < num_chunks,
+            body,
+            (tf.constant(1), y_chunks),
             parallel_iterations=1,
         )
         return unchunk(y_chunks, n)
@@ -114,7 +116,9 @@ def chunked_apply(layer, x, chunk: int, training=None):
             tape.watch(weights)
             yc = apply(xc, weights)
         grads = tape.gradient(
-            yc, [xc] + list(weights), output_gradients=dyc,
+            yc,
+            [xc] + list(weights),
+            output_gradients=dyc,
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         return grads[0], grads[1:]
@@ -144,8 +148,10 @@ def chunked_apply(layer, x, chunk: int, training=None):
                 return (i + 1, dx_acc.write(i, dxc)) + tuple(a + g for a, g in zip(dw_acc, dwc))
 
             loop = tf.while_loop(
-                lambda i, *_: i < num_chunks, body,
-                (tf.constant(1), dx_chunks) + tuple(dw_first), parallel_iterations=1,
+                lambda i, *_: i < num_chunks,
+                body,
+                (tf.constant(1), dx_chunks) + tuple(dw_first),
+                parallel_iterations=1,
             )
             return (unchunk(loop[1], n),) + tuple(loop[2:])
 

@@ -7,11 +7,10 @@ Flags: ``mri_keras/flags.py`` (``--help`` lists them). The work is in
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from absl import app
+from absl import app, logging
 from absl import flags as absl_flags
-from absl import logging
 
 from mri_keras import flags as flags_lib
 from tfrecords_tools import memory
@@ -49,7 +48,7 @@ def run(argv: Sequence[str]) -> dict:
     return _train(fv)
 
 
-def entry(argv: Optional[Sequence[str]] = None) -> None:
+def entry(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
     flags_lib.define_flags()
     absl_flags.adopt_module_key_flags(flags_lib)  # --help lists the training flags.

@@ -38,17 +38,16 @@ import shutil
 import threading
 import time
 import weakref
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 from mri_keras import buckets as buckets_lib
 from mri_keras import config as config_lib
-from mri_keras import constants
+from mri_keras import constants, input_pipeline
 from mri_keras import export as export_lib
-from mri_keras import input_pipeline
 from mri_keras import metrics as metrics_lib
 from mri_keras import model as model_lib
 from mri_keras import strategy as strategy_lib
@@ -61,7 +60,12 @@ EXPORT_DIR = "export"
 METRICS_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 RUN_FILES = (
-    CONFIG_NAME, CHECKPOINT_DIR, BEST_MODEL_NAME, EXPORT_DIR, METRICS_NAME, TENSORBOARD_DIR
+    CONFIG_NAME,
+    CHECKPOINT_DIR,
+    BEST_MODEL_NAME,
+    EXPORT_DIR,
+    METRICS_NAME,
+    TENSORBOARD_DIR,
 )
 
 METRIC_KEYS = ("loss", "val_loss", "val_malignant_auc", "val_benign_auc")
@@ -140,8 +144,8 @@ class TrainConfig:
     strategy: str = "auto"
     cpu_replicas: int = 1
     jit_compile: bool = False
-    slice_buckets: Tuple[int, ...] = buckets_lib.DEFAULT_SLICE_BUCKETS
-    size_buckets: Tuple[int, ...] = buckets_lib.DEFAULT_SIZE_BUCKETS
+    slice_buckets: tuple[int, ...] = buckets_lib.DEFAULT_SLICE_BUCKETS
+    size_buckets: tuple[int, ...] = buckets_lib.DEFAULT_SIZE_BUCKETS
     overwrite: bool = False
     init_weights: str = ""
     val_split: str = "val"
@@ -202,7 +206,7 @@ class DataInfo:
     """
 
     manifest: dict
-    train_exam_ids: Optional[tuple]
+    train_exam_ids: tuple | None
     num_train: int
     num_train_patients: int
     num_val: int
@@ -245,7 +249,7 @@ def _peek_record(records_dir: str, split: str, shard_names) -> dict:
 WHOLE_SPLIT_BUFFER_MEMORY_FRACTION = 0.25
 
 
-def _physical_memory_bytes() -> Optional[int]:
+def _physical_memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -420,7 +424,7 @@ def prepare_model_dir(config: TrainConfig, is_chief: bool = True) -> bool:
 
 # --------------------------------------------------------------------------- prediction
 
-_PREDICT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PREDICT_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _predict_fn(model):
@@ -447,8 +451,9 @@ def validation_dataset(records_dir: str, split: str, input_config, *, exam_ids=N
     )
 
 
-def predict_split(model, records_dir: str, split: str, input_config, *, exam_ids=None,
-                  dataset=None):
+def predict_split(
+    model, records_dir: str, split: str, input_config, *, exam_ids=None, dataset=None
+):
     """Runs ``model`` over every exam of a split (no augmentation), in manifest order.
 
     Args:
@@ -495,9 +500,9 @@ def validation_metrics(labels, probs) -> dict:
 
 def is_improvement(
     value: float,
-    best: Optional[float],
-    loss: Optional[float] = None,
-    best_loss: Optional[float] = None,
+    best: float | None,
+    loss: float | None = None,
+    best_loss: float | None = None,
 ) -> bool:
     """The model selection rule: does this epoch replace the best one so far?
 
@@ -798,7 +803,7 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
                 for first in range(0, steps, every):
                     tf.summary.scalar(
                         "batch_loss",
-                        float(losses[first:first + every].mean()),
+                        float(losses[first : first + every].mean()),
                         step=epoch * steps + min(first + every, steps),
                     )
 
@@ -962,8 +967,13 @@ def _startup_summary(config, strategy, info, model, steps, resuming, latest) -> 
         + f"), {config.epochs} epochs x {steps} steps ({strategy.num_replicas_in_sync} exam(s) "
         f"per step), seed {config.seed}",
         f"  model_dir:     {config.model_dir}"
-        + (f" (resuming from {os.path.basename(latest)})" if latest else
-           " (resuming: no finished epoch yet)" if resuming else ""),
+        + (
+            f" (resuming from {os.path.basename(latest)})"
+            if latest
+            else " (resuming: no finished epoch yet)"
+            if resuming
+            else ""
+        ),
     ]
     return "\n".join(lines)
 

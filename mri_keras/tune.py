@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from absl import app
 from absl import flags as absl_flags
@@ -30,24 +30,35 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
         return
     fv = dict(flag_values=flag_values)
     absl_flags.DEFINE_enum(
-        "tuner", "hyperband", list(TUNERS),
+        "tuner",
+        "hyperband",
+        list(TUNERS),
         "Search algorithm: hyperband (successive halving over epochs), bayesian (Gaussian "
-        "process) or random.", **fv,
+        "process) or random.",
+        **fv,
     )
     absl_flags.DEFINE_integer(
-        "max_trials", 20,
+        "max_trials",
+        20,
         "Trials in the sweep (a rerun with a larger number extends it). 0 with "
-        "--tuner=hyperband runs Hyperband's whole schedule.", lower_bound=0, **fv,
+        "--tuner=hyperband runs Hyperband's whole schedule.",
+        lower_bound=0,
+        **fv,
     )
     absl_flags.DEFINE_integer(
-        "max_epochs", None,
+        "max_epochs",
+        None,
         "Epochs of the longest trial: Hyperband's maximum, every trial's epochs for "
-        "random/bayesian. Defaults to --epochs.", lower_bound=1, **fv,
+        "random/bayesian. Defaults to --epochs.",
+        lower_bound=1,
+        **fv,
     )
     absl_flags.DEFINE_string(
-        "search_space", "",
+        "search_space",
+        "",
         "JSON file of the searched settings and their ranges (configs/tune_space.json); empty "
-        "for the built-in default (the same as that file).", **fv,
+        "for the built-in default (the same as that file).",
+        **fv,
     )
     absl_flags.DEFINE_integer(
         "hyperband_factor", 3, "Hyperband's reduction factor.", lower_bound=2, **fv
@@ -56,23 +67,30 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
         "hyperband_iterations", 1, "Hyperband sweeps over all its brackets.", lower_bound=1, **fv
     )
     absl_flags.DEFINE_integer(
-        "num_initial_points", 0,
+        "num_initial_points",
+        0,
         "Bayesian: random trials before the Gaussian process (0: 3 x searched settings).",
-        lower_bound=0, **fv,
+        lower_bound=0,
+        **fv,
     )
     absl_flags.DEFINE_integer(
         "max_retries_per_trial", 0, "Reruns of a trial that crashed.", lower_bound=0, **fv
     )
     absl_flags.DEFINE_integer(
-        "max_consecutive_failed_trials", 3,
-        "Stop the sweep after this many failed trials in a row.", lower_bound=1, **fv,
+        "max_consecutive_failed_trials",
+        3,
+        "Stop the sweep after this many failed trials in a row.",
+        lower_bound=1,
+        **fv,
     )
     absl_flags.DEFINE_bool(
-        "isolate_trials", True,
+        "isolate_trials",
+        True,
         "Train each trial in a fresh child process, so memory (host and GPU) stays flat over "
         "the sweep and a trial that runs out of memory fails alone. --noisolate_trials trains "
         "in this process (clearing Keras state between trials; saves a TensorFlow start-up "
-        "per trial).", **fv,
+        "per trial).",
+        **fv,
     )
     absl_flags.DEFINE_integer(
         "top_trials", 10, "Trials listed in summary.csv and printed.", lower_bound=1, **fv
@@ -96,8 +114,10 @@ def tune_config_from_flags(fv: absl_flags.FlagValues = absl_flags.FLAGS):
     Raises:
       ValueError: a bad flag value or search space, naming it.
     """
-    from mri_keras import tune_lib  # Deferred: --help stays fast.
-    from mri_keras import tune_space
+    from mri_keras import (
+        tune_lib,  # Deferred: --help stays fast.
+        tune_space,
+    )
 
     train = flags_lib.train_config_from_flags(fv)
     return tune_lib.TuneConfig(
@@ -159,7 +179,7 @@ def run(argv: Sequence[str]):
     return _tune(fv)
 
 
-def entry(argv: Optional[Sequence[str]] = None) -> None:
+def entry(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
     define_tune_flags()
     absl_flags.adopt_module_key_flags(flags_lib)  # --help lists the training flags too.

@@ -36,15 +36,15 @@ import multiprocessing
 import os
 import shutil
 import socket
+from collections.abc import Mapping, Sequence
 from concurrent import futures
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any
 
 import keras
 import keras_tuner as kt
 from absl import logging
 
-from mri_keras import train_lib
-from mri_keras import tune_space
+from mri_keras import train_lib, tune_space
 from tfrecords_tools import memory
 
 OBJECTIVE = "val_malignant_auc"
@@ -56,11 +56,24 @@ BEST_FLAGS_NAME = "best_trial.flags"
 SWEEP_RECORD_NAME = "sweep.json"
 # Settings a resumed sweep must share with the run that started it (others, e.g. the strategy
 # or the number of trials, may change between runs).
-_RESUME_KEYS = ("tuner", "search_space", "max_epochs", "hyperband_factor",
-                "hyperband_iterations", "fixed_training_settings")
+_RESUME_KEYS = (
+    "tuner",
+    "search_space",
+    "max_epochs",
+    "hyperband_factor",
+    "hyperband_iterations",
+    "fixed_training_settings",
+)
 # TrainConfig fields that say how or where a run trains, not what it trains.
-_RUNTIME_FIELDS = ("model_dir", "strategy", "cpu_replicas", "jit_compile", "overwrite",
-                   "verbose", "epochs")
+_RUNTIME_FIELDS = (
+    "model_dir",
+    "strategy",
+    "cpu_replicas",
+    "jit_compile",
+    "overwrite",
+    "verbose",
+    "epochs",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +157,7 @@ class TuneConfig:
 
 
 def tuner_role() -> str:
-    """"local", "chief" or "worker", from keras-tuner's ``KERASTUNER_*`` environment variables.
+    """ "local", "chief" or "worker", from keras-tuner's ``KERASTUNER_*`` environment variables.
 
     Raises:
       ValueError: ``KERASTUNER_ORACLE_IP`` is set without the port or the tuner id.
@@ -234,8 +247,9 @@ class DoublyDeepHyperModel(kt.HyperModel):
         ``TuneConfig.isolate_trials``). Defaults to False.
     """
 
-    def __init__(self, base_config, search_space: tune_space.SearchSpace, *,
-                 isolate_trials: bool = False):
+    def __init__(
+        self, base_config, search_space: tune_space.SearchSpace, *, isolate_trials: bool = False
+    ):
         super().__init__(name="doubly_deep_cnn", tunable=True)
         self.base_config = base_config
         self.search_space = search_space
@@ -244,8 +258,18 @@ class DoublyDeepHyperModel(kt.HyperModel):
     def build(self, hp):
         return tune_space.apply_values(self.base_config, self.search_space.declare(hp))
 
-    def fit(self, hp, model, *, trial_dir, epochs, warm_start_dir=None, callbacks=None,
-            tuner_id="tuner0", **kwargs):
+    def fit(
+        self,
+        hp,
+        model,
+        *,
+        trial_dir,
+        epochs,
+        warm_start_dir=None,
+        callbacks=None,
+        tuner_id="tuner0",
+        **kwargs,
+    ):
         """Trains one trial.
 
         Args:
@@ -294,11 +318,15 @@ class DoublyDeepHyperModel(kt.HyperModel):
             results = metrics_from_history(history)
         except BaseException as e:
             logging.exception("Trial in %s failed.", trial_dir)
-            _append_jsonl(os.path.join(trial_dir, RUNS_LOG),
-                          dict(entry, end=_now(), status=f"error: {type(e).__name__}: {e}"))
+            _append_jsonl(
+                os.path.join(trial_dir, RUNS_LOG),
+                dict(entry, end=_now(), status=f"error: {type(e).__name__}: {e}"),
+            )
             raise
-        _append_jsonl(os.path.join(trial_dir, RUNS_LOG),
-                      dict(entry, end=_now(), status="completed", **results))
+        _append_jsonl(
+            os.path.join(trial_dir, RUNS_LOG),
+            dict(entry, end=_now(), status="completed", **results),
+        )
         return results
 
 
@@ -430,8 +458,10 @@ def _check_or_write_sweep_record(config: TuneConfig, resuming: bool) -> None:
             old = json.load(f)
         changed = [k for k in _RESUME_KEYS if old.get(k) != record.get(k)]
         if changed:
-            details = "; ".join(f"{k}: was {json.dumps(old.get(k))}, now "
-                                f"{json.dumps(record.get(k))}" for k in changed)
+            details = "; ".join(
+                f"{k}: was {json.dumps(old.get(k))}, now {json.dumps(record.get(k))}"
+                for k in changed
+            )
             raise ValueError(
                 f"{config.train.model_dir} holds a sweep started with different settings "
                 f"({details}). Rerun with the original settings to resume it, or use a new "
@@ -442,7 +472,7 @@ def _check_or_write_sweep_record(config: TuneConfig, resuming: bool) -> None:
     _write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
-def build_tuner(config: TuneConfig, *, hypermodel: Optional[kt.HyperModel] = None):
+def build_tuner(config: TuneConfig, *, hypermodel: kt.HyperModel | None = None):
     """The keras-tuner Tuner of a sweep (resuming the sweep in the directory unless overwrite).
 
     Args:
@@ -458,8 +488,11 @@ def build_tuner(config: TuneConfig, *, hypermodel: Optional[kt.HyperModel] = Non
     overwrite = config.overwrite and role != "worker"  # A worker never deletes the chief's sweep.
     resuming = not overwrite and os.path.exists(os.path.join(sweep_dir, "oracle.json"))
     if overwrite and os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
-        markers = [n for n in (SWEEP_RECORD_NAME, "oracle.json")
-                   if os.path.exists(os.path.join(sweep_dir, n))]
+        markers = [
+            n
+            for n in (SWEEP_RECORD_NAME, "oracle.json")
+            if os.path.exists(os.path.join(sweep_dir, n))
+        ]
         if not markers:
             raise ValueError(
                 f"overwrite: {sweep_dir} is not empty and holds no sweep ({SWEEP_RECORD_NAME}, "
@@ -469,16 +502,23 @@ def build_tuner(config: TuneConfig, *, hypermodel: Optional[kt.HyperModel] = Non
     if role != "worker" and not resuming and os.path.isdir(sweep_dir):
         # A training run or a records directory is not a sweep: writing trials into it would mix
         # the sweep's files with the run's (or the records').
-        foreign = [n for n in ("config.json", "best.keras", "manifest.json")
-                   if os.path.exists(os.path.join(sweep_dir, n))]
+        foreign = [
+            n
+            for n in ("config.json", "best.keras", "manifest.json")
+            if os.path.exists(os.path.join(sweep_dir, n))
+        ]
         if foreign and not os.path.exists(os.path.join(sweep_dir, SWEEP_RECORD_NAME)):
             raise ValueError(
                 f"{sweep_dir} holds a training run or records ({', '.join(foreign)}), not a "
                 "sweep; pick another --model_dir for the sweep."
             )
     if role != "worker":
-        _check_or_write_sweep_record(dataclasses.replace(config, train=dataclasses.replace(
-            config.train, model_dir=sweep_dir)), resuming)
+        _check_or_write_sweep_record(
+            dataclasses.replace(
+                config, train=dataclasses.replace(config.train, model_dir=sweep_dir)
+            ),
+            resuming,
+        )
     hypermodel = hypermodel or DoublyDeepHyperModel(
         config.train, config.search_space, isolate_trials=config.isolate_trials
     )
@@ -527,11 +567,11 @@ class TrialResult:
     status: str
     values: Mapping[str, Any]  # {setting: config value} of the searched settings.
     metrics: Mapping[str, float]
-    continued_from: Optional[str]
+    continued_from: str | None
     model_dir: str
 
 
-def trial_results(tuner, search_space: tune_space.SearchSpace) -> List[TrialResult]:
+def trial_results(tuner, search_space: tune_space.SearchSpace) -> list[TrialResult]:
     """Every trial of the sweep, completed ones first, best first."""
     oracle = tuner.oracle
     completed, other = [], []
@@ -567,7 +607,7 @@ def _format_value(value) -> str:
     return str(value)
 
 
-def summary_rows(results: Sequence[TrialResult], names: Sequence[str], top: int) -> List[dict]:
+def summary_rows(results: Sequence[TrialResult], names: Sequence[str], top: int) -> list[dict]:
     """CSV rows of the top completed trials."""
     rows = []
     for rank, r in enumerate(
@@ -607,8 +647,11 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def write_summary_csv(path: str, rows: Sequence[dict], names: Sequence[str]) -> None:
-    columns = (["rank", "trial_id", OBJECTIVE, "val_benign_auc", "best_epoch", "epochs"]
-               + list(names) + ["continued_from", "model_dir"])
+    columns = (
+        ["rank", "trial_id", OBJECTIVE, "val_benign_auc", "best_epoch", "epochs"]
+        + list(names)
+        + ["continued_from", "model_dir"]
+    )
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -616,7 +659,7 @@ def write_summary_csv(path: str, rows: Sequence[dict], names: Sequence[str]) -> 
     _write_atomic(path, buf.getvalue())
 
 
-def train_flag_lines(config) -> List[str]:
+def train_flag_lines(config) -> list[str]:
     """``--flag=value`` lines that make ``mri_keras.train`` build exactly ``config``.
 
     The inverse of ``mri_keras.flags.train_config_from_flags``; ``write_best_flagfile``
@@ -630,8 +673,9 @@ def train_flag_lines(config) -> List[str]:
         crop_text = f"{int(crop[0])},{int(crop[1])}"
     else:
         crop_text = repr(float(crop))
-    precision = m.dtype_policy[len("mixed_"):] if m.dtype_policy.startswith("mixed_") else (
-        m.dtype_policy)
+    precision = (
+        m.dtype_policy[len("mixed_") :] if m.dtype_policy.startswith("mixed_") else (m.dtype_policy)
+    )
 
     def b(name, value):
         return f"--{name}" if value else f"--no{name}"
@@ -709,9 +753,11 @@ def write_best_flagfile(path: str, config, best: TrialResult, sweep_dir: str) ->
     if config.verbose < 1:  # Display only, and not expressible as a flag.
         config = dataclasses.replace(config, verbose=rebuilt.verbose)
     if rebuilt != config:
-        diff = {f.name: (getattr(config, f.name), getattr(rebuilt, f.name))
-                for f in dataclasses.fields(config)
-                if getattr(config, f.name) != getattr(rebuilt, f.name)}
+        diff = {
+            f.name: (getattr(config, f.name), getattr(rebuilt, f.name))
+            for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(rebuilt, f.name)
+        }
         raise RuntimeError(f"best_trial.flags would not rebuild the trial's config: {diff}")
     m = best.metrics
     header = [
@@ -732,8 +778,8 @@ class SweepResult:
     results: Sequence[TrialResult]
     rows: Sequence[dict]
     table: str
-    summary_path: Optional[str]
-    best_flags_path: Optional[str]
+    summary_path: str | None
+    best_flags_path: str | None
 
 
 def summarize(tuner, config: TuneConfig) -> SweepResult:
@@ -754,7 +800,7 @@ def summarize(tuner, config: TuneConfig) -> SweepResult:
     return SweepResult(tuner_role(), results, rows, format_table(rows), summary_path, flags_path)
 
 
-def run_search(config: TuneConfig, *, callbacks: Optional[list] = None) -> SweepResult:
+def run_search(config: TuneConfig, *, callbacks: list | None = None) -> SweepResult:
     """Runs (or resumes, or joins as a worker) a sweep.
 
     Args:

@@ -33,7 +33,8 @@ import dataclasses
 import json
 import math
 import numbers
-from typing import Any, Callable, Mapping, Optional, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from mri_keras import constants
 
@@ -137,10 +138,10 @@ def _to_crop(v):
 
 @dataclasses.dataclass(frozen=True)
 class _Setting:
-    section: Optional[str]  # None: a TrainConfig field; else "model" or "input".
+    section: str | None  # None: a TrainConfig field; else "model" or "input".
     field: str
-    types: Tuple[str, ...]
-    check: Callable[[Any], Optional[str]]
+    types: tuple[str, ...]
+    check: Callable[[Any], str | None]
     convert: Callable[[Any], Any]
 
 
@@ -225,14 +226,21 @@ class Param:
             if "default" in s:
                 kwargs["default"] = s["default"]
             return hp.Float(
-                self.name, float(s["min"]), float(s["max"]),
-                sampling=s.get("sampling", "linear"), **kwargs,
+                self.name,
+                float(s["min"]),
+                float(s["max"]),
+                sampling=s.get("sampling", "linear"),
+                **kwargs,
             )
         if self.kind == "int":
             kwargs = {"default": s["default"]} if "default" in s else {}
             return hp.Int(
-                self.name, int(s["min"]), int(s["max"]), step=int(s.get("step", 1)),
-                sampling=s.get("sampling", "linear"), **kwargs,
+                self.name,
+                int(s["min"]),
+                int(s["max"]),
+                step=int(s.get("step", 1)),
+                sampling=s.get("sampling", "linear"),
+                **kwargs,
             )
         if self.kind == "boolean":
             return hp.Boolean(self.name, default=bool(s.get("default", False)))
@@ -261,11 +269,11 @@ class Param:
 class SearchSpace:
     """A validated search space: the entries in file order and where it came from."""
 
-    params: Tuple[Param, ...]
+    params: tuple[Param, ...]
     source: str = "<default>"
 
     @property
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
     def declare(self, hp) -> dict:
@@ -325,8 +333,12 @@ def _validate_entry(source: str, name: str, entry) -> Param:
         _fail(source, name, f"type {kind!r} is not allowed here; use one of {setting.types}", entry)
     unknown = sorted(set(entry) - _KEYS_BY_TYPE[kind])
     if unknown:
-        _fail(source, name, f"unknown keys {unknown} for type {kind!r}; allowed: "
-              f"{sorted(_KEYS_BY_TYPE[kind])}", entry)
+        _fail(
+            source,
+            name,
+            f"unknown keys {unknown} for type {kind!r}; allowed: {sorted(_KEYS_BY_TYPE[kind])}",
+            entry,
+        )
     missing = [k for k in _REQUIRED_BY_TYPE[kind] if k not in entry]
     if missing:
         _fail(source, name, f"type {kind!r} needs {missing}", entry)
@@ -342,8 +354,12 @@ def _validate_entry(source: str, name: str, entry) -> Param:
         number = _is_int if kind == "int" else _is_number
         for key in ("min", "max") + (("step",) if entry.get("step") is not None else ()):
             if not number(entry[key]):
-                _fail(source, name, f"{key!r} must be {'an int' if kind == 'int' else 'a number'}",
-                      entry)
+                _fail(
+                    source,
+                    name,
+                    f"{key!r} must be {'an int' if kind == 'int' else 'a number'}",
+                    entry,
+                )
         check_value(lo, "min")
         check_value(hi, "max")
         if not lo < hi:
@@ -360,8 +376,12 @@ def _validate_entry(source: str, name: str, entry) -> Param:
             if sampling != "linear":
                 _fail(source, name, "'step' only works with linear sampling", entry)
         if name == "stem_kernel" and (step or 1) % 2 == 1:
-            _fail(source, name, "an int range of kernel sizes needs an even 'step' (e.g. 2) so "
-                  "every value is odd", entry)
+            _fail(
+                source,
+                name,
+                "an int range of kernel sizes needs an even 'step' (e.g. 2) so every value is odd",
+                entry,
+            )
         if name == "crop" and kind == "float" and not 0 < lo < hi <= 1:
             _fail(source, name, "a float crop range is a fraction range inside (0, 1]", entry)
     elif kind == "choice":
@@ -414,7 +434,7 @@ def parse_search_space(obj, source: str = "<search space>") -> SearchSpace:
     return SearchSpace(params=params, source=source)
 
 
-def load_search_space(path: Optional[str]) -> SearchSpace:
+def load_search_space(path: str | None) -> SearchSpace:
     """Reads and validates a search-space JSON file (``None``: ``DEFAULT_SEARCH_SPACE``).
 
     Raises:

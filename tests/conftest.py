@@ -43,4 +43,3 @@ def tiny_cohort_varied(tmp_path_factory):
         series_subfolders=True,
         **TINY_COHORT,
     )
-

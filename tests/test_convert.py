@@ -25,6 +25,7 @@ HEADER = "exam,left_benign,left_malignant,right_benign,right_malignant"
 
 # ---- a tiny hand-made cohort (independent of the synthetic generator) -----------------------
 
+
 def _write_exam(exam_dir, patient, seed, slices=4, size=8, extra=None):
     """Four axial DCE series of ``slices`` x size x size; returns the identifiers used."""
     tpl = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
@@ -36,8 +37,13 @@ def _write_exam(exam_dir, patient, seed, slices=4, size=8, extra=None):
     tpl.StudyInstanceUID = generate_uid()
     tpl.Rows = tpl.Columns = size
     rng = np.random.default_rng(seed)
-    ids = {tpl.PatientID, str(tpl.PatientName), tpl.PatientBirthDate, tpl.AccessionNumber,
-           tpl.StudyInstanceUID}
+    ids = {
+        tpl.PatientID,
+        str(tpl.PatientName),
+        tpl.PatientBirthDate,
+        tpl.AccessionNumber,
+        tpl.StudyInstanceUID,
+    }
     for t in range(4):
         series_uid = generate_uid()
         ids.add(series_uid)
@@ -95,8 +101,11 @@ def _records(out_dir):
 
 
 def _shard_bytes(out_dir):
-    return {n: open(os.path.join(out_dir, n), "rb").read()
-            for n in sorted(os.listdir(out_dir)) if n.endswith(".tfrecord")}
+    return {
+        n: open(os.path.join(out_dir, n), "rb").read()
+        for n in sorted(os.listdir(out_dir))
+        if n.endswith(".tfrecord")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +131,7 @@ def test_convert_writes_records_manifest_and_id_map(tmp_path, cohort):
     # id map: pseudonym -> folder, outside the output dir; records equal load_exam's volumes.
     with open(tmp_path / "private" / "records_ids.csv") as f:
         id_map = {r["exam_id"]: r for r in csv.DictReader(f)}
-    assert sorted(r["exam"] for r in id_map.values()) == sorted(e for e, _, _ in
-                                                                _standard_exams())
+    assert sorted(r["exam"] for r in id_map.values()) == sorted(e for e, _, _ in _standard_exams())
     patients_by_split = {}
     for exam_id, (split, rec) in records.items():
         folder = id_map[exam_id]["exam"]
@@ -154,8 +162,9 @@ def test_same_key_same_ids_other_key_other_ids_and_splits_by_seed(tmp_path, coho
     assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b")
     assert a.manifest["splits"] == b.manifest["splits"]
     other = _config(tmp_path, root, "c", progress=False)
-    other = ConvertConfig(**{**other.__dict__,
-                             "pseudonym_key_file": str(tmp_path / "other" / "key")})
+    other = ConvertConfig(
+        **{**other.__dict__, "pseudonym_key_file": str(tmp_path / "other" / "key")}
+    )
     c = convert(other, stream=io.StringIO())
     ids = lambda m: {e["exam_id"] for s in m["splits"].values() for e in s["exams"]}  # noqa
     assert not ids(a.manifest) & ids(c.manifest)
@@ -165,16 +174,24 @@ def test_key_or_id_map_inside_output_dir_refused(tmp_path, cohort):
     root, _ = cohort
     cfg = _config(tmp_path, root)
     with pytest.raises(ValueError, match="inside --output_dir"):
-        convert(ConvertConfig(**{**cfg.__dict__, "pseudonym_key_file":
-                                 str(tmp_path / "records" / "key")}))
+        convert(
+            ConvertConfig(
+                **{**cfg.__dict__, "pseudonym_key_file": str(tmp_path / "records" / "key")}
+            )
+        )
     with pytest.raises(ValueError, match="inside --output_dir"):
         convert(ConvertConfig(**{**cfg.__dict__, "id_map": str(tmp_path / "records" / "m.csv")}))
 
 
 def test_default_key_file_is_created_outside_and_reused(tmp_path, cohort):
     root, _ = cohort
-    cfg = ConvertConfig(dicom_root=str(root), labels=str(root / "labels.csv"),
-                        output_dir=str(tmp_path / "out"), num_workers=1, progress=False)
+    cfg = ConvertConfig(
+        dicom_root=str(root),
+        labels=str(root / "labels.csv"),
+        output_dir=str(tmp_path / "out"),
+        num_workers=1,
+        progress=False,
+    )
     convert(cfg, stream=io.StringIO())
     key_file = tmp_path / "out_private" / "pseudonym.key"
     assert key_file.exists() and (key_file.stat().st_mode & 0o777) == 0o600
@@ -221,22 +238,27 @@ def test_assign_splits_stratified_seeded_and_disjoint():
 def test_shard_size_splits_into_several_shards(tmp_path, cohort):
     root, _ = cohort
     record_mb = 4 * 4 * 8 * 8 * 2 / 2**20  # 16-bit stored values (DICOM's own integers).
-    result = convert(_config(tmp_path, root, shard_size_mb=2.5 * record_mb, progress=False),
-                     stream=io.StringIO())
+    result = convert(
+        _config(tmp_path, root, shard_size_mb=2.5 * record_mb, progress=False), stream=io.StringIO()
+    )
     assert set(result.manifest["voxel_dtypes"]) <= {"int16", "uint16"}
     train = result.manifest["splits"]["train"]
     assert train["num_exams"] == 6
     assert train["shards"] == [f"train-{i:05d}-of-00003.tfrecord" for i in range(3)]
     assert len(_records(str(tmp_path / "records"))) == 10
     # One exam per shard: shards are hard links of the cached records, same bytes.
-    single = convert(_config(tmp_path, root, "single", shard_size_mb=record_mb / 2,
-                             progress=False), stream=io.StringIO())
+    single = convert(
+        _config(tmp_path, root, "single", shard_size_mb=record_mb / 2, progress=False),
+        stream=io.StringIO(),
+    )
     assert len(single.manifest["splits"]["train"]["shards"]) == 6
     assert b"".join(_shard_bytes(tmp_path / "single").values()) == b"".join(
-        _shard_bytes(tmp_path / "records").values())
+        _shard_bytes(tmp_path / "records").values()
+    )
 
 
 # ---- broken exams and privacy ----------------------------------------------------------------
+
 
 def _broken_cohort(root):
     exams = _standard_exams(n_patients=3, exams_per_patient=1) + [
@@ -296,13 +318,13 @@ def test_broken_exams_go_to_failures_others_written_and_nothing_identifying(tmp_
     cached = sorted(os.listdir(out / ".work"))
     assert not [n for n in cached if ".tmp-" in n], cached
     assert sorted(n for n in cached if n.endswith(".tfrecord")) == sorted(
-        n[: -len(".json")] + ".tfrecord" for n in cached if n.endswith(".json"))
+        n[: -len(".json")] + ".tfrecord" for n in cached if n.endswith(".json")
+    )
     assert len([n for n in cached if n.endswith(".tfrecord")]) == 3
     # Two worker processes: same records, and each worker's last record published too.
     two = convert(_config(tmp_path, root, "two", num_workers=2), stream=io.StringIO())
     assert two.num_converted == 3
-    assert b"".join(_shard_bytes(tmp_path / "two").values()) == b"".join(
-        _shard_bytes(out).values())
+    assert b"".join(_shard_bytes(tmp_path / "two").values()) == b"".join(_shard_bytes(out).values())
     cached_two = sorted(os.listdir(tmp_path / "two" / ".work"))
     assert len([n for n in cached_two if n.endswith(".tfrecord")]) == 3
     assert not [n for n in cached_two if ".tmp-" in n], cached_two
@@ -314,8 +336,9 @@ def test_broken_exams_go_to_failures_others_written_and_nothing_identifying(tmp_
 
 def test_rerun_after_fixing_reads_only_failed_exams(tmp_path):
     root = tmp_path / "dicom"
-    _cohort(str(root), _standard_exams(n_patients=2, exams_per_patient=1)
-            + [("bad/x", 9, (0, 0, 0, 0))])
+    _cohort(
+        str(root), _standard_exams(n_patients=2, exams_per_patient=1) + [("bad/x", 9, (0, 0, 0, 0))]
+    )
     victim = sorted((root / "bad/x/series1").iterdir())[1]
     moved = tmp_path / "moved.dcm"
     os.replace(victim, moved)
@@ -328,28 +351,43 @@ def test_rerun_after_fixing_reads_only_failed_exams(tmp_path):
 
 # ---- bad input: one message listing the rows, before any work --------------------------------
 
+
 @pytest.mark.parametrize(
     "csv_text,expected",
     [
-        ("exam,left_benign,left_malignant,right_benign\nP00/E0,0,0,0\n",
-         ["missing column(s) right_malignant"]),
-        (HEADER + "\nP00/E0,0,2,0,0\nP00/E1,0,0,x,0\n",
-         ["label values other than 0/1", "line 2", "left_malignant='2'", "line 3",
-          "right_benign='x'"]),
-        (HEADER + "\nP00/E0,0,0,0,0\nP00/E1,0,0,0,0\n./P00/E0/,0,1,0,0\n",
-         ["duplicate exams", "line 4", "repeats line 2"]),
-        (HEADER + "\nP00/E0,0,0,0,0\nP00/E1,0,0,0,0\nP09/E7,0,0,0,0\n",
-         ["exams with no folder", "line 4", "P09/E7"]),
+        (
+            "exam,left_benign,left_malignant,right_benign\nP00/E0,0,0,0\n",
+            ["missing column(s) right_malignant"],
+        ),
+        (
+            HEADER + "\nP00/E0,0,2,0,0\nP00/E1,0,0,x,0\n",
+            [
+                "label values other than 0/1",
+                "line 2",
+                "left_malignant='2'",
+                "line 3",
+                "right_benign='x'",
+            ],
+        ),
+        (
+            HEADER + "\nP00/E0,0,0,0,0\nP00/E1,0,0,0,0\n./P00/E0/,0,1,0,0\n",
+            ["duplicate exams", "line 4", "repeats line 2"],
+        ),
+        (
+            HEADER + "\nP00/E0,0,0,0,0\nP00/E1,0,0,0,0\nP09/E7,0,0,0,0\n",
+            ["exams with no folder", "line 4", "P09/E7"],
+        ),
         (HEADER + "\nP00/E0,0,0,0,0\n", ["folders with DICOM files and no labels", "P00/E1"]),
-        (HEADER + ",split\nP00/E0,0,0,0,0,train\nP00/E1,0,0,0,0,training\n",
-         ["split values", "line 3", "'training'"]),
+        (
+            HEADER + ",split\nP00/E0,0,0,0,0,train\nP00/E1,0,0,0,0,training\n",
+            ["split values", "line 3", "'training'"],
+        ),
     ],
     ids=["missing_column", "not_01", "duplicate", "no_folder", "no_labels", "bad_split"],
 )
 def test_bad_labels_rejected_before_any_work(tmp_path, csv_text, expected):
     root = tmp_path / "dicom"
-    _cohort(str(root), [("P00/E0", 0, (0, 0, 0, 0)), ("P00/E1", 0, (0, 0, 0, 0))], slices=2,
-            size=4)
+    _cohort(str(root), [("P00/E0", 0, (0, 0, 0, 0)), ("P00/E1", 0, (0, 0, 0, 0))], slices=2, size=4)
     (root / "labels.csv").write_text(csv_text)
     with pytest.raises(labels_csv.InputError) as e:
         convert(_config(tmp_path, root))
@@ -360,14 +398,25 @@ def test_bad_labels_rejected_before_any_work(tmp_path, csv_text, expected):
 
 def test_all_label_problems_reported_together(tmp_path):
     root = tmp_path / "dicom"
-    _cohort(str(root), [("A/1", 0, (0, 0, 0, 0)), ("A/2", 0, (0, 0, 0, 0)),
-                        ("B/1", 1, (0, 0, 0, 0))], slices=2, size=4)
+    _cohort(
+        str(root),
+        [("A/1", 0, (0, 0, 0, 0)), ("A/2", 0, (0, 0, 0, 0)), ("B/1", 1, (0, 0, 0, 0))],
+        slices=2,
+        size=4,
+    )
     (root / "labels.csv").write_text(HEADER + "\nA/1,0,0,0,3\nA/1,0,0,0,0\nC/1,0,0,0,0\n")
     with pytest.raises(labels_csv.InputError) as e:
         labels_csv.read_labels(str(root / "labels.csv"), str(root))
     msg = str(e.value)
-    for text in ("label values other than 0/1", "duplicate exams", "exams with no folder",
-                 "C/1", "folders with DICOM files and no labels", "A/2", "B"):
+    for text in (
+        "label values other than 0/1",
+        "duplicate exams",
+        "exams with no folder",
+        "C/1",
+        "folders with DICOM files and no labels",
+        "A/2",
+        "B",
+    ):
         assert text in msg
 
 
@@ -377,12 +426,17 @@ def test_labels_csv_as_spreadsheets_save_it(tmp_path):
     (root / "P00" / "E1").mkdir(parents=True)
     path = root / "labels.csv"
     # BOM, CRLF, spaces, "./" and trailing "/", a trailing comma, blank and ",,,," rows.
-    path.write_bytes(("\ufeff exam , " + HEADER[5:].replace(",", " , ") + "\r\n"
-                      " ./P00/E0/ , 0, 1 ,0,0,\r\nP00/E1,1,0,0,0\r\n,,,,\r\n\r\n"
-                      ).encode("utf-8"))
+    path.write_bytes(
+        (
+            "\ufeff exam , " + HEADER[5:].replace(",", " , ") + "\r\n"
+            " ./P00/E0/ , 0, 1 ,0,0,\r\nP00/E1,1,0,0,0\r\n,,,,\r\n\r\n"
+        ).encode("utf-8")
+    )
     rows = labels_csv.read_labels(str(path), str(root))
-    assert [(r.exam, r.labels) for r in rows] == [("P00/E0", (0, 1, 0, 0)),
-                                                  ("P00/E1", (1, 0, 0, 0))]
+    assert [(r.exam, r.labels) for r in rows] == [
+        ("P00/E0", (0, 1, 0, 0)),
+        ("P00/E1", (1, 0, 0, 0)),
+    ]
     path.write_bytes((HEADER + "\nP00/E0,0,0,0,0\nM\u00fcller/E1,0,0,0,0\n").encode("cp1252"))
     with pytest.raises(labels_csv.InputError, match=r"labels.csv: line 3 is not UTF-8"):
         labels_csv.read_labels(str(path), str(root))
@@ -414,25 +468,31 @@ def test_convert_archive_layout_quirks(tmp_path):
 
 def test_phase_map_checked_and_applied(tmp_path):
     root = tmp_path / "dicom"
-    _cohort(str(root), [("A/1", 0, (0, 1, 0, 0)), ("A/2", 0, (0, 0, 0, 0)),
-                        ("B/1", 1, (0, 0, 0, 0))])
+    _cohort(
+        str(root), [("A/1", 0, (0, 1, 0, 0)), ("A/2", 0, (0, 0, 0, 0)), ("B/1", 1, (0, 0, 0, 0))]
+    )
     uids = {}
     for f in sorted((root / "A/1").rglob("*.dcm")):
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         uids[int(ds.SeriesNumber)] = ds.SeriesInstanceUID
     pm = tmp_path / "phases.csv"
-    pm.write_text("exam,series_instance_uid,phase\n" + "".join(
-        f"A/1,{uids[4 - t]},t{t}\n" for t in range(4)))
-    result = convert(_config(tmp_path, root, phase_map=str(pm), progress=False),
-                     stream=io.StringIO())
+    pm.write_text(
+        "exam,series_instance_uid,phase\n" + "".join(f"A/1,{uids[4 - t]},t{t}\n" for t in range(4))
+    )
+    result = convert(
+        _config(tmp_path, root, phase_map=str(pm), progress=False), stream=io.StringIO()
+    )
     assert result.ok
     with open(tmp_path / "private" / "records_ids.csv") as f:
         exam_id = {r["exam"]: r["exam_id"] for r in csv.DictReader(f)}["A/1"]
     rec = _records(str(tmp_path / "records"))[exam_id][1]
     reversed_exam = dicom_reader.load_exam(str(root / "A/1"))
     np.testing.assert_array_equal(rec["t0"], reversed_exam.volumes["t3"])
-    pm.write_text("exam,series_instance_uid,phase,temporal_position\n" + "".join(
-        f"A/1,{uids[4 - t]},t{t},\n" for t in range(4)) + "B/1,1.2.3,t0,x\n")
+    pm.write_text(
+        "exam,series_instance_uid,phase,temporal_position\n"
+        + "".join(f"A/1,{uids[4 - t]},t{t},\n" for t in range(4))
+        + "B/1,1.2.3,t0,x\n"
+    )
     with pytest.raises(labels_csv.InputError, match="line 6: temporal_position 'x'"):
         convert(_config(tmp_path, root, phase_map=str(pm)))
     pm.write_text("exam,series_instance_uid,phase\nA/1,1.2.3,t5\nZ/9,1.2.3,t0\n")
@@ -442,24 +502,42 @@ def test_phase_map_checked_and_applied(tmp_path):
 
 # ---- command line: exit codes, and resume after a real kill ----------------------------------
 
+
 def _cli(args, **kwargs):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-    return subprocess.Popen([sys.executable, "-m", "tfrecords_tools.convert", *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tfrecords_tools.convert", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_cli_exit_status_for_bad_input(tmp_path):
     root = tmp_path / "dicom"
     _cohort(str(root), [("A/1", 0, (0, 0, 0, 0))], slices=2, size=4)
     (root / "labels.csv").write_text(HEADER + "\nA/1,0,0,0,7\n")
-    proc = _cli([f"--dicom_root={root}", f"--labels={root / 'labels.csv'}",
-                 f"--output_dir={tmp_path / 'out'}"])
+    proc = _cli(
+        [
+            f"--dicom_root={root}",
+            f"--labels={root / 'labels.csv'}",
+            f"--output_dir={tmp_path / 'out'}",
+        ]
+    )
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "label values other than 0/1" in err and "line 2" in err
-    proc = _cli([f"--dicom_root={root}", f"--labels={root / 'labels.csv'}",
-                 f"--output_dir={tmp_path / 'out'}", "stray"])
+    proc = _cli(
+        [
+            f"--dicom_root={root}",
+            f"--labels={root / 'labels.csv'}",
+            f"--output_dir={tmp_path / 'out'}",
+            "stray",
+        ]
+    )
     proc.communicate(timeout=120)
     assert proc.returncode != 0
 
@@ -475,9 +553,14 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
     assert len(clean.failures) == 1
 
     out = tmp_path / "killed"
-    args = [f"--dicom_root={root}", f"--labels={root / 'labels.csv'}", f"--output_dir={out}",
-            f"--pseudonym_key_file={key}", f"--id_map={tmp_path / 'private' / 'k.csv'}",
-            "--num_workers=2"]
+    args = [
+        f"--dicom_root={root}",
+        f"--labels={root / 'labels.csv'}",
+        f"--output_dir={out}",
+        f"--pseudonym_key_file={key}",
+        f"--id_map={tmp_path / 'private' / 'k.csv'}",
+        "--num_workers=2",
+    ]
     proc = _cli(args)
     work = out / convert_lib.WORK_DIR
     deadline = time.time() + 240
@@ -501,11 +584,13 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
     m_clean = json.load(open(tmp_path / "clean" / "manifest.json"))
     m_resumed = json.load(open(out / "manifest.json"))
     assert {k: v for k, v in m_clean.items() if k != "flags"} == {
-        k: v for k, v in m_resumed.items() if k != "flags"}
+        k: v for k, v in m_resumed.items() if k != "flags"
+    }
     assert open(out / "failures.csv").read() == open(tmp_path / "clean" / "failures.csv").read()
 
 
 # ---- the zero-copy record encoder is byte-identical to schema.encode_example -----------------
+
 
 @pytest.mark.parametrize("phases", [schema.PHASES, ("t0", "t2"), ("t3",)])
 def test_record_encoder_matches_schema_bytes(phases):

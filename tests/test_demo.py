@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -67,7 +66,9 @@ def test_reduced_demo_runs_end_to_end_and_reruns_idempotently(tmp_path):
 def test_demo_rejects_unknown_arguments():
     res = subprocess.run(
         ["bash", os.path.join(REPO, "scripts", "demo.sh"), "--bogus=1"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 2
     assert "unknown argument '--bogus=1'" in res.stderr

@@ -186,8 +186,14 @@ def test_phase_order_by_acquisition_time_not_series_number(tmp_path):
     for t, phase in enumerate(PHASES):
         pixels, positions, ps, _ = _acquire(canon[phase], u, v)
         _write_series(
-            str(tmp_path), pixels, positions, list(u) + list(v), ps,
-            series_uid=f"{_UID_ROOT}{t}", acq_time=times[t], series_number=10 + t,
+            str(tmp_path),
+            pixels,
+            positions,
+            list(u) + list(v),
+            ps,
+            series_uid=f"{_UID_ROOT}{t}",
+            acq_time=times[t],
+            series_number=10 + t,
         )
     exam = load_exam(str(tmp_path))
     expected_order = [PHASES[i] for i in np.argsort(times)]
@@ -201,17 +207,23 @@ def test_multiphase_series_split_by_temporal_position(tmp_path):
     for t, phase in enumerate(PHASES):
         pixels, positions, ps, _ = _acquire(canon[phase], u, v)
         _write_series(
-            str(tmp_path), pixels, positions, list(u) + list(v), ps,
-            series_uid=f"{_UID_ROOT}7", acq_time="101000", series_number=7,
-            temporal_position=t + 1, prefix=f"tp{t}",
+            str(tmp_path),
+            pixels,
+            positions,
+            list(u) + list(v),
+            ps,
+            series_uid=f"{_UID_ROOT}7",
+            acq_time="101000",
+            series_number=7,
+            temporal_position=t + 1,
+            prefix=f"tp{t}",
         )
     exam = load_exam(str(tmp_path))
     for p in PHASES:
         np.testing.assert_array_equal(exam.volumes[p], canon[p].astype(np.float32))
 
 
-@pytest.mark.parametrize("told_apart_by", ["AcquisitionNumber", "TriggerTime",
-                                           "AcquisitionTime"])
+@pytest.mark.parametrize("told_apart_by", ["AcquisitionNumber", "TriggerTime", "AcquisitionTime"])
 def test_multiphase_series_without_temporal_position(tmp_path, told_apart_by):
     canon = _canonical_phases((3, 4, 5))
     u, v = (1, 0, 0), (0, 1, 0)
@@ -225,8 +237,15 @@ def test_multiphase_series_without_temporal_position(tmp_path, told_apart_by):
             ds.TriggerTime = f"{phase * 60000.5:g}"
         pixels, positions, ps, _ = _acquire(canon[PHASES[phase]], u, v)
         _write_series(
-            str(tmp_path), pixels, positions, list(u) + list(v), ps, template=ds,
-            series_uid=f"{_UID_ROOT}7", series_number=7, prefix=f"x{t}",
+            str(tmp_path),
+            pixels,
+            positions,
+            list(u) + list(v),
+            ps,
+            template=ds,
+            series_uid=f"{_UID_ROOT}7",
+            series_number=7,
+            prefix=f"x{t}",
             acq_time=f"10{phase}000" if told_apart_by == "AcquisitionTime" else "101000",
         )
     exam = load_exam(str(tmp_path))
@@ -240,8 +259,14 @@ def test_phase_overrides_pick_temporal_positions_of_one_series(tmp_path):
     for t, phase in enumerate(PHASES):
         pixels, positions, ps, _ = _acquire(canon[phase], u, v)
         _write_series(
-            str(tmp_path), pixels, positions, list(u) + list(v), ps,
-            series_uid=f"{_UID_ROOT}7", series_number=7, temporal_position=t + 1,
+            str(tmp_path),
+            pixels,
+            positions,
+            list(u) + list(v),
+            ps,
+            series_uid=f"{_UID_ROOT}7",
+            series_number=7,
+            temporal_position=t + 1,
             prefix=f"tp{t}",
         )
     uid = f"{_UID_ROOT}7"
@@ -250,11 +275,20 @@ def test_phase_overrides_pick_temporal_positions_of_one_series(tmp_path):
     np.testing.assert_array_equal(exam.volumes["t0"], canon["t3"].astype(np.float32))
     np.testing.assert_array_equal(exam.volumes["t1"], canon["t0"].astype(np.float32))
     with pytest.raises(ExamError, match="several temporal positions.*temporal_position"):
-        load_exam(str(tmp_path), phase_overrides={uid: "t0", f"{uid}:1": "t1",
-                                                   f"{uid}:2": "t2", f"{uid}:3": "t3"})
+        load_exam(
+            str(tmp_path),
+            phase_overrides={uid: "t0", f"{uid}:1": "t1", f"{uid}:2": "t2", f"{uid}:3": "t3"},
+        )
     with pytest.raises(ExamError, match="no temporal position 9"):
-        load_exam(str(tmp_path), phase_overrides={f"{uid}:9": "t0", f"{uid}:1": "t1",
-                                                   f"{uid}:2": "t2", f"{uid}:3": "t3"})
+        load_exam(
+            str(tmp_path),
+            phase_overrides={
+                f"{uid}:9": "t0",
+                f"{uid}:1": "t1",
+                f"{uid}:2": "t2",
+                f"{uid}:3": "t3",
+            },
+        )
 
 
 def test_ignores_non_dicom_localizer_derived_and_other_series(tmp_path):
@@ -266,21 +300,47 @@ def test_ignores_non_dicom_localizer_derived_and_other_series(tmp_path):
     rng = np.random.default_rng(1)
     # Subtraction series (derived) with the DCE geometry and sequence.
     pixels, positions, ps, _ = _acquire(canon["t2"] - canon["t0"], u, v)
-    _write_series(str(tmp_path / "sub"), pixels, positions, list(u) + list(v), ps,
-                  f"{_UID_ROOT}50", series_number=50, image_type=["DERIVED", "PRIMARY", "SUB"],
-                  acq_time="090000")
+    _write_series(
+        str(tmp_path / "sub"),
+        pixels,
+        positions,
+        list(u) + list(v),
+        ps,
+        f"{_UID_ROOT}50",
+        series_number=50,
+        image_type=["DERIVED", "PRIMARY", "SUB"],
+        acq_time="090000",
+    )
     # Three-plane localizer (mixed orientations in one series), acquired first.
-    for n, (lu, lv) in enumerate([((1, 0, 0), (0, 1, 0)), ((0, 1, 0), (0, 0, -1)),
-                                  ((1, 0, 0), (0, 0, -1))]):
-        _write_series(str(tmp_path / "loc"), rng.integers(0, 9, (1, 6, 6)),
-                      [np.zeros(3)], list(lu) + list(lv), [1, 1], f"{_UID_ROOT}60",
-                      series_number=1, acq_time="090000", prefix=f"loc{n}")
+    for n, (lu, lv) in enumerate(
+        [((1, 0, 0), (0, 1, 0)), ((0, 1, 0), (0, 0, -1)), ((1, 0, 0), (0, 0, -1))]
+    ):
+        _write_series(
+            str(tmp_path / "loc"),
+            rng.integers(0, 9, (1, 6, 6)),
+            [np.zeros(3)],
+            list(lu) + list(lv),
+            [1, 1],
+            f"{_UID_ROOT}60",
+            series_number=1,
+            acq_time="090000",
+            prefix=f"loc{n}",
+        )
     # T2 series: same geometry, other sequence (TR).
     for t in range(3):
         pixels, positions, ps, _ = _acquire(canon["t0"] + 7, u, v)
-        _write_series(str(tmp_path / "t2w"), pixels, positions, list(u) + list(v), ps,
-                      f"{_UID_ROOT}7{t}", series_number=70 + t, acq_time=f"0900{t}0",
-                      tr="3000", prefix=f"t2w{t}")
+        _write_series(
+            str(tmp_path / "t2w"),
+            pixels,
+            positions,
+            list(u) + list(v),
+            ps,
+            f"{_UID_ROOT}7{t}",
+            series_number=70 + t,
+            acq_time=f"0900{t}0",
+            tr="3000",
+            prefix=f"t2w{t}",
+        )
     exam = load_exam(str(tmp_path))
     for p in PHASES:
         np.testing.assert_array_equal(exam.volumes[p], canon[p].astype(np.float32))
@@ -291,8 +351,17 @@ def test_two_dce_like_sets_are_ambiguous(tmp_path):
     _write_dce(str(tmp_path / "a"), canon, (1, 0, 0), (0, 1, 0))
     for t in range(4):
         pixels, positions, ps, _ = _acquire(canon["t0"], (1, 0, 0), (0, 1, 0))
-        _write_series(str(tmp_path / "b"), pixels, positions, [1, 0, 0, 0, 1, 0], ps,
-                      f"{_UID_ROOT}8{t}", series_number=80 + t, tr="9.9", prefix=f"b{t}")
+        _write_series(
+            str(tmp_path / "b"),
+            pixels,
+            positions,
+            [1, 0, 0, 0, 1, 0],
+            ps,
+            f"{_UID_ROOT}8{t}",
+            series_number=80 + t,
+            tr="9.9",
+            prefix=f"b{t}",
+        )
     with pytest.raises(ExamError, match="ambiguous DCE series.*--phase_map"):
         load_exam(str(tmp_path))
 
@@ -302,8 +371,16 @@ def test_more_than_four_phases_keeps_first_four(tmp_path):
     u, v = (1, 0, 0), (0, 1, 0)
     _write_dce(str(tmp_path), canon, u, v)
     pixels, positions, ps, _ = _acquire(canon["t0"] * 0 + 5, u, v)
-    _write_series(str(tmp_path), pixels, positions, list(u) + list(v), ps, f"{_UID_ROOT}9",
-                  acq_time="110000", series_number=14)
+    _write_series(
+        str(tmp_path),
+        pixels,
+        positions,
+        list(u) + list(v),
+        ps,
+        f"{_UID_ROOT}9",
+        acq_time="110000",
+        series_number=14,
+    )
     exam = load_exam(str(tmp_path))
     np.testing.assert_array_equal(exam.volumes["t3"], canon["t3"].astype(np.float32))
 
@@ -319,8 +396,10 @@ def test_phase_overrides_replace_heuristics(tmp_path):
     with pytest.raises(ExamError, match="lacks phase"):
         load_exam(str(tmp_path), phase_overrides={uids[0]: "t0"})
     with pytest.raises(ExamError, match="not in the exam folder"):
-        load_exam(str(tmp_path), phase_overrides={"1.2.3": "t0", uids[2]: "t1", uids[1]: "t2",
-                                                   uids[0]: "t3"})
+        load_exam(
+            str(tmp_path),
+            phase_overrides={"1.2.3": "t0", uids[2]: "t1", uids[1]: "t2", uids[0]: "t3"},
+        )
     with pytest.raises(ExamError, match="phase t1 to two series"):
         load_exam(str(tmp_path), phase_overrides={**overrides, uids[3]: "t1"} | {"9.9": "t1"})
 
@@ -331,12 +410,23 @@ def test_rescale_slope_and_intercept_per_slice(tmp_path):
     slope, intercept = [0.5, 2.25, 1.0], [-10.0, 3.5, 0.0]
     for t, phase in enumerate(PHASES):
         pixels, positions, ps, _ = _acquire(canon[phase], u, v)
-        _write_series(str(tmp_path), pixels, positions, list(u) + list(v), ps,
-                      f"{_UID_ROOT}{t}", acq_time=f"10{t}000", series_number=t,
-                      slope=slope, intercept=intercept)
+        _write_series(
+            str(tmp_path),
+            pixels,
+            positions,
+            list(u) + list(v),
+            ps,
+            f"{_UID_ROOT}{t}",
+            acq_time=f"10{t}000",
+            series_number=t,
+            slope=slope,
+            intercept=intercept,
+        )
     exam = load_exam(str(tmp_path))
-    expected = canon["t1"].astype(np.float64) * np.array(slope)[:, None, None] + np.array(
-        intercept)[:, None, None]
+    expected = (
+        canon["t1"].astype(np.float64) * np.array(slope)[:, None, None]
+        + np.array(intercept)[:, None, None]
+    )
     np.testing.assert_array_equal(exam.volumes["t1"], expected.astype(np.float32))
 
 
@@ -345,9 +435,18 @@ def test_keep_stored_gives_dicom_integers_and_rescale(tmp_path):
     u, v = (0, 1, 0), (0, 0, -1)  # Sagittal: reorientation permutes and flips the axes.
     for t, phase in enumerate(PHASES):
         pixels, positions, ps, _ = _acquire(canon[phase], u, v)
-        _write_series(str(tmp_path), pixels, positions, list(u) + list(v), ps,
-                      f"{_UID_ROOT}{t}", acq_time=f"10{t}000", series_number=t,
-                      slope=[0.75 + t] * 8, intercept=[-8.0 * t] * 8)
+        _write_series(
+            str(tmp_path),
+            pixels,
+            positions,
+            list(u) + list(v),
+            ps,
+            f"{_UID_ROOT}{t}",
+            acq_time=f"10{t}000",
+            series_number=t,
+            slope=[0.75 + t] * 8,
+            intercept=[-8.0 * t] * 8,
+        )
     values = load_exam(str(tmp_path))
     stored = load_exam(str(tmp_path), keep_stored=True)
     assert values.rescale is None
@@ -365,9 +464,18 @@ def test_keep_stored_falls_back_to_float32_for_per_slice_rescale(tmp_path):
     for t, phase in enumerate(PHASES):
         pixels, positions, ps, _ = _acquire(canon[phase], u, v)
         slope = [0.5, 2.25, 1.0] if phase == "t2" else [1.5] * 3
-        _write_series(str(tmp_path), pixels, positions, list(u) + list(v), ps,
-                      f"{_UID_ROOT}{t}", acq_time=f"10{t}000", series_number=t,
-                      slope=slope, intercept=[0.0] * 3)
+        _write_series(
+            str(tmp_path),
+            pixels,
+            positions,
+            list(u) + list(v),
+            ps,
+            f"{_UID_ROOT}{t}",
+            acq_time=f"10{t}000",
+            series_number=t,
+            slope=slope,
+            intercept=[0.0] * 3,
+        )
     stored = load_exam(str(tmp_path), keep_stored=True)
     values = load_exam(str(tmp_path))
     assert stored.rescale is None  # One phase cannot be stored exactly as integers: none are.
@@ -378,16 +486,25 @@ def test_keep_stored_falls_back_to_float32_for_per_slice_rescale(tmp_path):
 
 def test_keep_stored_picks_uint16_above_int16_range(tmp_path):
     canon = _canonical_phases((3, 4, 4))
-    canon = {p: v.astype(np.uint16) + np.uint16(40000 if p == "t3" else 0)
-             for p, v in canon.items()}
+    canon = {
+        p: v.astype(np.uint16) + np.uint16(40000 if p == "t3" else 0) for p, v in canon.items()
+    }
     template = _template()
     template.PixelRepresentation = 0
     u, v = (1, 0, 0), (0, 1, 0)
     for t, phase in enumerate(PHASES):
         pixels, positions, ps, _ = _acquire(canon[phase], u, v)
-        _write_series(str(tmp_path), pixels.astype(np.uint16).view(np.int16), positions,
-                      list(u) + list(v), ps, f"{_UID_ROOT}{t}", template=template,
-                      acq_time=f"10{t}000", series_number=t)
+        _write_series(
+            str(tmp_path),
+            pixels.astype(np.uint16).view(np.int16),
+            positions,
+            list(u) + list(v),
+            ps,
+            f"{_UID_ROOT}{t}",
+            template=template,
+            acq_time=f"10{t}000",
+            series_number=t,
+        )
     stored = load_exam(str(tmp_path), keep_stored=True)
     for phase in PHASES:
         assert stored.volumes[phase].dtype == np.uint16
@@ -403,8 +520,16 @@ def test_slight_obliquity_accepted_strong_rejected(tmp_path):
         for t, phase in enumerate(PHASES):
             pixels, _, ps, _ = _acquire(canon[phase], (1, 0, 0), (0, 1, 0))
             positions = [np.array([0, 0, 3.0 * k]) for k in range(3)]
-            _write_series(str(d), pixels, positions, list(u) + list(v), ps,
-                          f"{_UID_ROOT}{t}", acq_time=f"10{t}000", series_number=t)
+            _write_series(
+                str(d),
+                pixels,
+                positions,
+                list(u) + list(v),
+                ps,
+                f"{_UID_ROOT}{t}",
+                acq_time=f"10{t}000",
+                series_number=t,
+            )
         if ok:
             assert load_exam(str(d)).shape == (3, 4, 4)
         else:
@@ -421,8 +546,9 @@ def _dce_then(tmp_path, mutate):
 
 def test_missing_slice_rejected(tmp_path):
     # Files are img_<series>_<n>; drop the middle slice of t2 (series 12).
-    exam = _dce_then(tmp_path, lambda files: os.remove(
-        [f for f in files if f.name == "img_12_002.dcm"][0]))
+    exam = _dce_then(
+        tmp_path, lambda files: os.remove([f for f in files if f.name == "img_12_002.dcm"][0])
+    )
     with pytest.raises(ExamError, match=r"t2: missing slice\(s\)") as e:
         load_exam(exam)
     assert exam in str(e.value)
@@ -433,6 +559,7 @@ def test_duplicate_slice_rejected(tmp_path):
         ds = pydicom.dcmread([f for f in files if f.name == "img_11_001.dcm"][0])
         ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
         ds.save_as(str(tmp_path / "img_11_dup.dcm"))
+
     with pytest.raises(ExamError, match="duplicate slice positions"):
         load_exam(_dce_then(tmp_path, dup))
 
@@ -468,6 +595,7 @@ def test_monochrome1_rejected_not_silently_inverted(tmp_path):
         ds = pydicom.dcmread(files[0])
         ds.PhotometricInterpretation = "MONOCHROME1"
         ds.save_as(files[0])
+
     with pytest.raises(ExamError, match="MONOCHROME1") as e:
         load_exam(_dce_then(tmp_path, invert))
     assert e.value.file == "img_10_000.dcm"
@@ -480,6 +608,7 @@ def test_phases_on_different_grids_rejected(tmp_path):
                 ds = pydicom.dcmread(f)
                 ds.PixelSpacing = ["0.9", "0.9"]
                 ds.save_as(f)
+
     with pytest.raises(ExamError, match="different grids"):
         load_exam(_dce_then(tmp_path, regrid))
 
@@ -491,6 +620,7 @@ def test_phase_shifted_by_one_slice_rejected(tmp_path):
                 ds = pydicom.dcmread(f)
                 ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 3.0
                 ds.save_as(f)
+
     with pytest.raises(ExamError, match="different grids"):
         load_exam(_dce_then(tmp_path, shift))
 

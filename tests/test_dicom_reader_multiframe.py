@@ -42,12 +42,22 @@ def _values(stored):
 
 def _header(uid, number, **extra):
     header = dict(
-        PatientID=PATIENT_ID, PatientName="SYN^MULTIFRAME", StudyInstanceUID="1.2.826.0.1.9.1",
-        SeriesInstanceUID=uid, SeriesNumber=number, StudyDate="20200101",
-        AcquisitionDate="20200101", Modality="MR", FrameOfReferenceUID="1.2.826.0.1.9.2",
-        ImageType=["ORIGINAL", "PRIMARY", "M", "ND"], ScanningSequence="GR",
-        RepetitionTime="4.5", EchoTime="1.8", FlipAngle="10",
-        RescaleSlope=f"{SLOPE:g}", RescaleIntercept=f"{INTERCEPT:g}",
+        PatientID=PATIENT_ID,
+        PatientName="SYN^MULTIFRAME",
+        StudyInstanceUID="1.2.826.0.1.9.1",
+        SeriesInstanceUID=uid,
+        SeriesNumber=number,
+        StudyDate="20200101",
+        AcquisitionDate="20200101",
+        Modality="MR",
+        FrameOfReferenceUID="1.2.826.0.1.9.2",
+        ImageType=["ORIGINAL", "PRIMARY", "M", "ND"],
+        ScanningSequence="GR",
+        RepetitionTime="4.5",
+        EchoTime="1.8",
+        FlipAngle="10",
+        RescaleSlope=f"{SLOPE:g}",
+        RescaleIntercept=f"{INTERCEPT:g}",
     )
     header.update(extra)
     return header
@@ -60,7 +70,8 @@ def _stacks(canon, orientation="standard"):
 def _phase_frames(stacks, phases=PHASES):
     return [
         Frame(stacks[p], n, TIMES[PHASES.index(p)], {"TemporalPositionIndex": PHASES.index(p) + 1})
-        for p in phases for n in range(stacks[p].pixels.shape[0])
+        for p in phases
+        for n in range(stacks[p].pixels.shape[0])
     ]
 
 
@@ -68,8 +79,9 @@ def _one_file(canon, seed=1, **kwargs):
     """Every phase and slice as frames of one object, in a shuffled frame order."""
     frames = _phase_frames(_stacks(canon))
     order = np.random.default_rng(seed).permutation(len(frames))
-    return multiframe_dataset(_header("1.2.826.0.1.9.10", 10), frames, "1.2.826.0.1.9.11",
-                              order, **kwargs)
+    return multiframe_dataset(
+        _header("1.2.826.0.1.9.10", 10), frames, "1.2.826.0.1.9.11", order, **kwargs
+    )
 
 
 def _save(ds, path):
@@ -96,8 +108,9 @@ def test_one_file_all_phases_any_frame_order(tmp_path, temporal, sop_class):
     canon = _canonical()
     kwargs = {} if sop_class == "enhanced" else {"sop_class": LegacyConvertedEnhancedMRImageStorage}
     for seed in (1, 2):  # Two frame orders, one result.
-        ds = _one_file(canon, seed=seed, temporal="datetime" if temporal == "datetime" else "index",
-                       **kwargs)
+        ds = _one_file(
+            canon, seed=seed, temporal="datetime" if temporal == "datetime" else "index", **kwargs
+        )
         if temporal == "dimension":  # Only DimensionIndexValues (declared temporal) is left.
             _drop(ds, "TemporalPositionIndex")
             _drop(ds, "FrameAcquisitionDateTime")
@@ -115,14 +128,23 @@ def test_one_file_per_phase_mixed_with_classic_series(tmp_path):
     # t0 as classic single-frame files, t1..t3 as one Enhanced MR object (and series) each.
     header = _header("1.2.826.0.1.9.20", 20, AcquisitionNumber=1)
     n = stacks["t0"].pixels.shape[0]
-    write_series(str(tmp_path / "pre"), header, [Frame(stacks["t0"], k, TIMES[0]) for k in
-                 range(n)], (f"{k}.dcm" for k in range(n)),
-                 [f"1.2.826.0.1.9.20.{k}" for k in range(n)])
+    write_series(
+        str(tmp_path / "pre"),
+        header,
+        [Frame(stacks["t0"], k, TIMES[0]) for k in range(n)],
+        (f"{k}.dcm" for k in range(n)),
+        [f"1.2.826.0.1.9.20.{k}" for k in range(n)],
+    )
     for q, p in enumerate(PHASES[1:], start=1):
         frames = _phase_frames(stacks, [p])
-        ds = multiframe_dataset(_header(f"1.2.826.0.1.9.2{q}", 20 + q), frames,
-                                f"1.2.826.0.1.9.3{q}", np.random.default_rng(q).permutation(n),
-                                temporal="datetime", rescale_per_frame=True)
+        ds = multiframe_dataset(
+            _header(f"1.2.826.0.1.9.2{q}", 20 + q),
+            frames,
+            f"1.2.826.0.1.9.3{q}",
+            np.random.default_rng(q).permutation(n),
+            temporal="datetime",
+            rescale_per_frame=True,
+        )
         _save(ds, tmp_path / "post" / f"{q}.dcm")
     _assert_canonical(load_exam(str(tmp_path)), canon)
 
@@ -162,8 +184,7 @@ def test_compressed_multiframe_decoded_once_per_file(tmp_path, monkeypatch, synt
     _save(ds, tmp_path / "dyn.dcm")
     calls = []
     decode = dicom_reader._pydicom_pixels
-    monkeypatch.setattr(dicom_reader, "_pydicom_pixels",
-                        lambda *a: calls.append(1) or decode(*a))
+    monkeypatch.setattr(dicom_reader, "_pydicom_pixels", lambda *a: calls.append(1) or decode(*a))
     _assert_canonical(load_exam(str(tmp_path)), canon)
     assert len(calls) == 1
 
@@ -173,12 +194,17 @@ def test_compressed_multiframe_decoded_once_per_file(tmp_path, monkeypatch, synt
     [
         ("missing_index", "TemporalPositionIndex missing in 1 of 16 frames"),
         ("repeated_index", "TemporalPositionIndex 2 repeated at one slice position"),
-        ("no_temporal", "several frames at one slice position and nothing tells its phases "
-                        "apart"),
-        ("mixed_spacing", "frames of different geometry in one phase of a multi-frame series: "
-                          "they differ in pixel spacing"),
-        ("mixed_orientation", "frames of different geometry in one phase of a multi-frame "
-                              "series: they differ in orientation"),
+        ("no_temporal", "several frames at one slice position and nothing tells its phases apart"),
+        (
+            "mixed_spacing",
+            "frames of different geometry in one phase of a multi-frame series: "
+            "they differ in pixel spacing",
+        ),
+        (
+            "mixed_orientation",
+            "frames of different geometry in one phase of a multi-frame "
+            "series: they differ in orientation",
+        ),
     ],
 )
 def test_broken_multiframe_objects_fail_with_reasons(tmp_path, broken, reason):
@@ -224,9 +250,13 @@ def _unilateral(exam_dir, canon, right_cols, left_cols, left_spacing=SPACING, le
             uid = f"1.2.826.0.1.9.4{q}{s}"
             n = stack.pixels.shape[0]
             header = _header(uid, 40 + 2 * q + s, AcquisitionNumber=1)
-            write_series(str(exam_dir / f"{p}_{s}"), header,
-                         [Frame(stack, k, TIMES[q] + 3.0 * s) for k in range(n)],
-                         (f"{k}.dcm" for k in range(n)), [f"{uid}.{k}" for k in range(n)])
+            write_series(
+                str(exam_dir / f"{p}_{s}"),
+                header,
+                [Frame(stack, k, TIMES[q] + 3.0 * s) for k in range(n)],
+                (f"{k}.dcm" for k in range(n)),
+                [f"{uid}.{k}" for k in range(n)],
+            )
 
 
 def test_unilateral_series_assembled_with_zero_gap(tmp_path):
@@ -268,15 +298,26 @@ def test_all_derived_folder_names_what_was_skipped(tmp_path):
     stacks = _stacks(canon)
     for q, p in enumerate(PHASES):
         uid = f"1.2.826.0.1.9.5{q}"
-        write_series(str(tmp_path / p), _header(uid, 50 + q, ImageType=["DERIVED", "SECONDARY"]),
-                     [Frame(stacks[p], k, TIMES[q]) for k in range(4)],
-                     (f"{k}.dcm" for k in range(4)), [f"{uid}.{k}" for k in range(4)])
+        write_series(
+            str(tmp_path / p),
+            _header(uid, 50 + q, ImageType=["DERIVED", "SECONDARY"]),
+            [Frame(stacks[p], k, TIMES[q]) for k in range(4)],
+            (f"{k}.dcm" for k in range(4)),
+            [f"{uid}.{k}" for k in range(4)],
+        )
     (tmp_path / "notes.txt").write_text("not DICOM")
     localizer = multiframe_dataset(
         _header("1.2.826.0.1.9.60", 60, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]),
-        _phase_frames(stacks, ["t0"]), "1.2.826.0.1.9.61", range(4))
+        _phase_frames(stacks, ["t0"]),
+        "1.2.826.0.1.9.61",
+        range(4),
+    )
     localizer.SharedFunctionalGroupsSequence[0].MRImageFrameTypeSequence[0].FrameType = [
-        "ORIGINAL", "PRIMARY", "LOCALIZER", "NONE"]
+        "ORIGINAL",
+        "PRIMARY",
+        "LOCALIZER",
+        "NONE",
+    ]
     _save(localizer, tmp_path / "loc.dcm")
     report = pydicom.Dataset()
     report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
@@ -301,10 +342,17 @@ def test_all_derived_folder_names_what_was_skipped(tmp_path):
 
 def test_too_few_phases_reason_counts_the_folder(tmp_path):
     ds = _one_file(_canonical(10))
-    keep = [g for g in ds.PerFrameFunctionalGroupsSequence
-            if g.FrameContentSequence[0].TemporalPositionIndex != 4]
-    pixels = ds.pixel_array[[g.FrameContentSequence[0].TemporalPositionIndex != 4
-                             for g in ds.PerFrameFunctionalGroupsSequence]]
+    keep = [
+        g
+        for g in ds.PerFrameFunctionalGroupsSequence
+        if g.FrameContentSequence[0].TemporalPositionIndex != 4
+    ]
+    pixels = ds.pixel_array[
+        [
+            g.FrameContentSequence[0].TemporalPositionIndex != 4
+            for g in ds.PerFrameFunctionalGroupsSequence
+        ]
+    ]
     ds.PerFrameFunctionalGroupsSequence = keep
     ds.NumberOfFrames = len(keep)
     ds.PixelData = pixels.tobytes()
@@ -313,7 +361,8 @@ def test_too_few_phases_reason_counts_the_folder(tmp_path):
         load_exam(str(tmp_path))
     assert "the largest such set has 3" in e.value.reason
     assert "the folder holds 1 series: 12 original images; 0 images skipped as DERIVED" in (
-        e.value.reason)
+        e.value.reason
+    )
 
 
 def _undefined_lengths(ds):
@@ -376,5 +425,6 @@ def test_phase_map_names_two_series_per_phase_for_unilateral_exams(tmp_path):
     with pytest.raises(labels_csv.InputError, match=r"exactly once \(or exactly twice"):
         labels_csv.read_phase_map(str(tmp_path / "pm.csv"), ["exam"])
     (tmp_path / "pm.csv").write_text(
-        "exam,series_instance_uid,phase\n" + rows + "exam,1.2.826.0.1.9.400,t3\n")
+        "exam,series_instance_uid,phase\n" + rows + "exam,1.2.826.0.1.9.400,t3\n"
+    )
     assert len(labels_csv.read_phase_map(str(tmp_path / "pm.csv"), ["exam"])["exam"]) == 8

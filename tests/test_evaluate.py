@@ -6,16 +6,11 @@ import os
 import subprocess
 import sys
 
+import eval_fixtures
 import numpy as np
 import pytest
 
-from mri_keras import constants
-from mri_keras import evaluate
-from mri_keras import inference
-from mri_keras import metrics
-from mri_keras import predictions_io
-
-import eval_fixtures
+from mri_keras import constants, evaluate, inference, metrics, predictions_io
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +19,30 @@ def setup(tmp_path_factory):
     records = str(root / "records")
     exams = eval_fixtures.write_records(records)
     model_dir = str(root / "run")
-    model = eval_fixtures.make_model_dir(model_dir, input_variant="t3-t0",
-                                         normalization="percentile")
-    return {"root": root, "records": records, "exams": exams, "model_dir": model_dir,
-            "model": model}
+    model = eval_fixtures.make_model_dir(
+        model_dir, input_variant="t3-t0", normalization="percentile"
+    )
+    return {
+        "root": root,
+        "records": records,
+        "exams": exams,
+        "model_dir": model_dir,
+        "model": model,
+    }
 
 
 def test_evaluate_writes_breast_rows_metrics_and_roc(setup, tmp_path):
     out = str(tmp_path / "out")
-    summary = evaluate.evaluate(evaluate.EvalConfig(
-        model=setup["model_dir"], data_dir=setup["records"], split="test", output_dir=out,
-        n_bootstrap=200, seed=3))
+    summary = evaluate.evaluate(
+        evaluate.EvalConfig(
+            model=setup["model_dir"],
+            data_dir=setup["records"],
+            split="test",
+            output_dir=out,
+            n_bootstrap=200,
+            seed=3,
+        )
+    )
     assert summary["model_format"] == "export"
     assert summary["input_variant"] == "t3-t0"  # from the run's saved config, not a default
     with open(os.path.join(out, "predictions.csv")) as f:
@@ -54,12 +62,14 @@ def test_evaluate_writes_breast_rows_metrics_and_roc(setup, tmp_path):
         assert auc["n_bootstrap"] == 200 and auc["seed"] == 3
         assert auc["ci_low"] <= auc["auc"] <= auc["ci_high"]
     assert saved["exam_level"]["malignant"]["auc"] == pytest.approx(
-        metrics.exam_level_auc(pred.labels, pred.probs))
+        metrics.exam_level_auc(pred.labels, pred.probs)
+    )
     assert saved["counts"]["exams"] == len(exams)
     assert saved["counts"]["breasts"] == 2 * len(exams)
     assert saved["counts"]["patients"] == len({e["patient_id"] for e in exams})
-    assert saved["counts"]["malignant_breasts"] == sum(e["labels"][1] + e["labels"][3]
-                                                      for e in exams)
+    assert saved["counts"]["malignant_breasts"] == sum(
+        e["labels"][1] + e["labels"][3] for e in exams
+    )
     assert saved["bootstrap"]["resample_unit"] == "patient"
     assert os.path.getsize(os.path.join(out, "roc.png")) > 1000
 
@@ -69,8 +79,11 @@ def test_export_keras_and_training_code_paths_agree(setup, tmp_path):
 
     export_dir = os.path.join(setup["model_dir"], "export")
     by_path = {}
-    for name, model, fmt in (("dir", setup["model_dir"], "auto"), ("export", export_dir, "auto"),
-                             ("keras", setup["model_dir"], "keras")):
+    for name, model, fmt in (
+        ("dir", setup["model_dir"], "auto"),
+        ("export", export_dir, "auto"),
+        ("keras", setup["model_dir"], "keras"),
+    ):
         predictor = inference.load_predictor(model, fmt)
         by_path[name] = evaluate.predict_split(predictor, setup["records"], "val")
     assert inference.load_predictor(export_dir).location.keras_path.endswith("best.keras")
@@ -81,7 +94,8 @@ def test_export_keras_and_training_code_paths_agree(setup, tmp_path):
     # The training loop's own prediction (make_dataset + the Keras model) agrees too.
     predictor = inference.load_predictor(setup["model_dir"])
     ids, pids, labels, probs = train_lib.predict_split(
-        setup["model"], setup["records"], "val", predictor.input_config)
+        setup["model"], setup["records"], "val", predictor.input_config
+    )
     order = [ids.index(e) for e in ref.exam_ids]
     np.testing.assert_allclose(np.asarray(probs)[order], ref.probs, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(labels)[order], ref.labels)
@@ -92,23 +106,43 @@ def test_clear_errors(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="No model at"):
         inference.load_predictor(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        evaluate.evaluate(evaluate.EvalConfig(model=setup["model_dir"], data_dir=str(tmp_path),
-                                              output_dir=str(tmp_path / "o"), n_bootstrap=5))
+        evaluate.evaluate(
+            evaluate.EvalConfig(
+                model=setup["model_dir"],
+                data_dir=str(tmp_path),
+                output_dir=str(tmp_path / "o"),
+                n_bootstrap=5,
+            )
+        )
     with pytest.raises(ValueError, match="split"):
         evaluate.EvalConfig(model="m", data_dir="d", output_dir="o", split="dev")
     (tmp_path / "a_file").write_text("keep")
     with pytest.raises(ValueError, match="output_dir .*a_file' exists and is not a directory"):
-        evaluate.evaluate(evaluate.EvalConfig(model=setup["model_dir"], data_dir=setup["records"],
-                                              output_dir=str(tmp_path / "a_file"), n_bootstrap=5))
+        evaluate.evaluate(
+            evaluate.EvalConfig(
+                model=setup["model_dir"],
+                data_dir=setup["records"],
+                output_dir=str(tmp_path / "a_file"),
+                n_bootstrap=5,
+            )
+        )
     assert (tmp_path / "a_file").read_text() == "keep"
 
 
 def test_cli(setup, tmp_path):
     out = tmp_path / "cli"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [sys.executable, "-m", "mri_keras.evaluate", f"--model={setup['model_dir']}/export",
-           f"--data_dir={setup['records']}", "--split=val", f"--output_dir={out}",
-           "--n_bootstrap=100", "--seed=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mri_keras.evaluate",
+        f"--model={setup['model_dir']}/export",
+        f"--data_dir={setup['records']}",
+        "--split=val",
+        f"--output_dir={out}",
+        "--n_bootstrap=100",
+        "--seed=1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "breast-level malignant AUC" in proc.stdout
@@ -117,7 +151,8 @@ def test_cli(setup, tmp_path):
     stray = subprocess.run(cmd + ["stray"], capture_output=True, text=True, env=env, timeout=300)
     assert stray.returncode != 0
     # --model naming a folder without a model (here the records): a message, no traceback.
-    bad = subprocess.run(cmd + [f"--model={setup['records']}"], capture_output=True, text=True,
-                         env=env, timeout=300)
+    bad = subprocess.run(
+        cmd + [f"--model={setup['records']}"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert f"mri_keras.evaluate: error: No model at '{setup['records']}'" in bad.stderr

@@ -6,7 +6,6 @@ import os
 import subprocess
 
 import pytest
-
 import train_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +16,10 @@ def _run(script, *args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     res = subprocess.run(
         ["bash", os.path.join(REPO, "scripts", script), *args],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
@@ -29,8 +31,15 @@ def test_table1_script_trains_evaluates_ensembles_and_prints_the_table(tmp_path)
     train_fixtures.write_records(str(data), {"train": 4, "val": 4, "test": 4})
     out = tmp_path / "table1"
     stdout = _run(
-        "table1.sh", f"--data_dir={data}", f"--output_dir={out}", "--scale=demo",
-        "--variants=t1sub,t2sub", "--epochs=1", "--n_bootstrap=20", "--", *TINY,
+        "table1.sh",
+        f"--data_dir={data}",
+        f"--output_dir={out}",
+        "--scale=demo",
+        "--variants=t1sub,t2sub",
+        "--epochs=1",
+        "--n_bootstrap=20",
+        "--",
+        *TINY,
     )
     rows = list(csv.DictReader(open(out / "table1.csv")))
     # Long format: one row per (table row, task); rows of images not trained stay empty.
@@ -54,8 +63,16 @@ def test_data_fraction_script_draws_the_curve(tmp_path):
     train_fixtures.write_records(str(data), {"train": 6, "val": 4, "test": 4})
     out = tmp_path / "fraction"
     stdout = _run(
-        "data_fraction.sh", f"--data_dir={data}", f"--output_dir={out}", "--scale=demo",
-        "--percents=50", "--seeds=0,1", "--epochs=1", "--n_bootstrap=20", "--", *TINY,
+        "data_fraction.sh",
+        f"--data_dir={data}",
+        f"--output_dir={out}",
+        "--scale=demo",
+        "--percents=50",
+        "--seeds=0,1",
+        "--epochs=1",
+        "--n_bootstrap=20",
+        "--",
+        *TINY,
     )
     assert os.path.getsize(out / "data_fraction.png") > 1000
     rows = list(csv.DictReader(open(out / "data_fraction.csv")))
@@ -64,8 +81,9 @@ def test_data_fraction_script_draws_the_curve(tmp_path):
     assert {r["seed"] for r in rows} == {"0", "1"}
     for pct in ("50",):
         for seed in (0, 1):
-            config = json.load(open(out / "models" / f"frac_{pct}" / f"seed_{seed}" /
-                                    "config.json"))
+            config = json.load(
+                open(out / "models" / f"frac_{pct}" / f"seed_{seed}" / "config.json")
+            )
             assert config["seed"] == seed and config["train_fraction"] == int(pct) / 100
     assert "(n=2)" in stdout
 
@@ -76,8 +94,15 @@ def test_seeds_script_reports_every_seed(tmp_path):
     train_fixtures.write_records(str(data), {"train": 4, "val": 4, "test": 4})
     out = tmp_path / "seeds"
     stdout = _run(
-        "seeds.sh", f"--flagfile={REPO}/configs/demo.flags", f"--data_dir={data}",
-        f"--output_dir={out}", "--seeds=3,4", "--epochs=1", "--n_bootstrap=20", "--", *TINY,
+        "seeds.sh",
+        f"--flagfile={REPO}/configs/demo.flags",
+        f"--data_dir={data}",
+        f"--output_dir={out}",
+        "--seeds=3,4",
+        "--epochs=1",
+        "--n_bootstrap=20",
+        "--",
+        *TINY,
     )
     assert "lowest seed" in stdout and "(n=2)" in stdout
     for seed in (3, 4):
@@ -86,16 +111,30 @@ def test_seeds_script_reports_every_seed(tmp_path):
             assert (out / "eval" / f"seed_{seed}" / split / "metrics.json").is_file()
     rows = list(csv.DictReader(open(out / "seeds.csv")))
     assert len(rows) == 2 * 2 * 2
-    res = subprocess.run(["bash", os.path.join(REPO, "scripts", "seeds.sh"),
-                         f"--data_dir={data}", f"--output_dir={out}"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            "bash",
+            os.path.join(REPO, "scripts", "seeds.sh"),
+            f"--data_dir={data}",
+            f"--output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "--flagfile" in res.stderr
     # Validation only (comparing recipes without looking at test): reported on val. Also a
     # rerun: the finished run trains nothing more and its evaluation is kept.
     val_only = _run(
-        "seeds.sh", f"--flagfile={REPO}/configs/demo.flags", f"--data_dir={data}",
-        f"--output_dir={out}", "--seeds=3", "--splits=val", "--epochs=1", "--n_bootstrap=20",
-        "--", *TINY,
+        "seeds.sh",
+        f"--flagfile={REPO}/configs/demo.flags",
+        f"--data_dir={data}",
+        f"--output_dir={out}",
+        "--seeds=3",
+        "--splits=val",
+        "--epochs=1",
+        "--n_bootstrap=20",
+        "--",
+        *TINY,
     )
     assert val_only.count("kept") == 1
     assert len(list(csv.DictReader(open(out / "models" / "seed_3" / "metrics.csv")))) == 1

@@ -33,8 +33,15 @@ def _exam(i, shape=(3, 6, 8), labels=None, seed=None, phases=schema.PHASES):
     )
 
 
-def write_records(directory, exams, split="train", num_shards=1, phases=schema.PHASES,
-                  version=schema.SCHEMA_VERSION, records=None):
+def write_records(
+    directory,
+    exams,
+    split="train",
+    num_shards=1,
+    phases=schema.PHASES,
+    version=schema.SCHEMA_VERSION,
+    records=None,
+):
     """Writes exams as shards plus a manifest.json per the converter's contract."""
     os.makedirs(directory, exist_ok=True)
     names = [
@@ -43,8 +50,16 @@ def write_records(directory, exams, split="train", num_shards=1, phases=schema.P
     ]
     writers = [tf.io.TFRecordWriter(os.path.join(directory, n)) for n in names]
     for i, exam in enumerate(exams):
-        record = records[i] if records else schema.encode_example(
-            exam["exam_id"], exam["patient_id"], exam["volumes"], (3.0, 1.0, 1.0), exam["labels"]
+        record = (
+            records[i]
+            if records
+            else schema.encode_example(
+                exam["exam_id"],
+                exam["patient_id"],
+                exam["volumes"],
+                (3.0, 1.0, 1.0),
+                exam["labels"],
+            )
         )
         writers[i % num_shards].write(record)
     for w in writers:
@@ -68,8 +83,7 @@ def write_records(directory, exams, split="train", num_shards=1, phases=schema.P
                     for e in exams
                 ],
                 "label_counts": {
-                    name: sum(e["labels"][k] for e in exams)
-                    for k, name in enumerate(schema.LABELS)
+                    name: sum(e["labels"][k] for e in exams) for k, name in enumerate(schema.LABELS)
                 },
             }
         },
@@ -158,8 +172,13 @@ def test_zscore_normalisation():
 
 @pytest.mark.parametrize(
     "shape, percentiles",
-    [((3, 7, 5), (0.5, 99.5)), ((4, 9, 11), (2.0, 98.0)), ((1, 1, 5), (0.0, 100.0)),
-     ((2, 5, 6), (10.0, 10.0)), ((5, 13, 7), (25.0, 60.0))],
+    [
+        ((3, 7, 5), (0.5, 99.5)),
+        ((4, 9, 11), (2.0, 98.0)),
+        ((1, 1, 5), (0.0, 100.0)),
+        ((2, 5, 6), (10.0, 10.0)),
+        ((5, 13, 7), (25.0, 60.0)),
+    ],
 )
 def test_percentile_normalisation(shape, percentiles):
     rng = np.random.default_rng(2)
@@ -204,8 +223,12 @@ def test_mirrored_label_order_swaps_sides():
 def test_flip_mirrors_pixels_and_swaps_labels_exactly(tmp_path):
     exams = [_exam(i, labels=[1, 0, 0, 1] if i % 2 else [0, 1, 0, 0]) for i in range(12)]
     d = write_records(tmp_path / "rec", exams, num_shards=2)
-    plain = {e: (v, y) for v, y, e in _collect(
-        input_pipeline.make_dataset(d, "train", NO_AUG, training=False, with_ids=True))}
+    plain = {
+        e: (v, y)
+        for v, y, e in _collect(
+            input_pipeline.make_dataset(d, "train", NO_AUG, training=False, with_ids=True)
+        )
+    }
     config = dataclasses.replace(NO_AUG, flip=True)
     flipped = untouched = 0
     for _ in range(2):  # Two passes: the flips are re-drawn, so each exam likely meets both.
@@ -219,9 +242,7 @@ def test_flip_mirrors_pixels_and_swaps_labels_exactly(tmp_path):
             else:
                 flipped += 1
                 np.testing.assert_array_equal(volume, ref_volume[:, :, ::-1])
-                np.testing.assert_array_equal(
-                    labels, ref_labels[[RB, RM, LB, LM]]
-                )
+                np.testing.assert_array_equal(labels, ref_labels[[RB, RM, LB, LM]])
     assert flipped and untouched, (flipped, untouched)
 
 
@@ -268,7 +289,7 @@ def test_crops_stay_inside_and_have_the_requested_size(crop, crop_slices, expect
         assert s0 + out.shape[0] <= shape[0] and r0 + out.shape[1] <= shape[1]
         assert c0 + out.shape[2] <= shape[2]
         np.testing.assert_array_equal(
-            out, volume[s0:s0 + out.shape[0], r0:r0 + out.shape[1], c0:c0 + out.shape[2]]
+            out, volume[s0 : s0 + out.shape[0], r0 : r0 + out.shape[1], c0 : c0 + out.shape[2]]
         )
         offsets.add((s0, r0, c0))
     if expected_shape != shape:
@@ -288,8 +309,11 @@ def test_same_seed_same_stream_different_seed_different(tmp_path):
 
     def stream(seed):
         config = InputConfig("t2-t0", crop=(4, 5), crop_slices=2, seed=seed)
-        return _collect(input_pipeline.make_dataset(
-            d, "train", config, training=True, with_ids=True, repeat=True).take(16))
+        return _collect(
+            input_pipeline.make_dataset(
+                d, "train", config, training=True, with_ids=True, repeat=True
+            ).take(16)
+        )
 
     a, b, c = stream(3), stream(3), stream(4)
     assert len(a) == 16
@@ -302,8 +326,11 @@ def test_same_seed_same_stream_different_seed_different(tmp_path):
     )
     # Each epoch of a repeated stream is reshuffled and re-augmented.
     first, second = a[:8], a[8:]
-    assert sorted(e for *_, e in first) == sorted(e for *_, e in second) == sorted(
-        e["exam_id"].encode() for e in exams)
+    assert (
+        sorted(e for *_, e in first)
+        == sorted(e for *_, e in second)
+        == sorted(e["exam_id"].encode() for e in exams)
+    )
     by_id = {e: v for v, _, e in first}
     assert any(not np.array_equal(v, by_id[e]) for v, _, e in second)
 
@@ -325,7 +352,8 @@ def test_eval_dataset_values_ids_and_order(tmp_path):
         assert ids["patient_id"].numpy()[0].decode() == exam["patient_id"]
         v = exam["volumes"]
         np.testing.assert_allclose(
-            volume.numpy()[0, ..., 0], _zscore(v["t2"] - v["t0"]), rtol=1e-5, atol=1e-5)
+            volume.numpy()[0, ..., 0], _zscore(v["t2"] - v["t0"]), rtol=1e-5, atol=1e-5
+        )
         for k, name in enumerate(constants.LABELS):
             y = exam["labels"][k]
             np.testing.assert_array_equal(targets[name].numpy(), [[1 - y, y]])
@@ -346,11 +374,13 @@ def test_exam_ids_filter(tmp_path):
     d = write_records(tmp_path / "rec", exams, num_shards=3)
     keep = ["exam001", "exam004", "exam009"]
     ds = input_pipeline.make_dataset(  # Ids as bytes (e.g. from a dataset) work too.
-        d, "train", NO_AUG, training=False, exam_ids=[k.encode() for k in keep], with_ids=True)
+        d, "train", NO_AUG, training=False, exam_ids=[k.encode() for k in keep], with_ids=True
+    )
     assert [e.decode() for *_, e in _collect(ds)] == keep
     for training in (False, True):
         ds = input_pipeline.make_dataset(
-            d, "train", NO_AUG, training=training, exam_ids=keep, with_ids=True)
+            d, "train", NO_AUG, training=training, exam_ids=keep, with_ids=True
+        )
         assert sorted(e.decode() for *_, e in _collect(ds)) == keep
     with pytest.raises(ValueError, match=r"not in split 'train'.*exam077"):
         input_pipeline.make_dataset(d, "train", NO_AUG, training=False, exam_ids=["exam077"])
@@ -366,9 +396,11 @@ def test_input_context_splits_exams_between_pipelines(tmp_path, num_shards, trai
     seen = []
     for pipeline in range(2):
         context = tf.distribute.InputContext(
-            num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2)
+            num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2
+        )
         ds = input_pipeline.make_dataset(
-            d, "train", NO_AUG, training=training, input_context=context, with_ids=True)
+            d, "train", NO_AUG, training=training, input_context=context, with_ids=True
+        )
         ids = [e.decode() for *_, e in _collect(ds)]
         assert ids, f"pipeline {pipeline} got no exam"
         seen.append(ids)
@@ -387,8 +419,11 @@ def test_manifest_schema_version_error(tmp_path):
 
 def test_record_schema_version_error_names_the_file(tmp_path):
     exam = _exam(0)
-    example = tf.train.Example.FromString(schema.encode_example(
-        exam["exam_id"], exam["patient_id"], exam["volumes"], (1, 1, 1), exam["labels"]))
+    example = tf.train.Example.FromString(
+        schema.encode_example(
+            exam["exam_id"], exam["patient_id"], exam["volumes"], (1, 1, 1), exam["labels"]
+        )
+    )
     example.features.feature[schema.KEY_SCHEMA_VERSION].int64_list.value[0] = 99
     d = write_records(tmp_path / "rec", [exam], records=[example.SerializeToString()])
     ds = input_pipeline.make_dataset(d, "train", NO_AUG, training=False)
@@ -460,7 +495,11 @@ def test_distribute_datasets_from_function_gives_each_replica_whole_exams(tmp_pa
     env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run(
         [sys.executable, "-c", _DISTRIBUTED_CHECK, str(d)],
-        capture_output=True, text=True, env=env, timeout=300)
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines()]
     assert sorted(r[0] for r in rows) == [e["exam_id"] for e in exams]

@@ -30,8 +30,11 @@ def converted(tmp_path_factory, tiny_cohort_varied):
     base = tmp_path_factory.mktemp("e2e")
     log = io.StringIO()
     config = convert_lib.ConvertConfig(
-        dicom_root=cohort.root, labels=cohort.labels_csv, output_dir=str(base / "out"),
-        pseudonym_key_file=str(base / "private" / "key"), num_workers=2,
+        dicom_root=cohort.root,
+        labels=cohort.labels_csv,
+        output_dir=str(base / "out"),
+        pseudonym_key_file=str(base / "private" / "key"),
+        num_workers=2,
     )
     result = convert_lib.convert(config, stream=log)
     with open(base / "private" / "id_map.csv") as f:
@@ -75,7 +78,7 @@ def test_left_lesions_are_at_high_columns_after_conversion(converted, tmp_path):
         if les["pathology"] == "malignant" and len(sides[les["exam"]]) == 1:
             # The enhancing lesion is where the annotation says, not in the mirrored breast.
             sub = arr["t2"][s] - arr["t0"][s]
-            box = lambda col: sub[max(r - 1, 0):r + 2, max(col - 1, 0):col + 2].mean()  # noqa
+            box = lambda col: sub[max(r - 1, 0) : r + 2, max(col - 1, 0) : col + 2].mean()  # noqa
             assert box(c) > box(width - 1 - c), les
             checked += 1
     assert checked >= 1
@@ -138,15 +141,32 @@ def test_inspect_command_line(converted, tmp_path):
     base = converted[0]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
     proc = subprocess.run(
-        [sys.executable, "-m", "tfrecords_tools.inspect", str(base / "out"),
-         f"--export_npz={tmp_path / 'npz'}", f"--png={tmp_path / 'png'}", "--max_png=1",
-         "--splits=val"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "tfrecords_tools.inspect",
+            str(base / "out"),
+            f"--export_npz={tmp_path / 'npz'}",
+            f"--png={tmp_path / 'png'}",
+            "--max_png=1",
+            "--splits=val",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     n_val = converted[2].manifest["splits"]["val"]["num_exams"]
     assert f"exported {n_val} exams" in proc.stdout and "wrote 1 previews" in proc.stdout
     assert len(list((tmp_path / "npz").glob("*.npz"))) == n_val
-    bad = subprocess.run([sys.executable, "-m", "tfrecords_tools.inspect", str(tmp_path)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "tfrecords_tools.inspect", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "manifest.json not found" in bad.stderr

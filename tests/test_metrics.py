@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from mri_keras import constants
-from mri_keras import metrics
+from mri_keras import constants, metrics
 
 
 def _cohort(num_patients, seed=0, exams_per_patient=(1, 3), signal=1.5):
@@ -29,8 +28,9 @@ def test_breast_level_auc_equals_sklearn_on_pooled_breasts():
         pooled_s = np.concatenate([probs[:, left], probs[:, right]])
         expected = sk_metrics.roc_auc_score(pooled_y, pooled_s)
         assert metrics.breast_level_auc(labels, probs, task) == pytest.approx(expected, abs=1e-12)
-        assert metrics.auc_with_ci(labels, probs, [str(i) for i in range(len(labels))], task,
-                                   n_bootstrap=5)["auc"] == pytest.approx(expected, abs=1e-12)
+        assert metrics.auc_with_ci(
+            labels, probs, [str(i) for i in range(len(labels))], task, n_bootstrap=5
+        )["auc"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_weighted_auc_matches_sklearn_with_ties_and_repeats():
@@ -41,7 +41,8 @@ def test_weighted_auc_matches_sklearn_with_ties_and_repeats():
     assert metrics.weighted_auc(y, s) == pytest.approx(sk_metrics.roc_auc_score(y, s), abs=1e-12)
     idx = np.repeat(np.arange(200), w)
     assert metrics.weighted_auc(y, s, w) == pytest.approx(
-        sk_metrics.roc_auc_score(y[idx], s[idx]), abs=1e-12)
+        sk_metrics.roc_auc_score(y[idx], s[idx]), abs=1e-12
+    )
     assert np.isnan(metrics.weighted_auc([1, 1], [0.2, 0.3]))
 
 
@@ -105,7 +106,10 @@ def test_patient_resampling_widens_ci_when_exams_are_correlated():
     by_patient = metrics.auc_with_ci(labels6, probs6, np.repeat(pids, rep), n_bootstrap=400)
     by_exam = metrics.auc_with_ci(labels6, probs6, np.arange(len(labels6)), n_bootstrap=400)
     single = metrics.auc_with_ci(labels, probs, pids, n_bootstrap=400)
-    width = lambda r: r["ci_high"] - r["ci_low"]
+
+    def width(r):
+        return r["ci_high"] - r["ci_low"]
+
     assert width(by_patient) == pytest.approx(width(single), rel=0.25)
     assert width(by_exam) < 0.6 * width(by_patient)
 
@@ -124,7 +128,8 @@ def test_single_class_gives_nan_and_errors_are_clear():
 
 def test_format_auc():
     assert metrics.format_auc({"auc": 0.91234, "ci_low": 0.88, "ci_high": 0.9401}) == (
-        "0.912 (0.880-0.940)")
+        "0.912 (0.880-0.940)"
+    )
 
 
 def test_paired_difference_detects_a_better_model_and_not_a_copy():
@@ -133,7 +138,8 @@ def test_paired_difference_detects_a_better_model_and_not_a_copy():
     worse = 1 / (1 + np.exp(-(0.4 * (2 * labels - 1) + rng.normal(size=labels.shape))))
     d = metrics.paired_auc_difference(labels, good, worse, pids, n_bootstrap=400)
     assert d["difference"] == pytest.approx(
-        metrics.breast_level_auc(labels, good) - metrics.breast_level_auc(labels, worse))
+        metrics.breast_level_auc(labels, good) - metrics.breast_level_auc(labels, worse)
+    )
     assert d["ci_low"] > 0 and d["p_value"] < 0.01
     same = metrics.paired_auc_difference(labels, good, good, pids, n_bootstrap=100)
     assert same["difference"] == 0 and same["ci_low"] == 0 == same["ci_high"]

@@ -25,8 +25,8 @@ TINY = ModelConfig(width=4, channels_3d=8)
 
 
 def _volume(slices, height, width, batch=1, seed=0):
-    return np.random.default_rng(seed).normal(size=(batch, slices, height, width, 1)).astype(
-        "float32"
+    return (
+        np.random.default_rng(seed).normal(size=(batch, slices, height, width, 1)).astype("float32")
     )
 
 
@@ -118,8 +118,12 @@ def test_time_distributed_maps_every_slice_inside_tf_function():
     # the heap in gradients through the per-slice map (see SliceTimeDistributed).
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(
-        [sys.executable, "-c", _TD_GRADIENT_SCRIPT], env=env, capture_output=True, text=True,
-        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        [sys.executable, "-c", _TD_GRADIENT_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
@@ -256,7 +260,10 @@ def test_model_builds_and_runs_under_another_keras_backend(backend):
     env = dict(os.environ, KERAS_BACKEND=backend)
     result = subprocess.run(
         [sys.executable, "-c", _OTHER_BACKEND_SCRIPT.format(backend=backend, params=params)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -14,10 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from mri_keras import evaluate
-from mri_keras import heatmap
-from mri_keras import inference
-from mri_keras import predict
+from mri_keras import evaluate, heatmap, inference, predict
 
 VARIANTS = ("standard", "reversed_cols", "descending_slices", "sagittal")
 
@@ -26,28 +23,49 @@ VARIANTS = ("standard", "reversed_cols", "descending_slices", "sagittal")
 def run(tmp_path_factory):
     from mri_keras import config as config_lib
     from mri_keras import train_lib
-    from tfrecords_tools import convert_lib
-    from tfrecords_tools import synthetic
+    from tfrecords_tools import convert_lib, synthetic
 
     root = tmp_path_factory.mktemp("predict")
-    cohort = synthetic.generate_cohort(str(root / "cohort"), 4, seed=3, slices=6, rows=32,
-                                       cols=40, variants=VARIANTS, workers=1)
+    cohort = synthetic.generate_cohort(
+        str(root / "cohort"), 4, seed=3, slices=6, rows=32, cols=40, variants=VARIANTS, workers=1
+    )
     records = str(root / "records")
-    convert_lib.convert(convert_lib.ConvertConfig(
-        dicom_root=cohort.root, labels=cohort.labels_csv, output_dir=records,
-        num_workers=1, progress=False), stream=open(os.devnull, "w"))
+    convert_lib.convert(
+        convert_lib.ConvertConfig(
+            dicom_root=cohort.root,
+            labels=cohort.labels_csv,
+            output_dir=records,
+            num_workers=1,
+            progress=False,
+        ),
+        stream=open(os.devnull, "w"),
+    )
     with open(str(root / "records_private" / "id_map.csv")) as f:
         folder_of = {r["exam_id"]: r["exam"] for r in csv.DictReader(f)}
     model_dir = str(root / "run")
-    train_lib.train(train_lib.TrainConfig(
-        data_dir=records, model_dir=model_dir, epochs=1, learning_rate=1e-3, verbose=0,
-        model=config_lib.ModelConfig(width=4, blocks_per_stage=(1, 1, 1, 1), channels_3d=8,
-                                     stem_kernel=3),
-        input=config_lib.InputConfig(input_variant="t2sub")))
+    train_lib.train(
+        train_lib.TrainConfig(
+            data_dir=records,
+            model_dir=model_dir,
+            epochs=1,
+            learning_rate=1e-3,
+            verbose=0,
+            model=config_lib.ModelConfig(
+                width=4, blocks_per_stage=(1, 1, 1, 1), channels_3d=8, stem_kernel=3
+            ),
+            input=config_lib.InputConfig(input_variant="t2sub"),
+        )
+    )
     variant_of = {e.exam: e.variant for e in cohort.exams}
-    return {"root": root, "cohort": cohort, "records": records, "folder_of": folder_of,
-            "model_dir": model_dir, "export": os.path.join(model_dir, "export"),
-            "variant_of": variant_of}
+    return {
+        "root": root,
+        "cohort": cohort,
+        "records": records,
+        "folder_of": folder_of,
+        "model_dir": model_dir,
+        "export": os.path.join(model_dir, "export"),
+        "variant_of": variant_of,
+    }
 
 
 def _record_predictions(run):
@@ -66,12 +84,20 @@ def test_predict_on_dicom_equals_evaluate_on_records(run):
     seen_variants = set()
     for exam_id, folder in run["folder_of"].items():
         result = predict.predict_exam(
-            predict.PredictConfig(model=run["export"],
-                                  exam_dir=os.path.join(run["cohort"].root, folder)),
-            predictor=predictor)
-        got = [result[side][task] for side, task in (
-            ("left", "benign"), ("left", "malignant"), ("right", "benign"),
-            ("right", "malignant"))]
+            predict.PredictConfig(
+                model=run["export"], exam_dir=os.path.join(run["cohort"].root, folder)
+            ),
+            predictor=predictor,
+        )
+        got = [
+            result[side][task]
+            for side, task in (
+                ("left", "benign"),
+                ("left", "malignant"),
+                ("right", "benign"),
+                ("right", "malignant"),
+            )
+        ]
         np.testing.assert_allclose(got, from_records[exam_id], atol=1e-6, err_msg=folder)
         assert result["input"] == "t2-t0" and result["slices"] == 6
         seen_variants.add(run["variant_of"][folder])
@@ -84,14 +110,26 @@ def test_predict_cli_prints_json_without_identifiers_and_rejects_bad_folders(run
     exam = next(e for e in run["cohort"].exams if e.variant == "sagittal")
     heat_dir = tmp_path / "heat"
     proc = subprocess.run(
-        [sys.executable, "-m", "mri_keras.predict", f"--model={run['export']}",
-         f"--exam_dir={os.path.join(run['cohort'].root, exam.exam)}",
-         f"--heatmap_dir={heat_dir}", "--top_slices=2"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mri_keras.predict",
+            f"--model={run['export']}",
+            f"--exam_dir={os.path.join(run['cohort'].root, exam.exam)}",
+            f"--heatmap_dir={heat_dir}",
+            "--top_slices=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert set(result["left"]) == {"benign", "malignant"} and set(result["right"]) == {
-        "benign", "malignant"}
+        "benign",
+        "malignant",
+    }
     assert result["input"] == "t2-t0" and result["slices"] == exam.shape[0]
     assert len(result["heatmap"]["png"]) == 2
     for png in result["heatmap"]["png"]:
@@ -106,14 +144,28 @@ def test_predict_cli_prints_json_without_identifiers_and_rejects_bad_folders(run
     bad.mkdir()
     (bad / "notes.txt").write_text("not DICOM")
     proc = subprocess.run(
-        [sys.executable, "-m", "mri_keras.predict", f"--model={run['export']}",
-         f"--exam_dir={bad}"], capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mri_keras.predict",
+            f"--model={run['export']}",
+            f"--exam_dir={bad}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == predict.EXIT_BAD_EXAM
     assert "no DICOM images" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
     proc = subprocess.run(  # --model naming a folder without a model: a message, no traceback.
-        [sys.executable, "-m", "mri_keras.predict", f"--model={bad}",
-         f"--exam_dir={bad}"], capture_output=True, text=True, env=env, timeout=300)
+        [sys.executable, "-m", "mri_keras.predict", f"--model={bad}", f"--exam_dir={bad}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"mri_keras.predict: error: No model at '{bad}'" in proc.stderr
 
@@ -146,17 +198,25 @@ def test_heatmap_has_exam_shape_and_canonical_orientation(run, tmp_path):
         folder = next(f for f, v in run["variant_of"].items() if v == variant)
         out = tmp_path / variant
         method = "hirescam" if variant == "sagittal" else "gradient"
-        result = predict.predict_exam(predict.PredictConfig(
-            model=run["export"], exam_dir=os.path.join(run["cohort"].root, folder),
-            heatmap_dir=str(out), top_slices=1, heatmap_method=method), predictor=predictor)
+        result = predict.predict_exam(
+            predict.PredictConfig(
+                model=run["export"],
+                exam_dir=os.path.join(run["cohort"].root, folder),
+                heatmap_dir=str(out),
+                top_slices=1,
+                heatmap_method=method,
+            ),
+            predictor=predictor,
+        )
         from_dicom = np.load(result["heatmap"]["npy"])
         exam_shape = dicom_reader.load_exam(os.path.join(run["cohort"].root, folder)).shape
         assert from_dicom.shape == exam_shape == tuple(result["shape"])
         assert from_dicom.dtype == np.float32
         assert 0.0 <= from_dicom.min() and from_dicom.max() <= 1.0
         record = records[by_folder[folder]]
-        from_record, _ = heatmap.exam_saliency(model, {p: record[p] for p in predictor.phases},
-                                               predictor.input_config, method=method)
+        from_record, _ = heatmap.exam_saliency(
+            model, {p: record[p] for p in predictor.phases}, predictor.input_config, method=method
+        )
         np.testing.assert_allclose(from_dicom, from_record, atol=1e-4, err_msg=variant)
 
 
@@ -203,13 +263,20 @@ def test_heatmap_needs_the_keras_model(tmp_path):
     export_only = tmp_path / "only" / "export"
     shutil.copytree(tmp_path / "run" / "export", export_only)
     with pytest.raises(FileNotFoundError, match="best.keras"):
-        predict.predict_exam(predict.PredictConfig(
-            model=str(export_only), exam_dir=str(tmp_path), heatmap_dir=str(tmp_path / "h")))
+        predict.predict_exam(
+            predict.PredictConfig(
+                model=str(export_only), exam_dir=str(tmp_path), heatmap_dir=str(tmp_path / "h")
+            )
+        )
     with pytest.raises(ValueError, match="target"):
         predict.PredictConfig(model="m", exam_dir="e", heatmap_target="spleen")
     (tmp_path / "a_file").write_text("keep")  # --heatmap_dir naming a file: refused up front.
     with pytest.raises(ValueError, match="a_file' exists and is not a directory"):
-        predict.predict_exam(predict.PredictConfig(
-            model=str(tmp_path / "run"), exam_dir=str(tmp_path),
-            heatmap_dir=str(tmp_path / "a_file")))
+        predict.predict_exam(
+            predict.PredictConfig(
+                model=str(tmp_path / "run"),
+                exam_dir=str(tmp_path),
+                heatmap_dir=str(tmp_path / "a_file"),
+            )
+        )
     assert (tmp_path / "a_file").read_text() == "keep"

@@ -13,15 +13,12 @@ the float32 options also per variable as max |g - g_ref| / max |g_ref|):
 
 import dataclasses
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from mri_keras import buckets
-from mri_keras import constants
+from mri_keras import buckets, constants, remat_tf
 from mri_keras import model as model_lib
-from mri_keras import remat_tf
 from mri_keras.config import ModelConfig
 
 TINY = ModelConfig(width=4, channels_3d=8)
@@ -34,9 +31,7 @@ def _volume(slices, height=40, width=36, batch=1, seed=0):
 
 def _targets(batch, seed=0):
     rng = np.random.default_rng(seed + 100)
-    return {
-        k: tf.one_hot(rng.integers(0, 2, size=batch), 2) for k in constants.LABELS
-    }
+    return {k: tf.one_hot(rng.integers(0, 2, size=batch), 2) for k in constants.LABELS}
 
 
 def _outputs_and_grads(model, volume, targets, jit=False):
@@ -97,7 +92,10 @@ def test_chunked_recomputation_under_xla_matches_default():
     volume, targets = _volume(6, seed=6), _targets(1, 6)
     _assert_close(
         _outputs_and_grads(base, volume, targets),
-        _outputs_and_grads(remat, volume, targets, jit=True), 1e-5, 1e-5, 1e-4,
+        _outputs_and_grads(remat, volume, targets, jit=True),
+        1e-5,
+        1e-5,
+        1e-4,
     )
 
 
@@ -145,7 +143,9 @@ def test_mixed_precision_with_chunked_recomputation_matches_mixed_default():
     # Same bfloat16 arithmetic per slice; only chunked summation of weight gradients differs.
     _assert_close(
         _outputs_and_grads(base, volume, targets),
-        _outputs_and_grads(remat, volume, targets), 1e-6, 1e-2,
+        _outputs_and_grads(remat, volume, targets),
+        1e-6,
+        1e-2,
     )
 
 
@@ -154,7 +154,10 @@ def test_xla_matches_default_outputs_and_gradients():
     volume, targets = _volume(4, 33, 45, seed=3), _targets(1, 3)
     _assert_close(
         _outputs_and_grads(model, volume, targets),
-        _outputs_and_grads(model, volume, targets, jit=True), 1e-5, 1e-5, 1e-4,
+        _outputs_and_grads(model, volume, targets, jit=True),
+        1e-5,
+        1e-5,
+        1e-4,
     )
 
 

@@ -25,19 +25,45 @@ from tfrecords_tools import schema, synthetic, synthetic_dicom, synthetic_geomet
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = {synthetic.LABELS_CSV, synthetic.ANNOTATIONS_CSV, synthetic.COHORT_JSON}
 REQUIRED = (
-    "PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
-    "SOPInstanceUID", "StudyDate", "SeriesNumber", "SeriesDescription", "AcquisitionTime",
-    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-    "SpacingBetweenSlices", "MagneticFieldStrength", "Manufacturer", "InstanceNumber",
-    "FrameOfReferenceUID", "ImageType",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "SeriesNumber",
+    "SeriesDescription",
+    "AcquisitionTime",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "MagneticFieldStrength",
+    "Manufacturer",
+    "InstanceNumber",
+    "FrameOfReferenceUID",
+    "ImageType",
 )
 
 
 ENHANCED_REQUIRED = (
-    "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-    "SeriesNumber", "AcquisitionDateTime", "ImageType", "NumberOfFrames", "FrameOfReferenceUID",
-    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-    "DimensionOrganizationSequence", "DimensionIndexSequence", "MagneticFieldStrength",
+    "PatientID",
+    "PatientName",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SeriesNumber",
+    "AcquisitionDateTime",
+    "ImageType",
+    "NumberOfFrames",
+    "FrameOfReferenceUID",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "DimensionOrganizationSequence",
+    "DimensionIndexSequence",
+    "MagneticFieldStrength",
 )
 
 
@@ -67,8 +93,17 @@ def _read_exam(cohort, exam):
 
 
 _COPIED = (
-    "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber",
-    "SeriesDescription", "StudyDate", "ImageType", "Rows", "Columns", "ContrastBolusAgent",
+    "PatientID",
+    "PatientName",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "StudyDate",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "ContrastBolusAgent",
     "FrameOfReferenceUID",
 )
 
@@ -84,7 +119,8 @@ def _split_frames(ds):
     pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
     frames = []
     for k, groups in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        def group(name):
+
+        def group(name, groups=groups):
             return (groups.get(name) or shared.get(name))[0]
 
         content = groups.FrameContentSequence[0]
@@ -127,8 +163,12 @@ def _dce_phases(datasets):
         groups[(ds.SeriesInstanceUID, int(ds.get("TemporalPositionIdentifier", 0)))].append(ds)
     by_geometry = collections.defaultdict(list)
     for members in groups.values():
-        key = (tuple(np.round(np.array(members[0].ImageOrientationPatient, float), 4)),
-               len(members), members[0].Rows, members[0].Columns)
+        key = (
+            tuple(np.round(np.array(members[0].ImageOrientationPatient, float), 4)),
+            len(members),
+            members[0].Rows,
+            members[0].Columns,
+        )
         by_geometry[key].append(members)
     (phases,) = [g for g in by_geometry.values() if len(g) in (4, 8)]
     phases = sorted(phases, key=lambda members: float(members[0].AcquisitionTime))
@@ -151,13 +191,18 @@ def _reference_canonical(slices):
     iop = np.array(slices[0].ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = iop[:3], iop[3:]  # column index runs along row_dir, row index along col_dir
     normal = np.cross(row_dir, col_dir)
-    position = lambda ds: np.array(ds.ImagePositionPatient, dtype=np.float64)
+
+    def position(ds):
+        return np.array(ds.ImagePositionPatient, dtype=np.float64)
+
     slices = sorted(slices, key=lambda ds: float(position(ds) @ normal))
     positions = np.array([position(ds) for ds in slices])
-    volume = np.stack([
-        _pixels(ds).astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        for ds in slices
-    ]).astype(np.float32)
+    volume = np.stack(
+        [
+            _pixels(ds).astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            for ds in slices
+        ]
+    ).astype(np.float32)
     row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
     steps = np.diff(positions, axis=0)
     slice_spacing = float(np.linalg.norm(steps[0]))
@@ -199,8 +244,11 @@ def test_every_stored_voxel_sits_where_its_canonical_voxel_is(name):
     iop = stack.orientation
     assert np.allclose(np.linalg.norm(iop[:3]), 1) and np.allclose(np.dot(iop[:3], iop[3:]), 0)
     for n, r, c in itertools.product(*[range(s) for s in stack.pixels.shape]):
-        pos = (stack.positions[n] + c * stack.pixel_spacing[1] * iop[:3]
-               + r * stack.pixel_spacing[0] * iop[3:])
+        pos = (
+            stack.positions[n]
+            + c * stack.pixel_spacing[1] * iop[:3]
+            + r * stack.pixel_spacing[0] * iop[3:]
+        )
         k, i, j = np.unravel_index(stack.pixels[n, r, c], shape)
         expected = np.array(origin) + np.array([j * spacing[2], i * spacing[1], k * spacing[0]])
         np.testing.assert_allclose(pos, expected, atol=1e-9, err_msg=f"{name} {(n, r, c)}")
@@ -215,8 +263,9 @@ def test_orientations_cover_the_requested_geometries():
     np.testing.assert_array_equal(o["standard"].image_orientation(), [1, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(o["reversed_cols"].image_orientation(), [-1, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(o["sagittal"].image_orientation(), [0, 1, 0, 0, 0, -1])
-    stack = synthetic_geometry.acquire(np.zeros((4, 2, 2)), (3, 1, 1), (0, 0, 0),
-                                       o["descending_slices"])
+    stack = synthetic_geometry.acquire(
+        np.zeros((4, 2, 2)), (3, 1, 1), (0, 0, 0), o["descending_slices"]
+    )
     np.testing.assert_array_equal(stack.positions[:, 2], [9, 6, 3, 0])
     with pytest.raises(ValueError, match="permutation"):
         synthetic_geometry.Orientation("bad", (0, 0, 1), (False,) * 3)
@@ -227,14 +276,23 @@ def test_orientations_cover_the_requested_geometries():
 
 def test_fast_writer_matches_pydicom_dcmwrite_byte_for_byte():
     volume = np.random.default_rng(0).integers(0, 4000, (3, 20, 24)).astype(np.uint16)
-    stack = synthetic_geometry.acquire(volume, (3, 1.5, 1.25), (-10, -20.5, 30),
-                                       synthetic_geometry.ORIENTATIONS["sagittal"])
-    header = dict(PatientID="SYNPID1", PatientName="SYN^X", Modality="MR", RescaleSlope="1.5",
-                  ImageType=["ORIGINAL", "PRIMARY"], SeriesNumber=3, StudyDate="20200101")
+    stack = synthetic_geometry.acquire(
+        volume, (3, 1.5, 1.25), (-10, -20.5, 30), synthetic_geometry.ORIENTATIONS["sagittal"]
+    )
+    header = dict(
+        PatientID="SYNPID1",
+        PatientName="SYN^X",
+        Modality="MR",
+        RescaleSlope="1.5",
+        ImageType=["ORIGINAL", "PRIMARY"],
+        SeriesNumber=3,
+        StudyDate="20200101",
+    )
     frame = synthetic_dicom.Frame(stack, 1, 36000.5, {"TemporalPositionIdentifier": 2})
     dynamic = synthetic_dicom.frame_elements(frame, "1.2.3.4", 7)
-    fast = synthetic_dicom.encode_file(synthetic_dicom.static_elements(header, stack), dynamic,
-                                       stack.pixels[1])
+    fast = synthetic_dicom.encode_file(
+        synthetic_dicom.static_elements(header, stack), dynamic, stack.pixels[1]
+    )
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
@@ -261,8 +319,10 @@ def _check_enhanced(ds, path):
     shared = ds.SharedFunctionalGroupsSequence[0]
     assert "PlaneOrientationSequence" in shared and "PixelMeasuresSequence" in shared
     pointers = [int(d.DimensionIndexPointer) for d in ds.DimensionIndexSequence]
-    temporal = {pydicom.datadict.tag_for_keyword(k)
-                for k in ("TemporalPositionIndex", "FrameAcquisitionDateTime")}
+    temporal = {
+        pydicom.datadict.tag_for_keyword(k)
+        for k in ("TemporalPositionIndex", "FrameAcquisitionDateTime")
+    }
     assert temporal & set(pointers), path
     keys = []
     for groups in ds.PerFrameFunctionalGroupsSequence:
@@ -271,7 +331,8 @@ def _check_enhanced(ds, path):
         assert len(content.DimensionIndexValues) == len(pointers)
         keys.append((content.get("TemporalPositionIndex", 0), content.InStackPositionNumber))
         assert ("PixelValueTransformationSequence" in groups) != (
-            "PixelValueTransformationSequence" in shared)
+            "PixelValueTransformationSequence" in shared
+        )
     assert len(set(keys)) == frames
     assert keys != sorted(keys) and keys != sorted(keys, key=lambda k: (k[1], k[0]))
     assert ds.pixel_array.shape == (frames, ds.Rows, ds.Columns)
@@ -318,8 +379,16 @@ def test_geometry_tags_agree(tiny_cohort_varied):
         series = collections.defaultdict(list)
         for ds in datasets:
             if "LOCALIZER" in ds.ImageType:  # three planes in one series: checked below
-                assert len({tuple(d.ImageOrientationPatient) for d in datasets
-                            if d.SeriesInstanceUID == ds.SeriesInstanceUID}) == 3
+                assert (
+                    len(
+                        {
+                            tuple(d.ImageOrientationPatient)
+                            for d in datasets
+                            if d.SeriesInstanceUID == ds.SeriesInstanceUID
+                        }
+                    )
+                    == 3
+                )
                 continue
             series[(ds.SeriesInstanceUID, ds.get("TemporalPositionIdentifier", 0))].append(ds)
         for members in series.values():
@@ -356,7 +425,8 @@ def test_variants_series_layout_and_extra_series(tiny_cohort_varied):
         if exam.variant == "multiphase_series":
             assert all(int(d.NumberOfTemporalPositions) == 4 for g in phases for d in g)
         expected_slices = {"sagittal": W, "coronal": H, "unilateral_sagittal": W}.get(
-            exam.variant, S)
+            exam.variant, S
+        )
         assert all(len(g) == expected_slices for g in phases)
         # t0 first, then 60-90 s between phases, and the header says so.
         times = [_tm_seconds(str(g[0].AcquisitionTime)) for g in phases]
@@ -364,7 +434,9 @@ def test_variants_series_layout_and_extra_series(tiny_cohort_varied):
         assert np.all((gaps >= 60) & (gaps <= 90)), gaps
         np.testing.assert_allclose(times, exam.phase_times, atol=1e-3)
         assert "ContrastBolusAgent" not in phases[0][0] or exam.variant in (
-            "multiphase_series", "enhanced_one_file")
+            "multiphase_series",
+            "enhanced_one_file",
+        )
         # Extra series: T2 with another grid, a derived subtraction on the DCE grid.
         t2 = [d for d in datasets if d.SeriesDescription.startswith("ax T2")]
         assert t2 and (t2[0].Rows, len(t2)) != (phases[0][0].Rows, len(phases[0]))
@@ -417,7 +489,7 @@ def test_canonical_orientation_puts_breasts_anterior_and_left_lesions_left(tiny_
         _, rows, cols = np.nonzero(early > np.percentile(early, 99.5))
         assert rows.mean() > H / 2 and cols.mean() > W / 2, exam.exam
         # Prone: air in front of the breasts, the body fills the posterior half.
-        assert truth["t0"][:, 0, :].mean() < 0.3 * truth["t0"][:, H // 2:, :].mean(), exam.exam
+        assert truth["t0"][:, 0, :].mean() < 0.3 * truth["t0"][:, H // 2 :, :].mean(), exam.exam
         for lesion in exam.lesions:
             assert (lesion.center[2] >= W // 2) == (lesion.side == "left"), exam.exam
             assert lesion.center[1] < H * 0.55, exam.exam  # breasts hang anteriorly
@@ -486,8 +558,15 @@ def test_identifiers_live_only_in_the_dicom_headers(tiny_cohort):
     headers = collections.defaultdict(set)
     for exam in tiny_cohort.exams:
         datasets, _ = _read_exam(tiny_cohort, exam)
-        for keyword in ("PatientID", "PatientName", "PatientBirthDate", "StudyDate",
-                        "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID"):
+        for keyword in (
+            "PatientID",
+            "PatientName",
+            "PatientBirthDate",
+            "StudyDate",
+            "AccessionNumber",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+        ):
             headers[keyword].update(str(ds.data_element(keyword).value) for ds in datasets)
     assert headers["PatientID"] == set(ids.patient_ids)
     assert headers["PatientName"] == set(ids.patient_names)
@@ -516,8 +595,16 @@ def _lesion_contrast(volume, lesion):
 
 
 def test_lesions_bright_in_t2_minus_t0_but_not_in_t0(tmp_path):
-    cohort = synthetic.generate_cohort(str(tmp_path / "c"), 16, seed=2, slices=10, rows=48,
-                                       cols=48, canonical_dir=str(tmp_path / "truth"), workers=1)
+    cohort = synthetic.generate_cohort(
+        str(tmp_path / "c"),
+        16,
+        seed=2,
+        slices=10,
+        rows=48,
+        cols=48,
+        canonical_dir=str(tmp_path / "truth"),
+        workers=1,
+    )
     sub_ranks, t0_ranks = [], []
     for exam in cohort.exams:
         truth = np.load(os.path.join(cohort.canonical_dir, exam.npz_name))
@@ -550,8 +637,14 @@ def test_same_seed_same_bytes_other_seed_other_cohort(tmp_path):
         assert tree_a[name] == tree_b[name], name
     assert a.identifiers == b.identifiers
     assert set(c.identifiers.patient_ids).isdisjoint(a.identifiers.patient_ids)
-    pixels = lambda tree: sorted(pydicom.dcmread(io.BytesIO(v)).PixelData
-                                 for k, v in tree.items() if os.path.basename(k) not in TABLES)
+
+    def pixels(tree):
+        return sorted(
+            pydicom.dcmread(io.BytesIO(v)).PixelData
+            for k, v in tree.items()
+            if os.path.basename(k) not in TABLES
+        )
+
     assert pixels(tree_a) != pixels(_tree_bytes(c.root))
 
 
@@ -566,9 +659,19 @@ def test_parallel_workers_write_the_same_cohort(tmp_path):
 def test_cli_writes_a_cohort_and_rejects_stray_arguments(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "tfrecords_tools.synthetic", f"--output_dir={out}",
-           "--num_patients=2", "--seed=1", "--slices=3", "--rows=16", "--cols=16",
-           "--spacing=4,2,2", "--variants=coronal"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tfrecords_tools.synthetic",
+        f"--output_dir={out}",
+        "--num_patients=2",
+        "--seed=1",
+        "--slices=3",
+        "--rows=16",
+        "--cols=16",
+        "--spacing=4,2,2",
+        "--variants=coronal",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"to {out}" in proc.stdout and "Label mix:" in proc.stdout
@@ -577,8 +680,9 @@ def test_cli_writes_a_cohort_and_rejects_stray_arguments(tmp_path):
     assert len(_read_table(out / "labels.csv")) == info["num_exams"]
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode != 0 and "not empty" in again.stderr
-    stray = subprocess.run(cmd[:4] + ["extra"], capture_output=True, text=True, env=env,
-                           timeout=120)
+    stray = subprocess.run(
+        cmd[:4] + ["extra"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert stray.returncode != 0 and "Unexpected arguments: extra" in stray.stderr
 
 
@@ -597,8 +701,9 @@ def test_invalid_arguments_and_overwrite(tmp_path):
     assert (foreign / "keep.txt").exists()
     first = synthetic.generate_cohort(str(tmp_path / "c"), 1, slices=2, rows=16, cols=16)
     old_files = set(_tree_bytes(first.root))
-    second = synthetic.generate_cohort(str(tmp_path / "c"), 1, slices=2, rows=16, cols=16,
-                                       seed=1, overwrite=True)
+    second = synthetic.generate_cohort(
+        str(tmp_path / "c"), 1, slices=2, rows=16, cols=16, seed=1, overwrite=True
+    )
     assert first.identifiers != second.identifiers
     new_files = set(_tree_bytes(second.root))
     assert len(new_files) == second.num_files + len(TABLES)

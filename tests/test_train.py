@@ -11,19 +11,18 @@ import signal
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
+import train_fixtures
 from absl import flags as absl_flags
 
-import train_fixtures
 from mri_keras import config as config_lib
 from mri_keras import export as export_lib
 from mri_keras import flags as flags_lib
 from mri_keras import model as model_lib
-from mri_keras import train
-from mri_keras import train_lib
+from mri_keras import train, train_lib
 from tfrecords_tools import schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,8 +97,9 @@ def test_two_epoch_run_keeps_best_epoch(two_epoch_run):
         assert len(history[key]) == 2 and all(np.isfinite(history[key])), key
     aucs, losses = history["val_malignant_auc"], history["val_loss"]
     # The selection rule: higher AUC; on a tie, lower validation loss; then the earlier epoch.
-    later_wins = aucs[1] > aucs[0] + 1e-9 or (abs(aucs[1] - aucs[0]) <= 1e-9
-                                              and losses[1] < losses[0])
+    later_wins = aucs[1] > aucs[0] + 1e-9 or (
+        abs(aucs[1] - aucs[0]) <= 1e-9 and losses[1] < losses[0]
+    )
     assert history["best_epoch"] == (2 if later_wins else 1)
     assert history["best_val_malignant_auc"] == aucs[history["best_epoch"] - 1]
     rows = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
@@ -407,8 +407,15 @@ def test_killed_run_resumes_at_the_interrupted_epoch(data_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "name, variant",
-    [("t0", "t0"), ("t1", "t1"), ("t2", "t2"), ("t3", "t3"),
-     ("t1sub", "t1-t0"), ("t2sub", "t2-t0"), ("t3sub", "t3-t0")],
+    [
+        ("t0", "t0"),
+        ("t1", "t1"),
+        ("t2", "t2"),
+        ("t3", "t3"),
+        ("t1sub", "t1-t0"),
+        ("t2sub", "t2-t0"),
+        ("t3sub", "t3-t0"),
+    ],
 )
 def test_table1_flagfiles_hold_the_paper_recipe(name, variant, monkeypatch):
     monkeypatch.chdir(REPO)  # Flagfiles include configs/base.flags relative to the checkout.
@@ -418,8 +425,12 @@ def test_table1_flagfiles_hold_the_paper_recipe(name, variant, monkeypatch):
     assert (config.epochs, config.learning_rate) == (50, 1e-5)
     assert config.input.flip and config.input.crop == 0.875 and config.strategy == "auto"
     # Later flags override the flagfile.
-    assert _config([f"--flagfile=configs/{name}.flags", "--data_dir=d", "--model_dir=m",
-                    "--epochs=3"]).epochs == 3
+    assert (
+        _config(
+            [f"--flagfile=configs/{name}.flags", "--data_dir=d", "--model_dir=m", "--epochs=3"]
+        ).epochs
+        == 3
+    )
 
 
 @pytest.mark.slow
@@ -461,8 +472,12 @@ def test_demo_flagfile_shrinks_whatever_it_is_layered_over(monkeypatch):
     alone = _config(["--flagfile=configs/demo.flags", "--data_dir=d", "--model_dir=m"])
     assert alone.input.input_variant == "t2-t0" and alone.model.width < 64
     layered = _config(
-        ["--flagfile=configs/t1sub.flags", "--flagfile=configs/demo.flags", "--data_dir=d",
-         "--model_dir=m"]
+        [
+            "--flagfile=configs/t1sub.flags",
+            "--flagfile=configs/demo.flags",
+            "--data_dir=d",
+            "--model_dir=m",
+        ]
     )
     assert layered.input.input_variant == "t1-t0"  # The image comes from the paper flagfile.
     assert layered.model == alone.model and layered.epochs == alone.epochs
@@ -474,14 +489,22 @@ def test_flagfiles_work_from_any_working_directory(tmp_path, monkeypatch):
     # elsewhere too (relative to the including flagfile's directory or a parent of it).
     monkeypatch.chdir(tmp_path)
     argv = flags_lib.expand_flagfiles(
-        ["prog", f"--flagfile={REPO}/configs/t2sub.flags", "--data_dir=d", "--model_dir=m",
-         "--epochs=3"]
+        [
+            "prog",
+            f"--flagfile={REPO}/configs/t2sub.flags",
+            "--data_dir=d",
+            "--model_dir=m",
+            "--epochs=3",
+        ]
     )
     config = _config(argv[1:])
     assert config.input.input_variant == "t2-t0" and config.model == config_lib.ModelConfig()
     assert (config.epochs, config.learning_rate) == (3, 1e-5)  # Later flags still win.
-    _expect_error(["--flagfile=no_such.flags", "--data_dir=d", "--model_dir=m"],
-                  "Unable to open flagfile", "no_such.flags")
+    _expect_error(
+        ["--flagfile=no_such.flags", "--data_dir=d", "--model_dir=m"],
+        "Unable to open flagfile",
+        "no_such.flags",
+    )
     (tmp_path / "loop.flags").write_text("--flagfile=loop.flags\n")
     _expect_error(["--flagfile=loop.flags"], "circular")
 

@@ -9,16 +9,15 @@ import socket
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
-
 import train_fixtures
+
 from mri_keras import config as config_lib
-from mri_keras import input_pipeline
+from mri_keras import input_pipeline, train_lib
 from mri_keras import model as model_lib
-from mri_keras import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = list(train_fixtures.TINY_FLAGS)
@@ -66,8 +65,12 @@ def test_two_mirrored_replicas_equal_one_replica_averaging_gradients(tmp_path):
         f"--init_weights={init_path}",
     ]
     proc = subprocess.run(
-        [sys.executable, "-c", _RUN, *argv], cwd=REPO, env=_env(), capture_output=True,
-        text=True, timeout=240,
+        [sys.executable, "-c", _RUN, *argv],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MirroredStrategy, 2 replica(s) in sync" in proc.stdout
@@ -161,9 +164,19 @@ def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path):
     data_dir = str(tmp_path / "records")
     train_fixtures.write_records(data_dir, {"train": 2, "val": 2})
     proc = subprocess.run(
-        [sys.executable, "-m", "mri_keras.train", f"--data_dir={data_dir}",
-         f"--model_dir={tmp_path / 'run'}", "--strategy=multi_worker"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mri_keras.train",
+            f"--data_dir={data_dir}",
+            f"--model_dir={tmp_path / 'run'}",
+            "--strategy=multi_worker",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "TF_CONFIG" in proc.stderr and "mri_keras.train: error:" in proc.stderr
@@ -173,9 +186,20 @@ def test_fewer_training_exams_than_replicas_is_a_clear_error(tmp_path):
     data_dir = str(tmp_path / "records")
     train_fixtures.write_records(data_dir, {"train": 1, "val": 2})
     proc = subprocess.run(
-        [sys.executable, "-m", "mri_keras.train", f"--data_dir={data_dir}",
-         f"--model_dir={tmp_path / 'run'}", "--strategy=mirrored", "--cpu_replicas=2"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mri_keras.train",
+            f"--data_dir={data_dir}",
+            f"--model_dir={tmp_path / 'run'}",
+            "--strategy=mirrored",
+            "--cpu_replicas=2",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "1 training exam(s) for 2 replicas" in proc.stderr

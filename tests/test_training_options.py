@@ -11,21 +11,17 @@ import math
 import os
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
+import train_fixtures
 from absl import flags as absl_flags
 
-import train_fixtures
 from mri_keras import config as config_lib
 from mri_keras import flags as flags_lib
-from mri_keras import input_pipeline
+from mri_keras import input_pipeline, train, train_lib, tune_lib, tune_space
 from mri_keras import model as model_lib
-from mri_keras import train
-from mri_keras import train_lib
-from mri_keras import tune_lib
-from mri_keras import tune_space
 from tfrecords_tools import memory
 
 TINY_MODEL = dict(width=4, blocks_per_stage=(1, 1, 1, 1), channels_3d=8, stem_kernel=3)
@@ -51,9 +47,7 @@ def test_zero_residual_blocks_are_the_identity_at_init(norm):
     np.testing.assert_array_equal(block(x).numpy(), x)  # relu(x + 0) == x for x >= 0.
 
     volume = keras.Input((None, None, None, 16))
-    block3d = keras.Model(
-        volume, model_lib.apply_residual_block_3d(volume, 16, "c", blocks=blocks)
-    )
+    block3d = keras.Model(volume, model_lib.apply_residual_block_3d(volume, 16, "c", blocks=blocks))
     v = np.abs(np.random.default_rng(1).normal(size=(1, 3, 4, 5, 16))).astype("float32")
     np.testing.assert_array_equal(block3d(v).numpy(), v)
 
@@ -69,8 +63,9 @@ def test_init_and_norm_options_build_and_keep_activations_alive():
         for norm in ("none", "group"):
             keras.utils.set_random_seed(0)
             model = model_lib.build_model(  # The demo's model size.
-                config_lib.ModelConfig(width=16, blocks_per_stage=(1, 1, 1, 1), channels_3d=32,
-                                       init=init, norm=norm)
+                config_lib.ModelConfig(
+                    width=16, blocks_per_stage=(1, 1, 1, 1), channels_3d=32, init=init, norm=norm
+                )
             )
             features = keras.Model(model.input, model.get_layer("global_max_pool").input)
             rms[init, norm] = float(np.sqrt(np.mean(features(x).numpy() ** 2)))
@@ -125,8 +120,16 @@ def test_learning_rate_from_config():
     base = train_lib.TrainConfig(data_dir="d", model_dir="m", epochs=5, learning_rate=1e-3)
     assert train_lib.make_learning_rate(base, 10) == 1e-3  # The paper: a plain constant.
     warm = train_lib.make_learning_rate(
-        train_lib.TrainConfig(data_dir="d", model_dir="m", epochs=5, learning_rate=1e-3,
-                              lr_schedule="cosine", warmup_epochs=0.5), 10)
+        train_lib.TrainConfig(
+            data_dir="d",
+            model_dir="m",
+            epochs=5,
+            learning_rate=1e-3,
+            lr_schedule="cosine",
+            warmup_epochs=0.5,
+        ),
+        10,
+    )
     assert (warm.total_steps, warm.warmup_steps, warm.kind) == (50, 5, "cosine")
     with pytest.raises(ValueError, match="lr_schedule"):
         train_lib.TrainConfig(data_dir="d", model_dir="m", lr_schedule="step")
@@ -140,9 +143,7 @@ def test_cosine_run_cannot_change_its_length_on_resume():
     assert train_lib.config_differences(saved, longer) == []  # Constant: a longer run is fine.
     saved_cos = dict(saved, lr_schedule="cosine")
     longer_cos = dict(longer, lr_schedule="cosine")
-    assert train_lib.config_differences(saved_cos, longer_cos) == [
-        "epochs: saved 10, now 20"
-    ]
+    assert train_lib.config_differences(saved_cos, longer_cos) == ["epochs: saved 10, now 20"]
 
 
 def test_a_moved_run_directory_resumes_but_other_data_does_not():
@@ -193,7 +194,7 @@ def test_whole_split_buffer_makes_each_epoch_a_permutation(sharded_dir):
     )
     ids = _ids(ds, 36)
     every = sorted(f"train-e{i}" for i in range(12))
-    epochs = [ids[i * 12:(i + 1) * 12] for i in range(3)]
+    epochs = [ids[i * 12 : (i + 1) * 12] for i in range(3)]
     for epoch in epochs:
         assert sorted(epoch) == every  # Each exam exactly once per epoch.
     assert len({tuple(e) for e in epochs}) == 3  # A new order every epoch.
@@ -204,10 +205,16 @@ def test_whole_split_buffer_makes_each_epoch_a_permutation(sharded_dir):
     # Over many seeds every exam reaches the first position (a small buffer would favour the
     # exams of the first shards read).
     firsts = collections.Counter(
-        _ids(input_pipeline.make_dataset(
-            sharded_dir, "train", config_lib.InputConfig(
-                input_variant="t2-t0", shuffle_buffer=0, seed=s), training=True, with_ids=True,
-        ), 1)[0]
+        _ids(
+            input_pipeline.make_dataset(
+                sharded_dir,
+                "train",
+                config_lib.InputConfig(input_variant="t2-t0", shuffle_buffer=0, seed=s),
+                training=True,
+                with_ids=True,
+            ),
+            1,
+        )[0]
         for s in range(40)
     )
     assert len(firsts) >= 9
@@ -236,8 +243,12 @@ def test_two_training_epochs_visit_every_exam_once_each(sharded_dir, tmp_path, m
             seen.append(batch)
 
     argv = [
-        f"--data_dir={sharded_dir}", f"--model_dir={tmp_path / 'run'}",
-        *train_fixtures.TINY_FLAGS, "--shuffle_buffer=0", "--epochs=2", "--noprogress",
+        f"--data_dir={sharded_dir}",
+        f"--model_dir={tmp_path / 'run'}",
+        *train_fixtures.TINY_FLAGS,
+        "--shuffle_buffer=0",
+        "--epochs=2",
+        "--noprogress",
     ]
     config = _config(argv)
     history = train_lib.train(config, extra_callbacks=[Record()])
@@ -257,10 +268,14 @@ def test_two_training_epochs_visit_every_exam_once_each(sharded_dir, tmp_path, m
 
 def test_whole_split_buffer_refused_when_it_would_not_fit(sharded_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train_lib, "_physical_memory_bytes", lambda: 1000)
-    config = _config([
-        f"--data_dir={sharded_dir}", f"--model_dir={tmp_path / 'run'}",
-        *train_fixtures.TINY_FLAGS, "--shuffle_buffer=0",
-    ])
+    config = _config(
+        [
+            f"--data_dir={sharded_dir}",
+            f"--model_dir={tmp_path / 'run'}",
+            *train_fixtures.TINY_FLAGS,
+            "--shuffle_buffer=0",
+        ]
+    )
     with pytest.raises(train_lib.SetupError, match="shuffle_buffer=0 would hold"):
         train_lib.inspect_data(config)
     with pytest.raises(ValueError, match="shuffle_buffer"):
@@ -273,9 +288,16 @@ def test_whole_split_buffer_refused_when_it_would_not_fit(sharded_dir, tmp_path,
 def test_options_train_resume_and_export(sharded_dir, tmp_path):
     model_dir = str(tmp_path / "run")
     argv = [
-        f"--data_dir={sharded_dir}", f"--model_dir={model_dir}", *train_fixtures.TINY_FLAGS,
-        "--init=he_zero_residual", "--norm=group", "--norm_groups=2", "--lr_schedule=cosine",
-        "--warmup_epochs=1", "--shuffle_buffer=0", "--noprogress",
+        f"--data_dir={sharded_dir}",
+        f"--model_dir={model_dir}",
+        *train_fixtures.TINY_FLAGS,
+        "--init=he_zero_residual",
+        "--norm=group",
+        "--norm_groups=2",
+        "--lr_schedule=cosine",
+        "--warmup_epochs=1",
+        "--shuffle_buffer=0",
+        "--noprogress",
     ]
     first = train.run([*argv, "--epochs=2"])
     assert first["epoch"] == [1, 2] and all(np.isfinite(first["loss"]))
@@ -288,31 +310,53 @@ def test_options_train_resume_and_export(sharded_dir, tmp_path):
     again = train.run([*argv, "--epochs=2"])  # The same command: finished, nothing retrained.
     assert again["epoch"] == [1, 2] and again["loss"] == first["loss"]
     best = keras.models.load_model(os.path.join(model_dir, "best.keras"))
-    assert any(isinstance(layer, keras.layers.GroupNormalization)
-               for layer in best.get_layer("trunk").layers)
+    assert any(
+        isinstance(layer, keras.layers.GroupNormalization)
+        for layer in best.get_layer("trunk").layers
+    )
 
 
 def test_options_round_trip_through_flags_and_the_tuner():
-    config = _config([
-        "--data_dir=d", "--model_dir=m", "--init=he_zero_residual", "--norm=group",
-        "--norm_groups=4", "--lr_schedule=cosine", "--warmup_epochs=1.5", "--shuffle_buffer=0",
-    ])
+    config = _config(
+        [
+            "--data_dir=d",
+            "--model_dir=m",
+            "--init=he_zero_residual",
+            "--norm=group",
+            "--norm_groups=4",
+            "--lr_schedule=cosine",
+            "--warmup_epochs=1.5",
+            "--shuffle_buffer=0",
+        ]
+    )
     assert (config.model.init, config.model.norm, config.model.norm_groups) == (
-        "he_zero_residual", "group", 4)
+        "he_zero_residual",
+        "group",
+        4,
+    )
     assert (config.lr_schedule, config.warmup_epochs, config.input.shuffle_buffer) == (
-        "cosine", 1.5, 0)
+        "cosine",
+        1.5,
+        0,
+    )
     assert tune_lib._config_from_flag_lines(tune_lib.train_flag_lines(config)) == config
     # The paper's defaults stay the paper's.
     paper = _config(["--data_dir=d", "--model_dir=m"])
     assert (paper.model.init, paper.model.norm, paper.lr_schedule, paper.warmup_epochs) == (
-        "glorot", "none", "constant", 0.0)
+        "glorot",
+        "none",
+        "constant",
+        0.0,
+    )
 
-    space = tune_space.parse_search_space({
-        "lr_schedule": {"type": "choice", "values": ["constant", "cosine"]},
-        "init": {"type": "choice", "values": ["glorot", "he_zero_residual"]},
-        "norm": {"type": "fixed", "value": "group"},
-        "warmup_epochs": {"type": "choice", "values": [0.0, 1.0]},
-    })
+    space = tune_space.parse_search_space(
+        {
+            "lr_schedule": {"type": "choice", "values": ["constant", "cosine"]},
+            "init": {"type": "choice", "values": ["glorot", "he_zero_residual"]},
+            "norm": {"type": "fixed", "value": "group"},
+            "warmup_epochs": {"type": "choice", "values": [0.0, 1.0]},
+        }
+    )
     import keras_tuner as kt
 
     hp = kt.HyperParameters()
@@ -320,8 +364,7 @@ def test_options_round_trip_through_flags_and_the_tuner():
     tuned = tune_space.apply_values(config, values)
     assert tuned.lr_schedule in ("constant", "cosine") and tuned.model.norm == "group"
     # The string "none" is a value of --norm, not JSON null (a trial once got norm=None).
-    norms = tune_space.parse_search_space(
-        {"norm": {"type": "choice", "values": ["none", "group"]}})
+    norms = tune_space.parse_search_space({"norm": {"type": "choice", "values": ["none", "group"]}})
     assert norms.decode_values({"norm": "none"}) == {"norm": "none"}
     hp = kt.HyperParameters()
     hp.values["norm"] = "none"
@@ -356,11 +399,11 @@ def test_hyperband_rounds_of_a_cosine_trial_train_from_the_start(tmp_path, monke
     config = model.build(kt.HyperParameters())
     (tmp_path / "t1").mkdir()
     (tmp_path / "t2").mkdir()
-    model.fit(None, config, trial_dir=str(tmp_path / "t1"), epochs=9,
-              warm_start_dir=str(previous))
+    model.fit(None, config, trial_dir=str(tmp_path / "t1"), epochs=9, warm_start_dir=str(previous))
     assert seen["config"].lr_schedule == "cosine" and not seen["copied"]
     # A constant schedule continues the earlier round's run, as before.
     constant = dataclasses.replace(config, lr_schedule="constant")
-    model.fit(None, constant, trial_dir=str(tmp_path / "t2"), epochs=9,
-              warm_start_dir=str(previous))
+    model.fit(
+        None, constant, trial_dir=str(tmp_path / "t2"), epochs=9, warm_start_dir=str(previous)
+    )
     assert seen["copied"]

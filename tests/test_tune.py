@@ -80,23 +80,33 @@ def test_space_values_reach_the_training_config():
 @pytest.mark.parametrize(
     "space, expected",
     [
-        ({"stem_kernel": {"type": "choice", "values": [3, 4]}},
-         "entry 'stem_kernel': value 4 is not an odd int"),
+        (
+            {"stem_kernel": {"type": "choice", "values": [3, 4]}},
+            "entry 'stem_kernel': value 4 is not an odd int",
+        ),
         ({"stem_kernel": {"type": "int", "min": 3, "max": 7}}, "even 'step'"),
-        ({"learning_rate": {"type": "float", "min": 1e-3, "max": 1e-6, "sampling": "log"}},
-         "'min' (0.001) must be smaller than 'max' (1e-06)"),
-        ({"learning_rate": {"type": "float", "min": 0, "max": 1e-3, "sampling": "log"}},
-         "entry 'learning_rate': min 0 is not a number in (0, 1)"),
-        ({"dropout": {"type": "float", "min": 0.0, "max": 1.5}},
-         "entry 'dropout': max 1.5 is not a number in [0, 1)"),
+        (
+            {"learning_rate": {"type": "float", "min": 1e-3, "max": 1e-6, "sampling": "log"}},
+            "'min' (0.001) must be smaller than 'max' (1e-06)",
+        ),
+        (
+            {"learning_rate": {"type": "float", "min": 0, "max": 1e-3, "sampling": "log"}},
+            "entry 'learning_rate': min 0 is not a number in (0, 1)",
+        ),
+        (
+            {"dropout": {"type": "float", "min": 0.0, "max": 1.5}},
+            "entry 'dropout': max 1.5 is not a number in [0, 1)",
+        ),
         ({"widht": {"type": "choice", "values": [8]}}, "unknown search-space entry 'widht'"),
         ({"width": {"type": "choice", "values": []}}, "'values' must be a non-empty list"),
         ({"width": {"type": "choice", "values": [8, 8]}}, "must not repeat"),
         ({"width": {"type": "float", "min": 1, "max": 2}}, "type 'float' is not allowed here"),
         ({"width": {"type": "choice", "values": [8, 0]}}, "value 0 is not an int >= 1"),
         ({"flip": {"type": "boolean", "defualt": True}}, "unknown keys ['defualt']"),
-        ({"blocks_per_stage": {"type": "choice", "values": [[2, 2, 2]]}},
-         "[2, 2, 2] is not an int >= 1 or a list of 4 ints"),
+        (
+            {"blocks_per_stage": {"type": "choice", "values": [[2, 2, 2]]}},
+            "[2, 2, 2] is not an int >= 1 or a list of 4 ints",
+        ),
         ({"crop": {"type": "choice", "values": [1.5]}}, "value 1.5 is not null, a fraction"),
         ({"channels_3d": {"type": "fixed"}}, "type 'fixed' needs ['value']"),
         ({"channels_3d": [32, 64]}, "must be an object"),
@@ -116,8 +126,12 @@ def test_bad_search_space_file_stops_the_cli_naming_file_and_entry(tmp_path):
 
     path = tmp_path / "space.json"
     path.write_text(json.dumps({"stem_kernel": {"type": "choice", "values": [3, 6]}}))
-    argv = [f"--data_dir={tmp_path}", f"--model_dir={tmp_path / 'sweep'}",
-            f"--search_space={path}", "--tuner=random"]
+    argv = [
+        f"--data_dir={tmp_path}",
+        f"--model_dir={tmp_path / 'sweep'}",
+        f"--search_space={path}",
+        "--tuner=random",
+    ]
     with pytest.raises(SystemExit) as e:
         tune.run(argv)
     message = str(e.value.code)
@@ -135,23 +149,32 @@ def test_tune_flagfile_works_from_any_working_directory(tmp_path, monkeypatch):
     # configs/tune.flags names configs/t2sub.flags (-> configs/base.flags) and
     # configs/tune_space.json relative to the checkout; all are found from elsewhere.
     from absl import flags as absl_flags
+
     from mri_keras import flags as flags_lib
     from mri_keras import tune
 
     monkeypatch.chdir(tmp_path)
     fv = absl_flags.FlagValues()
     tune.define_tune_flags(fv)
-    fv(flags_lib.expand_flagfiles(
-        ["prog", f"--flagfile={REPO}/configs/tune.flags", "--data_dir=d", "--model_dir=m"]))
+    fv(
+        flags_lib.expand_flagfiles(
+            ["prog", f"--flagfile={REPO}/configs/tune.flags", "--data_dir=d", "--model_dir=m"]
+        )
+    )
     config = tune.tune_config_from_flags(fv)
     assert config.train.input.input_variant == "t2-t0"
     assert config.search_space == tune_space.load_search_space(
-        os.path.join(REPO, "configs", "tune_space.json"))
+        os.path.join(REPO, "configs", "tune_space.json")
+    )
 
 
 def test_help_lists_the_training_flags_too():
-    proc = subprocess.run([sys.executable, "-m", "mri_keras.tune", "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mri_keras.tune", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     for flag in ("--tuner", "--search_space", "--data_dir", "--model_dir", "--learning_rate"):
         assert f"  {flag}:" in proc.stdout + proc.stderr, flag
 
@@ -161,8 +184,14 @@ def test_records_that_cannot_train_stop_the_cli_before_any_trial(tmp_path):
 
     (tmp_path / "records").mkdir()
     with pytest.raises(SystemExit) as e:
-        tune.run([f"--data_dir={tmp_path / 'records'}", f"--model_dir={tmp_path / 'sweep'}",
-                  "--tuner=random", "--max_trials=1"])
+        tune.run(
+            [
+                f"--data_dir={tmp_path / 'records'}",
+                f"--model_dir={tmp_path / 'sweep'}",
+                "--tuner=random",
+                "--max_trials=1",
+            ]
+        )
     assert str(e.value.code).startswith("mri_keras.tune: error: data_dir ")
     assert "is empty" in str(e.value.code)
     assert not (tmp_path / "sweep").exists()  # No trials failed, nothing written.
@@ -200,8 +229,10 @@ def test_distributed_role_from_keras_tuner_environment(monkeypatch):
 def test_bad_sweep_settings_are_refused(changes, expected):
     from mri_keras import train_lib, tune_lib
 
-    base = dict(train=train_lib.TrainConfig(data_dir="/d", model_dir="/m"),
-                search_space=tune_space.load_search_space(None))
+    base = dict(
+        train=train_lib.TrainConfig(data_dir="/d", model_dir="/m"),
+        search_space=tune_space.load_search_space(None),
+    )
     with pytest.raises(ValueError, match=expected):
         tune_lib.TuneConfig(**base, **changes)
 
@@ -212,7 +243,8 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_sweep(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     config = tune_lib.TuneConfig(
         train=train_lib.TrainConfig(data_dir="/d", model_dir=str(tmp_path)),
-        search_space=tune_space.load_search_space(None), overwrite=True,
+        search_space=tune_space.load_search_space(None),
+        overwrite=True,
     )
     with pytest.raises(ValueError, match="refusing to delete"):
         tune_lib.build_tuner(config)
@@ -250,8 +282,15 @@ def space_file(tmp_path):
 
 
 def _sweep_args(records, sweep, space, *extra):
-    return [f"--data_dir={records}", f"--model_dir={sweep}", f"--search_space={space}",
-            "--max_epochs=1", "--shuffle_buffer=4", "--noprogress", *extra]
+    return [
+        f"--data_dir={records}",
+        f"--model_dir={sweep}",
+        f"--search_space={space}",
+        "--max_epochs=1",
+        "--shuffle_buffer=4",
+        "--noprogress",
+        *extra,
+    ]
 
 
 def _read_csv(path):
@@ -266,7 +305,7 @@ def _runs(sweep):
         log = os.path.join(sweep, name, "runs.jsonl")
         if name.startswith("trial_") and os.path.isfile(log):
             with open(log) as f:
-                out[name[len("trial_"):]] = [json.loads(line) for line in f]
+                out[name[len("trial_") :]] = [json.loads(line) for line in f]
     return out
 
 
@@ -279,8 +318,9 @@ def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
     sweep = str(tmp_path / "sweep")
     # In-process trials keep this test quick; the workers of the distributed test run the
     # command line's default, a child process per trial.
-    args = _sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=2",
-                       "--noisolate_trials")
+    args = _sweep_args(
+        records, sweep, space_file, "--tuner=random", "--max_trials=2", "--noisolate_trials"
+    )
     result = tune.run(args)
 
     rows = _read_csv(os.path.join(sweep, "summary.csv"))
@@ -323,8 +363,11 @@ def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
     tune.run(args)
     assert {k: len(v) for k, v in _runs(sweep).items()} == {"0": 1, "1": 1}
     # More trials: the sweep continues with new trials only.
-    tune.run(_sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=3",
-                         "--noisolate_trials"))
+    tune.run(
+        _sweep_args(
+            records, sweep, space_file, "--tuner=random", "--max_trials=3", "--noisolate_trials"
+        )
+    )
     runs = _runs(sweep)
     assert {k: len(v) for k, v in runs.items()} == {"0": 1, "1": 1, "2": 1}
     assert all(v[0]["status"] == "completed" for v in runs.values())
@@ -340,17 +383,20 @@ def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
 def test_interrupted_sweep_resumes_the_unfinished_trial(records, space_file, tmp_path):
     import keras
 
-    from mri_keras import train_lib, tune_lib, tune_space as ts
+    from mri_keras import train_lib, tune_lib
+    from mri_keras import tune_space as ts
 
     class Interrupt(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             raise KeyboardInterrupt  # As a killed process would, after epoch 1's checkpoint.
 
     config = tune_lib.TuneConfig(
-        train=train_lib.TrainConfig(data_dir=records, model_dir=str(tmp_path / "sweep"),
-                                    verbose=0),
+        train=train_lib.TrainConfig(data_dir=records, model_dir=str(tmp_path / "sweep"), verbose=0),
         search_space=ts.load_search_space(space_file),
-        tuner="random", max_trials=1, max_epochs=2, verbose=0,
+        tuner="random",
+        max_trials=1,
+        max_epochs=2,
+        verbose=0,
     )
     with pytest.raises(KeyboardInterrupt):
         tune_lib.run_search(config, callbacks=[Interrupt()])
@@ -394,10 +440,12 @@ def test_six_trials_in_one_process_free_their_models_and_bounded_rss(
             rss.append(psutil.Process().memory_info().rss)
 
     config = tune_lib.TuneConfig(
-        train=train_lib.TrainConfig(data_dir=records, model_dir=str(tmp_path / "sweep"),
-                                    verbose=0),
+        train=train_lib.TrainConfig(data_dir=records, model_dir=str(tmp_path / "sweep"), verbose=0),
         search_space=tune_space.load_search_space(space_file),
-        tuner="random", max_trials=6, max_epochs=1, verbose=0,
+        tuner="random",
+        max_trials=6,
+        max_epochs=1,
+        verbose=0,
     )
     result = tune_lib.run_search(config, callbacks=[Rss()])
     assert len(result.rows) == 6 and len(rss) == 6
@@ -432,15 +480,26 @@ def test_chief_and_two_workers_share_four_trials(records, space_file, tmp_path):
         PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     proc = subprocess.run(
-        [os.path.join(REPO, "scripts", "tune_distributed.sh"), "2",
-         *_sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=4")],
-        env=env, capture_output=True, text=True, timeout=420,
+        [
+            os.path.join(REPO, "scripts", "tune_distributed.sh"),
+            "2",
+            *_sweep_args(records, sweep, space_file, "--tuner=random", "--max_trials=4"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
     )
+
     def diagnostics():
-        logs_text = "".join(
-            f"\n--- {n}\n{open(os.path.join(logs, n)).read()[-4000:]}"
-            for n in sorted(os.listdir(logs))
-        ) if os.path.isdir(logs) else ""
+        logs_text = (
+            "".join(
+                f"\n--- {n}\n{open(os.path.join(logs, n)).read()[-4000:]}"
+                for n in sorted(os.listdir(logs))
+            )
+            if os.path.isdir(logs)
+            else ""
+        )
         runs_text = json.dumps(_runs(sweep), indent=1) if os.path.isdir(sweep) else "no sweep"
         return f"{proc.stdout}\n{proc.stderr}\nruns: {runs_text}{logs_text}"
 

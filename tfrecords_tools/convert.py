@@ -22,32 +22,46 @@ def define_flags() -> None:
     """Defines the converter's flags (once)."""
     flags.DEFINE_string("dicom_root", None, "Folder holding one folder per exam.")
     flags.DEFINE_string(
-        "labels", None,
+        "labels",
+        None,
         "CSV with columns exam,left_benign,left_malignant,right_benign,right_malignant "
         "(0/1) and optional split (train/val/test); exam = folder path relative to "
-        "--dicom_root.")
+        "--dicom_root.",
+    )
     flags.DEFINE_string("output_dir", None, "Records directory to write.")
     flags.DEFINE_string(
-        "pseudonym_key_file", "",
+        "pseudonym_key_file",
+        "",
         "Key for the keyed-hash exam/patient pseudonyms; created with a random key when "
-        "missing; must be outside --output_dir. Default: <output_dir>_private/pseudonym.key.")
+        "missing; must be outside --output_dir. Default: <output_dir>_private/pseudonym.key.",
+    )
     flags.DEFINE_string(
-        "id_map", "",
+        "id_map",
+        "",
         "Where to write the pseudonym -> exam folder CSV (outside --output_dir). Default: "
-        "id_map.csv next to the key file.")
+        "id_map.csv next to the key file.",
+    )
     flags.DEFINE_string(
-        "phase_map", "",
+        "phase_map",
+        "",
         "Optional CSV exam,series_instance_uid,phase[,temporal_position] naming the series "
         "(and, in a multi-phase series, the TemporalPositionIdentifier) of t0..t3 for some "
-        "exams; replaces the phase heuristics for those exams.")
-    flags.DEFINE_string("split_ratios", "0.6,0.2,0.2",
-                        "train,val,test fractions of patients (ignored with a split column).")
+        "exams; replaces the phase heuristics for those exams.",
+    )
+    flags.DEFINE_string(
+        "split_ratios",
+        "0.6,0.2,0.2",
+        "train,val,test fractions of patients (ignored with a split column).",
+    )
     flags.DEFINE_integer("seed", 0, "Seed of the patient-level split.")
     flags.DEFINE_float("shard_size_mb", 200.0, "Target shard size in MiB.")
     flags.DEFINE_integer("num_workers", 0, "Worker processes; 0 = all cores.")
-    flags.DEFINE_float("max_obliquity_deg", 15.0,
-                       "Largest tilt of an image axis from a patient axis that is reoriented "
-                       "without resampling; more oblique exams fail.")
+    flags.DEFINE_float(
+        "max_obliquity_deg",
+        15.0,
+        "Largest tilt of an image axis from a patient axis that is reoriented "
+        "without resampling; more oblique exams fail.",
+    )
     flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 

@@ -37,7 +37,6 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -133,7 +132,7 @@ class _Task:
     exam_dir: str
     exam_id: str
     labels: tuple
-    overrides: Optional[dict]
+    overrides: dict | None
     cache_key: str
     work_dir: str
     key: bytes
@@ -283,16 +282,17 @@ def _convert_one(task: _Task) -> dict:
     start = time.perf_counter()
     rec_path, meta_path = _cache_paths(task.work_dir, task.cache_key)
     try:
-        exam = dicom_reader.load_exam(
-            task.exam_dir, task.overrides, task.options, keep_stored=True
-        )
+        exam = dicom_reader.load_exam(task.exam_dir, task.overrides, task.options, keep_stored=True)
     except dicom_reader.ExamError as e:
-        return {"exam": task.exam, "exam_id": task.exam_id, "reason": e.reason,
-                "detail": str(e)}
+        return {"exam": task.exam, "exam_id": task.exam_id, "reason": e.reason, "detail": str(e)}
     except Exception as e:  # noqa: BLE001 - one broken exam never stops the others.
         reason = f"unexpected error while reading ({type(e).__name__})"
-        return {"exam": task.exam, "exam_id": task.exam_id, "reason": reason,
-                "detail": f"exam {task.exam_dir}: {type(e).__name__}: {e}"}
+        return {
+            "exam": task.exam,
+            "exam_id": task.exam_id,
+            "reason": reason,
+            "detail": f"exam {task.exam_dir}: {type(e).__name__}: {e}",
+        }
     read_s = time.perf_counter() - start
     patient_id = pseudonym.Pseudonymizer(task.key).patient(exam.patient_id)
     # Byte for byte schema.encode_example, without its three copies of the voxels.
@@ -311,8 +311,7 @@ def _convert_one(task: _Task) -> dict:
     }
     pending = (tmp, rec_path, meta_path, dict(meta))
     _PENDING.append(pending)
-    meta.update(exam=task.exam, read_s=read_s, total_s=time.perf_counter() - start,
-                pending=pending)
+    meta.update(exam=task.exam, read_s=read_s, total_s=time.perf_counter() - start, pending=pending)
     return meta
 
 
@@ -464,6 +463,8 @@ def _copy(src, dst) -> None:
     if offset < size:
         src.seek(offset)
         shutil.copyfileobj(src, dst, 16 * MB)
+
+
 def _summary_stats(exams: list) -> dict:
     if not exams:
         return {"min": None, "max": None}
@@ -527,7 +528,8 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
     rows = labels_csv.read_labels(config.labels, config.dicom_root)
     overrides = (
         labels_csv.read_phase_map(config.phase_map, [r.exam for r in rows])
-        if config.phase_map else {}
+        if config.phase_map
+        else {}
     )
     os.makedirs(out_dir, exist_ok=True)
     key = pseudonym.load_or_create_key(config.key_file(), out_dir)
@@ -592,7 +594,7 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
     return result
 
 
-def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> "ConvertResult":
+def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> ConvertResult:
     """Splits, shards, manifest, failures, id map; cache clean-up."""
     out_dir = config.output_dir
     good = [r for r in results if "reason" not in r]
@@ -606,7 +608,8 @@ def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> "
             patient_split.setdefault(r["patient_id"], []).append(row_of[r["exam"]])
         conflicts = [
             ", ".join(f"line {lr.line} ({lr.exam!r}) split={lr.split}" for lr in lrs)
-            for lrs in patient_split.values() if len({lr.split for lr in lrs}) > 1
+            for lrs in patient_split.values()
+            if len({lr.split for lr in lrs}) > 1
         ]
         if conflicts:
             raise labels_csv.InputError(
@@ -628,11 +631,15 @@ def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> "
     shard_bytes = max(1, int(config.shard_size_mb * MB))
     plans = {}
     for split in schema.SPLITS:
-        metas = sorted((r for r in good if split_of[r["patient_id"]] == split),
-                       key=lambda r: r["exam_id"])
+        metas = sorted(
+            (r for r in good if split_of[r["patient_id"]] == split), key=lambda r: r["exam_id"]
+        )
         plans[split] = (metas, _plan_shards(split, metas, shard_bytes))
-    jobs = [(out_dir, name, [recs[m["exam_id"]] for m in group], not failed)
-            for _, plan in plans.values() for name, group in plan]
+    jobs = [
+        (out_dir, name, [recs[m["exam_id"]] for m in group], not failed)
+        for _, plan in plans.values()
+        for name, group in plan
+    ]
     mapper = pool.imap_unordered if pool is not None and len(jobs) > 1 else map
     written.update(mapper(_assemble_shard, jobs))
     for split in schema.SPLITS:
@@ -655,36 +662,50 @@ def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> "
         "labels": list(schema.LABELS),
         "voxel_dtypes": {
             name: sum(r["voxel_dtype"] == name for r in good)
-            for name in schema.VOXEL_DTYPES if any(r["voxel_dtype"] == name for r in good)
+            for name in schema.VOXEL_DTYPES
+            if any(r["voxel_dtype"] == name for r in good)
         },
         "splits": manifest_splits,
         "shapes": _summary_stats([r["shape"] for r in good]),
         "spacings": _summary_stats([r["spacing"] for r in good]),
         "prevalence": {
             "all": _prevalence(all_labels),
-            **{s: _prevalence([e["labels"] for e in manifest_splits[s]["exams"]])
-               for s in schema.SPLITS},
+            **{
+                s: _prevalence([e["labels"] for e in manifest_splits[s]["exams"]])
+                for s in schema.SPLITS
+            },
         },
         "num_labelled": len(rows),
         "num_exams": len(good),
         "num_failures": len(failed),
         "flags": _config_flags(config),
     }
-    _write_csv(os.path.join(out_dir, schema.FAILURES_NAME), ("exam", "reason"),
-               [(r["exam_id"], scrub(r["reason"])) for r in failed])
-    _atomic_write_text(os.path.join(out_dir, schema.MANIFEST_NAME),
-                       json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    _write_csv(
+        os.path.join(out_dir, schema.FAILURES_NAME),
+        ("exam", "reason"),
+        [(r["exam_id"], scrub(r["reason"])) for r in failed],
+    )
+    _atomic_write_text(
+        os.path.join(out_dir, schema.MANIFEST_NAME),
+        json.dumps(manifest, indent=1, sort_keys=False) + "\n",
+    )
     _remove_stale(out_dir, written)
 
     # Outside the output directory: pseudonym -> folder, and full failure messages.
     id_map = config.id_map_file()
     os.makedirs(os.path.dirname(os.path.abspath(id_map)), exist_ok=True)
     patient_of = {r["exam"]: r["patient_id"] for r in good}
-    _write_csv(id_map, ("exam_id", "patient_id", "exam"),
-               [(by_exam[r.exam].exam_id, patient_of.get(r.exam, ""), r.exam) for r in rows])
+    _write_csv(
+        id_map,
+        ("exam_id", "patient_id", "exam"),
+        [(by_exam[r.exam].exam_id, patient_of.get(r.exam, ""), r.exam) for r in rows],
+    )
     detail_path = os.path.join(os.path.dirname(os.path.abspath(id_map)), "failures_detail.csv")
-    _write_csv(detail_path, ("exam_id", "exam", "detail"),
-               [(r["exam_id"], r["exam"], r["detail"]) for r in failed])
+    _write_csv(
+        detail_path,
+        ("exam_id", "exam", "detail"),
+        [(r["exam_id"], r["exam"], r["detail"]) for r in failed],
+    )
 
     # The cache is dropped once every exam is in the shards; kept (pruned) otherwise, so a
     # rerun after fixing the failed exams reads only those.
@@ -696,16 +717,25 @@ def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> "
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
 
-    result = ConvertResult(len(rows), len(good), [(r["exam_id"], scrub(r["reason"]))
-                                                  for r in failed], len(cached), manifest)
+    result = ConvertResult(
+        len(rows),
+        len(good),
+        [(r["exam_id"], scrub(r["reason"])) for r in failed],
+        len(cached),
+        manifest,
+    )
     _print_summary(result, config, stream)
     return result
 
 
 def _remove_stale(out_dir: str, written: set) -> None:
     for name in os.listdir(out_dir):
-        stale_shard = name.endswith(".tfrecord") and name not in written and any(
-            re.fullmatch(f"{s}-\\d{{5}}-of-\\d{{5}}\\.tfrecord", name) for s in schema.SPLITS
+        stale_shard = (
+            name.endswith(".tfrecord")
+            and name not in written
+            and any(
+                re.fullmatch(f"{s}-\\d{{5}}-of-\\d{{5}}\\.tfrecord", name) for s in schema.SPLITS
+            )
         )
         temp = name.startswith(".") and name.endswith(".tmp") or name.startswith(".tmp-")
         if stale_shard or temp:
@@ -717,15 +747,19 @@ def _print_summary(result: ConvertResult, config: ConvertConfig, stream) -> None
     lines = [
         f"converted {result.num_converted}/{result.num_labelled} exams into "
         f"{config.output_dir} ({result.num_cached} resumed from an earlier run)",
-        "  " + ", ".join(
+        "  "
+        + ", ".join(
             f"{s}: {m['splits'][s]['num_exams']} exams / {m['splits'][s]['num_patients']} "
-            f"patients in {len(m['splits'][s]['shards'])} shards" for s in schema.SPLITS
+            f"patients in {len(m['splits'][s]['shards'])} shards"
+            for s in schema.SPLITS
         ),
         f"  id map (pseudonym -> folder, keep private): {config.id_map_file()}",
     ]
     if result.failures:
-        lines.append(f"  {len(result.failures)} exam(s) failed (see failures.csv; folder names "
-                     f"in failures_detail.csv next to the id map):")
+        lines.append(
+            f"  {len(result.failures)} exam(s) failed (see failures.csv; folder names "
+            f"in failures_detail.csv next to the id map):"
+        )
         lines += [f"    {e}: {r}" for e, r in result.failures[:20]]
         if len(result.failures) > 20:
             lines.append(f"    ... and {len(result.failures) - 20} more")

@@ -17,7 +17,8 @@ Malformed groups raise ``ValueError`` (or ``struct.error``).
 from __future__ import annotations
 
 import struct
-from typing import List, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,17 +47,19 @@ _T_TR, _T_FLIP, _T_EFFECTIVE_TE = 0x00180080, 0x00181314, 0x00189082
 _T_SCANNING_SEQUENCE = 0x00180020
 
 # Attributes a DimensionIndexSequence may point at that tell time points apart.
-TEMPORAL_POINTERS = frozenset({
-    0x00209128,  # TemporalPositionIndex
-    0x00189074,  # FrameAcquisitionDateTime
-    0x00189151,  # FrameReferenceDateTime
-    0x00181060,  # TriggerTime
-    0x00209153,  # TriggerDelayTime
-    0x0020930D,  # TemporalPositionTimeOffset
-    0x00080033,  # ContentTime
-    0x00080032,  # AcquisitionTime
-    0x00200100,  # TemporalPositionIdentifier
-})
+TEMPORAL_POINTERS = frozenset(
+    {
+        0x00209128,  # TemporalPositionIndex
+        0x00189074,  # FrameAcquisitionDateTime
+        0x00189151,  # FrameReferenceDateTime
+        0x00181060,  # TriggerTime
+        0x00209153,  # TriggerDelayTime
+        0x0020930D,  # TemporalPositionTimeOffset
+        0x00080033,  # ContentTime
+        0x00080032,  # AcquisitionTime
+        0x00200100,  # TemporalPositionIdentifier
+    }
+)
 
 
 def _dataset(buf, pos: int, end: int, implicit: bool):
@@ -73,7 +76,7 @@ def _dataset(buf, pos: int, end: int, implicit: bool):
             return out, pos + 8
         if implicit:
             pos += 8
-        elif buf[pos + 4:pos + 6] in _LONG_VRS:
+        elif buf[pos + 4 : pos + 6] in _LONG_VRS:
             length = _U32.unpack_from(buf, pos + 8)[0]
             pos += 12
         else:
@@ -84,7 +87,7 @@ def _dataset(buf, pos: int, end: int, implicit: bool):
             pos = _skip_sequence(buf, pos, end, implicit)
             out[tag] = buf[start:pos]
         else:
-            out[tag] = buf[pos:pos + length]
+            out[tag] = buf[pos : pos + length]
             pos += length
     return out, pos
 
@@ -129,7 +132,7 @@ def _walk_items(buf, read_item):
         yield value
 
 
-def _items(value, implicit: bool) -> List[dict]:
+def _items(value, implicit: bool) -> list[dict]:
     """Items of a sequence value: raw bytes, or a sequence pydicom already parsed."""
     if value is None:
         return []
@@ -147,7 +150,7 @@ def _first(items: dict, tag: int, implicit: bool) -> dict:
     return inner[0] if inner else {}
 
 
-def text(value) -> Optional[str]:
+def text(value) -> str | None:
     """A string-VR value (raw bytes or pydicom's converted value) as text; None if absent."""
     if value is None:
         return None
@@ -158,7 +161,7 @@ def text(value) -> Optional[str]:
     return str(value).strip()
 
 
-def numbers(value) -> Optional[list]:
+def numbers(value) -> list | None:
     """A DS/IS value as floats; None if absent or empty."""
     s = text(value)
     if not s:
@@ -166,7 +169,7 @@ def numbers(value) -> Optional[list]:
     return [float(v) for v in s.split("\\")]
 
 
-def _number(value) -> Optional[float]:
+def _number(value) -> float | None:
     try:
         values = numbers(value)
     except ValueError:
@@ -174,7 +177,7 @@ def _number(value) -> Optional[float]:
     return values[0] if values else None
 
 
-def _uls(value) -> Optional[tuple]:
+def _uls(value) -> tuple | None:
     """An UL value (one or several) as ints; None if absent."""
     if value is None:
         return None
@@ -186,7 +189,7 @@ def _uls(value) -> Optional[tuple]:
     return tuple(int(v) for v in value) or None
 
 
-def _double(value) -> Optional[float]:
+def _double(value) -> float | None:
     """An FD value; None if absent."""
     if value is None:
         return None
@@ -201,13 +204,13 @@ def _double(value) -> Optional[float]:
 class SharedHeader(NamedTuple):
     """Shared functional groups and object-level facts of one multi-frame object."""
 
-    iop: Optional[list]
-    pixel_spacing: Optional[list]
-    slope: Optional[float]
-    intercept: Optional[float]
-    frame_type: Optional[str]
+    iop: list | None
+    pixel_spacing: list | None
+    slope: float | None
+    intercept: float | None
+    frame_type: str | None
     sequence: tuple  # (scanning sequence, TR, TE, flip) as found, for `_sequence_key`.
-    temporal_dimension: Optional[int]  # Index into DimensionIndexValues, or None.
+    temporal_dimension: int | None  # Index into DimensionIndexValues, or None.
 
 
 def shared_header(ds, implicit: bool) -> SharedHeader:
@@ -236,7 +239,7 @@ def shared_header(ds, implicit: bool) -> SharedHeader:
         pointer = dim.get(_T_DIMENSION_INDEX_POINTER)
         if isinstance(pointer, (bytes, bytearray, memoryview)):
             raw = bytes(pointer)
-            pointer = (struct.unpack_from("<HH", raw) if len(raw) >= 4 else None)
+            pointer = struct.unpack_from("<HH", raw) if len(raw) >= 4 else None
             pointer = None if pointer is None else pointer[0] << 16 | pointer[1]
         elif isinstance(pointer, (list, tuple)):
             pointer = int(pointer[0]) if pointer else None
@@ -256,14 +259,29 @@ def shared_header(ds, implicit: bool) -> SharedHeader:
 
 # Sequences entered while collecting a frame's values, and the values collected (their tags
 # are distinct across these groups, so one flat dict per frame holds them).
-_FRAME_SEQUENCES = frozenset({
-    _T_FRAME_CONTENT, _T_PLANE_POSITION, _T_PLANE_ORIENTATION, _T_PIXEL_MEASURES,
-    _T_PIXEL_VALUE_TRANSFORMATION, _T_FRAME_TYPE_SEQ,
-})
-_FRAME_VALUES = frozenset({
-    _T_IPP, _T_IOP, _T_PIXEL_SPACING, _T_SLOPE, _T_INTERCEPT, _T_TEMPORAL_POSITION_INDEX,
-    _T_FRAME_ACQ_DATETIME, _T_DIMENSION_INDEX_VALUES, _T_FRAME_TYPE,
-})
+_FRAME_SEQUENCES = frozenset(
+    {
+        _T_FRAME_CONTENT,
+        _T_PLANE_POSITION,
+        _T_PLANE_ORIENTATION,
+        _T_PIXEL_MEASURES,
+        _T_PIXEL_VALUE_TRANSFORMATION,
+        _T_FRAME_TYPE_SEQ,
+    }
+)
+_FRAME_VALUES = frozenset(
+    {
+        _T_IPP,
+        _T_IOP,
+        _T_PIXEL_SPACING,
+        _T_SLOPE,
+        _T_INTERCEPT,
+        _T_TEMPORAL_POSITION_INDEX,
+        _T_FRAME_ACQ_DATETIME,
+        _T_DIMENSION_INDEX_VALUES,
+        _T_FRAME_TYPE,
+    }
+)
 
 
 def _collect(buf: bytes, pos: int, end: int, implicit: bool, out: dict) -> int:
@@ -281,7 +299,7 @@ def _collect(buf: bytes, pos: int, end: int, implicit: bool, out: dict) -> int:
             return pos + 8
         if implicit:
             pos += 8
-        elif buf[pos + 4:pos + 6] in _LONG_VRS:
+        elif buf[pos + 4 : pos + 6] in _LONG_VRS:
             length = u32(buf, pos + 8)[0]
             pos += 12
         else:
@@ -297,20 +315,25 @@ def _collect(buf: bytes, pos: int, end: int, implicit: bool, out: dict) -> int:
                     break
                 if item != _ITEM:
                     raise ValueError("malformed sequence item")
-                pos = _collect(buf, pos, stop if item_length == _UNDEFINED else pos + item_length,
-                               implicit, out)
+                pos = _collect(
+                    buf,
+                    pos,
+                    stop if item_length == _UNDEFINED else pos + item_length,
+                    implicit,
+                    out,
+                )
             if length != _UNDEFINED:
                 pos = stop
         elif length == _UNDEFINED:
             pos = _skip_sequence(buf, pos, end, implicit)
         else:
             if tag in _FRAME_VALUES and tag not in out:
-                out[tag] = buf[pos:pos + length]
+                out[tag] = buf[pos : pos + length]
             pos += length
     return pos
 
 
-def _frame_values(value, implicit: bool) -> List[dict]:
+def _frame_values(value, implicit: bool) -> list[dict]:
     """Per frame, the `_FRAME_VALUES` found in its functional groups (tag -> raw value)."""
     if value is None:
         return []
@@ -338,15 +361,26 @@ def _frame_values(value, implicit: bool) -> List[dict]:
 
 # Explicit VR of each collected value, and the functional group sequence it belongs to.
 _VALUE_VR = {
-    _T_IPP: b"DS", _T_IOP: b"DS", _T_PIXEL_SPACING: b"DS", _T_SLOPE: b"DS", _T_INTERCEPT: b"DS",
-    _T_TEMPORAL_POSITION_INDEX: b"UL", _T_FRAME_ACQ_DATETIME: b"DT",
-    _T_DIMENSION_INDEX_VALUES: b"UL", _T_FRAME_TYPE: b"CS",
+    _T_IPP: b"DS",
+    _T_IOP: b"DS",
+    _T_PIXEL_SPACING: b"DS",
+    _T_SLOPE: b"DS",
+    _T_INTERCEPT: b"DS",
+    _T_TEMPORAL_POSITION_INDEX: b"UL",
+    _T_FRAME_ACQ_DATETIME: b"DT",
+    _T_DIMENSION_INDEX_VALUES: b"UL",
+    _T_FRAME_TYPE: b"CS",
 }
 _PARENT = {
-    _T_IPP: _T_PLANE_POSITION, _T_IOP: _T_PLANE_ORIENTATION, _T_PIXEL_SPACING: _T_PIXEL_MEASURES,
-    _T_SLOPE: _T_PIXEL_VALUE_TRANSFORMATION, _T_INTERCEPT: _T_PIXEL_VALUE_TRANSFORMATION,
-    _T_TEMPORAL_POSITION_INDEX: _T_FRAME_CONTENT, _T_FRAME_ACQ_DATETIME: _T_FRAME_CONTENT,
-    _T_DIMENSION_INDEX_VALUES: _T_FRAME_CONTENT, _T_FRAME_TYPE: _T_FRAME_TYPE_SEQ,
+    _T_IPP: _T_PLANE_POSITION,
+    _T_IOP: _T_PLANE_ORIENTATION,
+    _T_PIXEL_SPACING: _T_PIXEL_MEASURES,
+    _T_SLOPE: _T_PIXEL_VALUE_TRANSFORMATION,
+    _T_INTERCEPT: _T_PIXEL_VALUE_TRANSFORMATION,
+    _T_TEMPORAL_POSITION_INDEX: _T_FRAME_CONTENT,
+    _T_FRAME_ACQ_DATETIME: _T_FRAME_CONTENT,
+    _T_DIMENSION_INDEX_VALUES: _T_FRAME_CONTENT,
+    _T_FRAME_TYPE: _T_FRAME_TYPE_SEQ,
 }
 
 
@@ -354,11 +388,10 @@ _PARENT = {
 _SOUGHT = {t: vr for t, vr in _VALUE_VR.items()}
 _SOUGHT.update({t: b"SQ" for t in _FRAME_SEQUENCES})
 _SOUGHT_TAGS = np.asarray(sorted(_SOUGHT), np.uint32)
-_SOUGHT_VRS = np.asarray([struct.unpack("<H", _SOUGHT[t])[0] for t in sorted(_SOUGHT)],
-                         np.uint16)
+_SOUGHT_VRS = np.asarray([struct.unpack("<H", _SOUGHT[t])[0] for t in sorted(_SOUGHT)], np.uint16)
 
 
-def _frame_columns_fast(buf: bytes) -> Optional[dict]:
+def _frame_columns_fast(buf: bytes) -> dict | None:
     """Per value tag, the raw value of each frame, found by header bytes; or None.
 
     Explicit VR little endian with defined lengths only. The headers (tag and VR) of the
@@ -452,7 +485,7 @@ def _frame_columns(value, implicit: bool) -> dict:
     return columns
 
 
-def _vector(values: list, width: int) -> Optional["np.ndarray"]:
+def _vector(values: list, width: int) -> np.ndarray | None:
     """DS values of every frame as a ``(frames, width)`` float64 array (one parse for all).
 
     None if any frame lacks the value; ``ValueError`` if one is malformed.
@@ -491,9 +524,9 @@ class Frames(NamedTuple):
     groups (the frame's own value wins); a column is None where neither says.
     """
 
-    ipp: Optional[np.ndarray]  # (F, 3)
-    iop: Optional[np.ndarray]  # (F, 6)
-    pixel_spacing: Optional[np.ndarray]  # (F, 2)
+    ipp: np.ndarray | None  # (F, 3)
+    iop: np.ndarray | None  # (F, 6)
+    pixel_spacing: np.ndarray | None  # (F, 2)
     slope: np.ndarray  # (F,)
     intercept: np.ndarray  # (F,)
     temporal_index: list  # int or None per frame

@@ -45,7 +45,7 @@ import dataclasses
 import datetime
 import os
 import struct
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -307,21 +307,21 @@ def _skip_kind(image_type: str | None) -> str | None:
     return None
 
 
-def _parse_image(exam_dir: str, rel: str, ds, checked: bool = False) -> "_Image | None":
+def _parse_image(exam_dir: str, rel: str, ds, checked: bool = False) -> _Image | None:
     """Parses the header fields of one dataset; None for files that are not DCE candidates.
 
     ``checked``: the caller already made sure it is an original image with a position.
     """
-    if not checked and (_T_PIXEL_DATA not in ds or _T_IPP not in ds or _skip_kind(
-        _text(ds, _T_IMAGE_TYPE)
-    )):
+    if not checked and (
+        _T_PIXEL_DATA not in ds or _T_IPP not in ds or _skip_kind(_text(ds, _T_IMAGE_TYPE))
+    ):
         return None  # Structured reports, presentation states, DICOMDIR, derived, ...
     try:
         iop = np.asarray(_numbers(ds, _T_IOP), np.float64)
         ipp = np.asarray(_numbers(ds, _T_IPP), np.float64)
         pixel_spacing = tuple(_numbers(ds, _T_PIXEL_SPACING) or ())
     except (TypeError, ValueError):
-        raise ExamError(exam_dir, "image without valid position/orientation/spacing", rel)
+        raise ExamError(exam_dir, "image without valid position/orientation/spacing", rel) from None
     if iop.shape != (6,) or ipp.shape != (3,) or len(pixel_spacing) != 2:
         raise ExamError(exam_dir, "malformed ImageOrientation/ImagePosition/PixelSpacing", rel)
     tpi = _number(ds, _T_TEMPORAL_POSITION)
@@ -393,7 +393,8 @@ class _Seen:
             f"{_plural(self.original, 'original image')}; "
             f"{_plural(self.derived, 'image')} skipped as DERIVED (ImageType); "
             f"{_plural(self.localizer, 'image')} skipped as localizer; "
-            f"{_plural(other, 'object')} of other SOP classes" + (f" ({names})" if names else "")
+            f"{_plural(other, 'object')} of other SOP classes"
+            + (f" ({names})" if names else "")
             + f"; {_plural(self.not_dicom, 'non-DICOM or unreadable file')}"
         )
 
@@ -429,28 +430,40 @@ def _read_images(exam_dir: str, seen: _Seen | None = None) -> list:
             try:
                 ds = pydicom.dcmread(path, specific_tags=_READ_TAGS, force=True)
             except Exception as e:  # noqa: BLE001
-                raise ExamError(exam_dir, f"unreadable DICOM header ({type(e).__name__})", rel)
+                raise ExamError(
+                    exam_dir, f"unreadable DICOM header ({type(e).__name__})", rel
+                ) from None
         except Exception as e:  # noqa: BLE001 - a DICOM file whose header cannot be parsed.
-            raise ExamError(exam_dir, f"unreadable DICOM header ({type(e).__name__})", rel)
+            raise ExamError(
+                exam_dir, f"unreadable DICOM header ({type(e).__name__})", rel
+            ) from None
         seen.series.add(_text(ds, _T_SERIES_UID) or "")
         tags = ds.keys()  # Membership by int tag: cheaper than ``tag in ds``.
-        if _T_PER_FRAME_GROUPS in tags and _T_PIXEL_DATA in tags and (
-            _text(ds, _T_SOP_CLASS_UID) or ""
-        ) in MULTIFRAME_SOP_CLASSES:
+        if (
+            _T_PER_FRAME_GROUPS in tags
+            and _T_PIXEL_DATA in tags
+            and (_text(ds, _T_SOP_CLASS_UID) or "") in MULTIFRAME_SOP_CLASSES
+        ):
             parsed = _parse_frames(exam_dir, rel, ds, seen)
             # A copy of a multi-frame object (same UID, frames, positions and phases) counts
             # once; decided once for the object rather than per frame.
             sop_uid = _text(ds, _T_SOP_INSTANCE_UID) or ""
-            key = (sop_uid, _text(ds, _T_SERIES_UID), len(parsed),
-                   np.round(np.asarray([im.ipp for im in parsed]), 2).tobytes(),
-                   tuple(im.temporal_position for im in parsed))
+            key = (
+                sop_uid,
+                _text(ds, _T_SERIES_UID),
+                len(parsed),
+                np.round(np.asarray([im.ipp for im in parsed]), 2).tobytes(),
+                tuple(im.temporal_position for im in parsed),
+            )
             if sop_uid and key in sop_uids:
                 continue
             sop_uids.add(key)
             images.extend(parsed)
             continue
-        elif _T_PIXEL_DATA not in tags or _T_IPP not in tags or (
-            _T_NUMBER_OF_FRAMES in tags and int(_number(ds, _T_NUMBER_OF_FRAMES, 1) or 1) > 1
+        elif (
+            _T_PIXEL_DATA not in tags
+            or _T_IPP not in tags
+            or (_T_NUMBER_OF_FRAMES in tags and int(_number(ds, _T_NUMBER_OF_FRAMES, 1) or 1) > 1)
         ):  # Reports, presentation states, DICOMDIR, secondary captures, other multi-frames.
             seen.other_classes[_sop_class_name(ds)] += 1
             continue
@@ -467,9 +480,15 @@ def _read_images(exam_dir: str, seen: _Seen | None = None) -> list:
         # are dropped (file order is sorted). Position and time keep apart the images of
         # anonymisers that reuse one UID for several images.
         if image.sop_uid:
-            key = (image.sop_uid, image.series_uid, image.temporal_position,
-                   tuple(np.round(image.ipp, 2)), image.acquisition_number,
-                   image.trigger_time, image.acq_time)
+            key = (
+                image.sop_uid,
+                image.series_uid,
+                image.temporal_position,
+                tuple(np.round(image.ipp, 2)),
+                image.acquisition_number,
+                image.trigger_time,
+                image.acq_time,
+            )
             if key in sop_uids:
                 continue
             sop_uids.add(key)
@@ -493,14 +512,17 @@ def _parse_frames(exam_dir: str, rel: str, ds, seen: _Seen) -> list:
         frames = dicom_multiframe.frame_headers(ds, shared, bool(implicit))
     except (ValueError, struct.error, IndexError) as e:  # The message may quote header text.
         raise ExamError(
-            exam_dir, f"malformed functional groups in a multi-frame object ({type(e).__name__})",
+            exam_dir,
+            f"malformed functional groups in a multi-frame object ({type(e).__name__})",
             rel,
-        )
+        ) from None
     count = int(_number(ds, _T_NUMBER_OF_FRAMES, 0) or 0)
     if count != len(frames):
         raise ExamError(
-            exam_dir, f"multi-frame object with {count} frames has {len(frames)} items in "
-            "PerFrameFunctionalGroupsSequence", rel,
+            exam_dir,
+            f"multi-frame object with {count} frames has {len(frames)} items in "
+            "PerFrameFunctionalGroupsSequence",
+            rel,
         )
     for what, value, group in (
         ("position", frames.ipp, "PlanePositionSequence"),
@@ -509,8 +531,10 @@ def _parse_frames(exam_dir: str, rel: str, ds, seen: _Seen) -> list:
     ):
         if value is None:
             raise ExamError(
-                exam_dir, f"multi-frame object without a {what} for every frame ({group} "
-                "missing from the per-frame and shared functional groups)", rel,
+                exam_dir,
+                f"multi-frame object without a {what} for every frame ({group} "
+                "missing from the per-frame and shared functional groups)",
+                rel,
             )
     image_type = _text(ds, _T_IMAGE_TYPE)
     kinds: dict = {}  # Frames share a few FrameType values: classify each value once.
@@ -530,8 +554,11 @@ def _parse_frames(exam_dir: str, rel: str, ds, seen: _Seen) -> list:
     phases, times = _frame_phases(exam_dir, rel, frames, keep, shared.temporal_dimension)
     file_time = _dicom_datetime_text(_text(ds, _T_ACQ_DATETIME)) or _acquisition_time(ds)
     series_number = _number(ds, _T_SERIES_NUMBER)
-    scanning = _text(ds, _T_SCANNING_SEQUENCE) or shared.sequence[0] or _ECHO_PULSE.get(
-        (_text(ds, _T_ECHO_PULSE_SEQUENCE) or "").upper(), "")
+    scanning = (
+        _text(ds, _T_SCANNING_SEQUENCE)
+        or shared.sequence[0]
+        or _ECHO_PULSE.get((_text(ds, _T_ECHO_PULSE_SEQUENCE) or "").upper(), "")
+    )
     tr, te, flip = shared.sequence[1:]
     sequence = (
         scanning,
@@ -569,7 +596,8 @@ def _parse_frames(exam_dir: str, rel: str, ds, seen: _Seen) -> list:
             **common,
         )
         for i, phase, time, spacing, slope, intercept in zip(
-            keep, phases, times, spacings, slopes, intercepts)
+            keep, phases, times, spacings, slopes, intercepts
+        )
     ]
 
 
@@ -620,14 +648,18 @@ def _frame_phases(exam_dir, rel, frames, keep: list, temporal_dimension) -> tupl
         if (key, where) in seen:
             if source is None:
                 raise ExamError(
-                    exam_dir, "multi-frame object holds several frames at one slice position "
+                    exam_dir,
+                    "multi-frame object holds several frames at one slice position "
                     "and nothing tells its phases apart (no TemporalPositionIndex, "
-                    "FrameAcquisitionDateTime or temporal dimension)", rel,
+                    "FrameAcquisitionDateTime or temporal dimension)",
+                    rel,
                 )
             shown = key if isinstance(key, int) else "one value"
             raise ExamError(
-                exam_dir, f"multi-frame object: {source} {shown} repeated at one slice "
-                "position (two frames for one phase and slice)", rel,
+                exam_dir,
+                f"multi-frame object: {source} {shown} repeated at one slice "
+                "position (two frames for one phase and slice)",
+                rel,
             )
         seen.add((key, where))
     return keys, times
@@ -648,9 +680,11 @@ def _phases_by_time(exam_dir, rel, slices: list, times: list) -> list:
     counts = {len(v) for v in by_slice.values()}
     if len(counts) > 1:
         raise ExamError(
-            exam_dir, f"multi-frame object: slice positions hold {min(counts)} to {max(counts)} "
+            exam_dir,
+            f"multi-frame object: slice positions hold {min(counts)} to {max(counts)} "
             "frames (FrameAcquisitionDateTime tells phases apart only if every position has "
-            "one frame per phase)", rel,
+            "one frame per phase)",
+            rel,
         )
     rank = [0] * len(times)
     for members in by_slice.values():
@@ -658,8 +692,10 @@ def _phases_by_time(exam_dir, rel, slices: list, times: list) -> list:
         for r, (t, j) in enumerate(members):
             if r and t == members[r - 1][0]:
                 raise ExamError(
-                    exam_dir, "multi-frame object: FrameAcquisitionDateTime repeated at one "
-                    "slice position (two frames for one phase and slice)", rel,
+                    exam_dir,
+                    "multi-frame object: FrameAcquisitionDateTime repeated at one "
+                    "slice position (two frames for one phase and slice)",
+                    rel,
                 )
             rank[j] = r
     first = {}
@@ -679,8 +715,12 @@ def _dicom_datetime(date, time):
     hhmmss = (hhmmss + "0000")[:6] if len(hhmmss) < 6 else hhmmss[:6]
     try:
         return datetime.datetime(
-            int(date[:4]), int(date[4:6]), int(date[6:8]),
-            int(hhmmss[:2]), int(hhmmss[2:4]), min(int(hhmmss[4:6]), 59),
+            int(date[:4]),
+            int(date[4:6]),
+            int(date[6:8]),
+            int(hhmmss[:2]),
+            int(hhmmss[2:4]),
+            min(int(hhmmss[4:6]), 59),
             int((frac + "000000")[:6]) if frac.isdigit() else 0,
         )
     except ValueError:
@@ -742,8 +782,10 @@ def _split_repeated(ims):
         sub: dict = {}
         for im in ims:
             sub.setdefault(keyfn(im), []).append(im)
-        if len(sub) > 1 and None not in sub and not any(
-            _has_repeated_positions(v) for v in sub.values()
+        if (
+            len(sub) > 1
+            and None not in sub
+            and not any(_has_repeated_positions(v) for v in sub.values())
         ):
             return [((name, k), v) for k, v in sub.items()]
     return None
@@ -765,8 +807,7 @@ def _geometry_key(g: _Group):
         im = g.images[0]
         return (_round(im.iop, 1e-3), im.rows, im.cols, _round(im.pixel_spacing, 1e-3))
     keys = {
-        (_round(im.iop, 1e-3), im.rows, im.cols, _round(im.pixel_spacing, 1e-3))
-        for im in g.images
+        (_round(im.iop, 1e-3), im.rows, im.cols, _round(im.pixel_spacing, 1e-3)) for im in g.images
     }
     return keys.pop() if len(keys) == 1 else None
 
@@ -781,9 +822,9 @@ def _order_phases(exam_dir, groups: list) -> list:
     tpis = [g.temporal_position for g in groups]
     if same_series and all(isinstance(t, int) for t in tpis):
         keyfn = lambda g: g.temporal_position  # noqa: E731
-    elif same_series and all(isinstance(t, tuple) for t in tpis) and len(
-        {t[0] for t in tpis}
-    ) == 1:  # Split by AcquisitionNumber / TriggerTime / AcquisitionTime.
+    elif (
+        same_series and all(isinstance(t, tuple) for t in tpis) and len({t[0] for t in tpis}) == 1
+    ):  # Split by AcquisitionNumber / TriggerTime / AcquisitionTime.
         keyfn = lambda g: g.temporal_position[1]  # noqa: E731
     elif all(g.acq_time is not None for g in groups):
         keyfn = lambda g: g.acq_time  # noqa: E731
@@ -830,7 +871,7 @@ def _select_phases(exam_dir, groups: list, options: ReaderOptions, seen: _Seen) 
         selected = _select_from_clusters(exam_dir, clusters, by_sequence, candidates, seen)
     except ExamError:
         if mixed:
-            raise _mixed_geometry_error(exam_dir, mixed[0])
+            raise _mixed_geometry_error(exam_dir, mixed[0]) from None
         raise
     uids = {g.series_uid for phase in selected for g in phase}
     for g in mixed:
@@ -841,11 +882,13 @@ def _select_phases(exam_dir, groups: list, options: ReaderOptions, seen: _Seen) 
 
 def _mixed_geometry_error(exam_dir, g: _Group) -> ExamError:
     kinds = [
-        name for name, values in (
+        name
+        for name, values in (
             ("orientation", {_round(im.iop, 1e-3) for im in g.images}),
             ("pixel spacing", {_round(im.pixel_spacing, 1e-3) for im in g.images}),
             ("matrix", {(im.rows, im.cols) for im in g.images}),
-        ) if len(values) > 1
+        )
+        if len(values) > 1
     ]
     return ExamError(
         exam_dir,
@@ -866,8 +909,9 @@ def _select_from_clusters(exam_dir, clusters, by_sequence, candidates, seen: _Se
         # Unilateral protocols: each breast its own series per phase, so two locations of
         # one sequence (one cluster, or two when the breasts' matrices differ).
         for sk in {k[1] for k in top}:
-            groups = [g for k, v in clusters.items() if k[1] == sk and len(v) >= len(PHASES)
-                      for g in v]
+            groups = [
+                g for k, v in clusters.items() if k[1] == sk and len(v) >= len(PHASES) for g in v
+            ]
             if len(groups) < 2 * len(PHASES):
                 continue  # Not enough series for two sides.
             pairs = _lateral_pairs(exam_dir, groups)
@@ -935,8 +979,10 @@ def _lateral_pairs(exam_dir, groups: list) -> list | None:
     if np.argmax(centre_shift) != 0:
         return None  # Not side by side along L-R: two other acquisitions.
     overlap = box_a[1, 0] - box_b[0, 0]
-    if overlap > -0.01 and np.all(box_a[1, 1:] >= box_b[0, 1:]) and np.all(
-        box_b[1, 1:] >= box_a[0, 1:]
+    if (
+        overlap > -0.01
+        and np.all(box_a[1, 1:] >= box_b[0, 1:])
+        and np.all(box_b[1, 1:] >= box_a[0, 1:])
     ):
         raise ExamError(
             exam_dir,
@@ -977,7 +1023,8 @@ def _override_phases(exam_dir, groups: list, overrides: Mapping[str, str]) -> li
                 matches = [g for g in matches if str(g.temporal_position) == position.strip()]
             if not matches:
                 raise ExamError(
-                    exam_dir, f"phase map series for {phase} is not in the exam folder"
+                    exam_dir,
+                    f"phase map series for {phase} is not in the exam folder"
                     + (f" (or has no temporal position {position})" if position else ""),
                 )
             if len(matches) > 1:
@@ -1079,7 +1126,9 @@ def _pydicom_pixels(exam_dir, im: _Image, ts) -> np.ndarray:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        raise ExamError(exam_dir, f"unsupported transfer syntax {ts.name} ({ts})", im.file)
+        raise ExamError(
+            exam_dir, f"unsupported transfer syntax {ts.name} ({ts})", im.file
+        ) from None
     if not decoder.is_available:
         raise ExamError(
             exam_dir,
@@ -1092,7 +1141,7 @@ def _pydicom_pixels(exam_dir, im: _Image, ts) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken pixel data.
         raise ExamError(
             exam_dir, f"unreadable pixel data ({type(e).__name__}: {_first_line(e)})", im.file
-        )
+        ) from None
 
 
 def _transfer_syntax(ds):
@@ -1145,8 +1194,9 @@ def _close(a, b, rtol: float = 0.0, atol: float = 0.0) -> bool:
 
 def _cross(a, b) -> np.ndarray:
     """Cross product of two 3-vectors (np.cross costs 20x more for one pair)."""
-    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2],
-                     a[0] * b[1] - a[1] * b[0]])
+    return np.array(
+        [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+    )
 
 
 def _slice_stack(exam_dir, phase: str, g: _Group, options: ReaderOptions):
@@ -1216,15 +1266,19 @@ def _phase_grid(exam_dir, phase: str, parts: tuple, options: ReaderOptions) -> _
     images, spacing, directions = stacks[0]
     first = images[0]
     if len(stacks) == 1:
-        return _Grid([(images, (0, 0, 0))], (len(images), first.rows, first.cols), spacing,
-                     directions, first.ipp)
+        return _Grid(
+            [(images, (0, 0, 0))],
+            (len(images), first.rows, first.cols),
+            spacing,
+            directions,
+            first.ipp,
+        )
     (other, other_spacing, other_dirs) = stacks[1]
     why = None
     if not _close(other_dirs, directions, atol=1e-3):
         why = "are oriented differently"
     elif not _close(other_spacing, spacing, rtol=1e-3, atol=1e-3):
-        why = (f"have different voxel spacing ({_fmt(spacing)} and {_fmt(other_spacing)} "
-               "mm)")
+        why = f"have different voxel spacing ({_fmt(spacing)} and {_fmt(other_spacing)} mm)"
     steps = (other[0].ipp - first.ipp) @ directions.T / np.asarray(spacing)  # In voxels.
     if why is None and np.max(np.abs(steps - np.rint(steps))) > 0.05:
         why = "are offset by a fraction of a voxel"
@@ -1235,8 +1289,10 @@ def _phase_grid(exam_dir, phase: str, parts: tuple, options: ReaderOptions) -> _
             "volume would need resampling",
         )
     steps = np.rint(steps).astype(int)
-    sizes = [np.array([len(images), first.rows, first.cols]),
-             np.array([len(other), other[0].rows, other[0].cols])]
+    sizes = [
+        np.array([len(images), first.rows, first.cols]),
+        np.array([len(other), other[0].rows, other[0].cols]),
+    ]
     low = np.minimum(0, steps)
     high = np.maximum(sizes[0], steps + sizes[1])
     starts = [-low, steps - low]
@@ -1250,7 +1306,10 @@ def _phase_grid(exam_dir, phase: str, parts: tuple, options: ReaderOptions) -> _
     origin = first.ipp + (low * np.asarray(spacing)) @ directions
     return _Grid(
         [(images, tuple(int(v) for v in starts[0])), (other, tuple(int(v) for v in starts[1]))],
-        tuple(int(v) for v in high - low), spacing, directions, origin,
+        tuple(int(v) for v in high - low),
+        spacing,
+        directions,
+        origin,
     )
 
 
@@ -1262,8 +1321,10 @@ def _grid_volume(exam_dir, phase: str, grid: _Grid, keep_stored: bool) -> tuple:
     covered = sum(p.size for p, _ in pieces)
     rescales = {r for _, r in pieces}
     # Stored values only where one rescale holds for all and zero stays zero in the gap.
-    stored = None not in rescales and len(rescales) == 1 and (
-        covered == int(np.prod(grid.shape)) or next(iter(rescales))[1] == 0.0
+    stored = (
+        None not in rescales
+        and len(rescales) == 1
+        and (covered == int(np.prod(grid.shape)) or next(iter(rescales))[1] == 0.0)
     )
     if stored:
         out = np.zeros(grid.shape, np.result_type(*[p.dtype for p, _ in pieces]))
@@ -1305,7 +1366,8 @@ def _volume(exam_dir, phase: str, images: list, keep_stored: bool = False) -> tu
             frames = [x.frame for x in images[k:j]]
         if block.shape[-2:] != (rows, cols):
             raise ExamError(
-                exam_dir, f"{phase}: image of {block.shape[-2:]} in a {rows}x{cols} series",
+                exam_dir,
+                f"{phase}: image of {block.shape[-2:]} in a {rows}x{cols} series",
                 im.file,
             )
         if stored and not (block.dtype.kind in "iu" and block.dtype.itemsize <= 2):
@@ -1386,8 +1448,10 @@ def load_exam(
       ExamError: the folder holds no usable DCE acquisition (see ``reason``).
     """
     if os.path.isfile(exam_dir):
-        raise ExamError(exam_dir, "is a file, not an exam folder (give the folder holding the "
-                        "exam's DICOM series)")
+        raise ExamError(
+            exam_dir,
+            "is a file, not an exam folder (give the folder holding the exam's DICOM series)",
+        )
     if not os.path.isdir(exam_dir):
         raise ExamError(exam_dir, "exam folder does not exist")
     seen = _Seen()
@@ -1451,7 +1515,9 @@ def load_exam(
         volumes[phase] = np.ascontiguousarray(vol)
     spacing = tuple(float(ref.spacing[perm[a]]) for a in range(3))
     return CanonicalExam(
-        volumes=volumes, spacing=spacing, patient_id=patient_id,
+        volumes=volumes,
+        spacing=spacing,
+        patient_id=patient_id,
         rescale=dict(rescale) if dtype is not None else None,
     )
 

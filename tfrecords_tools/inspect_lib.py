@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -47,8 +47,10 @@ def summary(records_dir: str, verify: bool = False) -> str:
     """
     m = schema.read_manifest(records_dir)
     lines = [f"records: {os.path.abspath(records_dir)} (schema version {m['schema_version']})"]
-    lines.append(f"{'split':<6} {'exams':>6} {'patients':>8} {'shards':>6} {'MiB':>9}  "
-                 + "  ".join(f"{name:>15}" for name in m["labels"]))
+    lines.append(
+        f"{'split':<6} {'exams':>6} {'patients':>8} {'shards':>6} {'MiB':>9}  "
+        + "  ".join(f"{name:>15}" for name in m["labels"])
+    )
     for split in schema.SPLITS:
         s = m["splits"][split]
         size = sum(os.path.getsize(os.path.join(records_dir, n)) for n in s["shards"]) / 2**20
@@ -56,14 +58,18 @@ def summary(records_dir: str, verify: bool = False) -> str:
             f"{s['label_counts'][name]:>5} ({_pct(s['label_counts'][name], s['num_exams']):>6})"
             for name in m["labels"]
         )
-        lines.append(f"{split:<6} {s['num_exams']:>6} {s['num_patients']:>8} "
-                     f"{len(s['shards']):>6} {size:>9.1f}  {counts}")
+        lines.append(
+            f"{split:<6} {s['num_exams']:>6} {s['num_patients']:>8} "
+            f"{len(s['shards']):>6} {size:>9.1f}  {counts}"
+        )
     lines.append(f"shape (S x H x W): {_range(m['shapes'])}")
     lines.append(f"spacing mm (slice x row x col): {_range(m['spacings'])}")
     dtypes = m.get("voxel_dtypes") or {}
-    lines.append("stored voxels: " + (", ".join(
-        f"{name} {count} exams" for name, count in dtypes.items()
-    ) or "none") + " (readers apply each phase's rescale: float32 voxel values)")
+    lines.append(
+        "stored voxels: "
+        + (", ".join(f"{name} {count} exams" for name, count in dtypes.items()) or "none")
+        + " (readers apply each phase's rescale: float32 voxel values)"
+    )
     failures = read_failures(records_dir)
     lines.append(f"failures: {len(failures)} of {m.get('num_labelled', '?')} labelled exams")
     for exam, reason in failures:
@@ -77,7 +83,7 @@ def _pct(n, total) -> str:
     return f"{100.0 * n / total:.1f}%" if total else "-"
 
 
-def verify_records(records_dir: str, manifest: Optional[dict] = None) -> str:
+def verify_records(records_dir: str, manifest: dict | None = None) -> str:
     """Reads every record and checks ids, labels and shapes against the manifest.
 
     Raises:
@@ -93,8 +99,11 @@ def verify_records(records_dir: str, manifest: Optional[dict] = None) -> str:
         if exam_id not in expected or expected[exam_id][0] != split or exam_id in seen:
             raise ValueError(f"record {exam_id} in {split} does not match the manifest")
         e = expected[exam_id][1]
-        if list(rec[schema.KEY_SHAPE]) != e["shape"] or rec[schema.KEY_LABELS].tolist() != e[
-                "labels"] or rec[schema.KEY_PHASES] != tuple(m["phases"]):
+        if (
+            list(rec[schema.KEY_SHAPE]) != e["shape"]
+            or rec[schema.KEY_LABELS].tolist() != e["labels"]
+            or rec[schema.KEY_PHASES] != tuple(m["phases"])
+        ):
             raise ValueError(f"record {exam_id} differs from its manifest entry")
         seen.add(exam_id)
     if len(seen) != len(expected):
@@ -139,8 +148,10 @@ def write_png(rec: dict, split: str, path: str) -> None:
     fig = Figure(figsize=(12, 4.6), dpi=80)
     labels = rec[schema.KEY_LABELS]
     title = ", ".join(f"{name}={int(v)}" for name, v in zip(schema.LABELS, labels))
-    fig.suptitle(f"{rec[schema.KEY_EXAM_ID]} ({split}, slice {mid} of "
-                 f"{rec[schema.KEY_SHAPE][0]})\n{title}", fontsize=10)
+    fig.suptitle(
+        f"{rec[schema.KEY_EXAM_ID]} ({split}, slice {mid} of {rec[schema.KEY_SHAPE][0]})\n{title}",
+        fontsize=10,
+    )
     spacing = rec[schema.KEY_SPACING]
     aspect = float(spacing[1] / spacing[2]) if spacing[2] else 1.0
     for i, (name, img, cmap) in enumerate(panels):
@@ -150,18 +161,30 @@ def write_png(rec: dict, split: str, path: str) -> None:
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
-        for x, y, text, ha, va in ((0.02, 0.5, "R", "left", "center"),
-                                   (0.98, 0.5, "L", "right", "center"),
-                                   (0.5, 0.98, "A", "center", "top"),
-                                   (0.5, 0.02, "P", "center", "bottom")):
-            ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="yellow",
-                    fontsize=11, fontweight="bold")
+        for x, y, text, ha, va in (
+            (0.02, 0.5, "R", "left", "center"),
+            (0.98, 0.5, "L", "right", "center"),
+            (0.5, 0.98, "A", "center", "top"),
+            (0.5, 0.02, "P", "center", "bottom"),
+        ):
+            ax.text(
+                x,
+                y,
+                text,
+                transform=ax.transAxes,
+                ha=ha,
+                va=va,
+                color="yellow",
+                fontsize=11,
+                fontweight="bold",
+            )
     fig.tight_layout()
     fig.savefig(path)
 
 
-def export_png(records_dir: str, out_dir: str, splits: Sequence[str] = schema.SPLITS,
-               max_exams: int = 0) -> int:
+def export_png(
+    records_dir: str, out_dir: str, splits: Sequence[str] = schema.SPLITS, max_exams: int = 0
+) -> int:
     """Writes ``out_dir/<exam_id>.png`` previews; returns how many."""
     os.makedirs(out_dir, exist_ok=True)
     n = 0

@@ -11,7 +11,7 @@ import dataclasses
 import io
 import os
 import posixpath
-from typing import Sequence
+from collections.abc import Sequence
 
 from tfrecords_tools import dicom_reader, schema
 
@@ -177,15 +177,14 @@ def find_unlabelled_folders(dicom_root: str, labelled: Sequence[str]) -> list:
     found = set()
     for root, dirs, files in os.walk(dicom_root):
         rel = normalise_exam(os.path.relpath(root, dicom_root).replace(os.sep, "/"))
-        dirs[:] = sorted(
-            d for d in dirs if normalise_exam(posixpath.join(rel, d)) not in labelled
-        )
+        dirs[:] = sorted(d for d in dirs if normalise_exam(posixpath.join(rel, d)) not in labelled)
         if rel in ancestors or rel == "":
             continue  # Files next to exam folders (notes, DICOMDIR) are not exams.
         if any(_looks_like_dicom(os.path.join(root, n)) for n in sorted(files)):
             parts = rel.split("/")
             top = next(
-                "/".join(parts[:i]) for i in range(1, len(parts) + 1)
+                "/".join(parts[:i])
+                for i in range(1, len(parts) + 1)
                 if "/".join(parts[:i]) not in ancestors
             )
             found.add(top)
@@ -228,8 +227,7 @@ def read_phase_map(path: str, exams: Sequence[str]) -> dict:
         elif not uid:
             problems.append(f"line {line}: empty series_instance_uid")
         elif uid in out.get(exam, {}):
-            problems.append(f"line {line}: series (and position) repeated for exam "
-                            f"{row['exam']!r}")
+            problems.append(f"line {line}: series (and position) repeated for exam {row['exam']!r}")
         else:
             out.setdefault(exam, {})[uid] = phase
     for exam, mapping in out.items():

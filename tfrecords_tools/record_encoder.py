@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -66,9 +66,14 @@ def _int64_feature(values: Sequence[int]) -> tuple:
     return _packed_feature(3, payload)  # int64_list = 3
 
 
-def encode_parts(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray],
-                 spacing: Sequence[float], labels: Sequence[int],
-                 rescale: Optional[Mapping[str, Sequence[float]]] = None) -> list:
+def encode_parts(
+    exam_id: str,
+    patient_id: str,
+    volumes: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+    labels: Sequence[int],
+    rescale: Mapping[str, Sequence[float]] | None = None,
+) -> list:
     """The serialized example as a list of buffers (voxels as zero-copy views).
 
     Same arguments and checks as ``schema.encode_example``.
@@ -79,8 +84,10 @@ def encode_parts(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray
         raise ValueError(f"volumes must be keyed by {schema.PHASES}. Received: {sorted(volumes)}")
     shape = np.shape(volumes[phases[0]])
     if len(shape) != 3 or any(np.shape(volumes[p]) != shape for p in phases):
-        raise ValueError(f"All phases must share one (S, H, W) grid. Received: "
-                         f"{ {p: np.shape(volumes[p]) for p in phases} }")
+        raise ValueError(
+            f"All phases must share one (S, H, W) grid. Received: "
+            f"{ {p: np.shape(volumes[p]) for p in phases} }"
+        )
     labels = [int(v) for v in labels]
     if len(labels) != len(schema.LABELS) or any(v not in (0, 1) for v in labels):
         raise ValueError(f"labels must be 4 values in {{0,1}}. Received: {labels}")
@@ -117,7 +124,7 @@ def encode_parts(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray
     return [_len_field(1, total)] + entries  # Example.features = 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def matches_schema() -> bool:
     """True when ``encode_parts`` gives exactly ``schema.encode_example``'s bytes."""
     rng = np.random.default_rng(0)
@@ -134,9 +141,14 @@ def matches_schema() -> bool:
     return True
 
 
-def encode_record(exam_id: str, patient_id: str, volumes: Mapping[str, np.ndarray],
-                  spacing: Sequence[float], labels: Sequence[int],
-                  rescale: Optional[Mapping[str, Sequence[float]]] = None) -> bytes:
+def encode_record(
+    exam_id: str,
+    patient_id: str,
+    volumes: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+    labels: Sequence[int],
+    rescale: Mapping[str, Sequence[float]] | None = None,
+) -> bytes:
     """``schema.encode_example(...)``, byte for byte, with one copy of the voxels."""
     if not matches_schema():
         return schema.encode_example(exam_id, patient_id, volumes, spacing, labels, rescale)

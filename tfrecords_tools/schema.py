@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def volume_key(phase: str) -> str:
 
 def rescale_key(phase: str) -> str:
     """Returns the feature key holding the ``(slope, intercept)`` of ``phase``."""
-    return RESCALE_KEY_PREFIX + volume_key(phase)[len(VOLUME_KEY_PREFIX):]
+    return RESCALE_KEY_PREFIX + volume_key(phase)[len(VOLUME_KEY_PREFIX) :]
 
 
 def voxel_dtype_name(volumes: Mapping[str, np.ndarray]) -> str:
@@ -123,8 +123,10 @@ def checked_rescale(phases, rescale) -> dict:
     for p in phases:
         slope, intercept = (float(v) for v in rescale.get(p, IDENTITY_RESCALE))
         if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0.0:
-            raise ValueError(f"rescale of {p} must be finite with a non-zero slope. "
-                             f"Received: {(slope, intercept)}")
+            raise ValueError(
+                f"rescale of {p} must be finite with a non-zero slope. "
+                f"Received: {(slope, intercept)}"
+            )
         out[p] = (slope, intercept)
     return out
 
@@ -259,11 +261,14 @@ def decode_volume(raw, dtype_name, rescale, shape):
     slope, intercept = slope_intercept[0], slope_intercept[1]
     identity = tf.logical_and(tf.equal(slope, 1.0), tf.equal(intercept, 0.0))
     branch = tf.where(identity, 0, tf.where(_float32_exact(slope, intercept), 1, 2))
-    values = tf.switch_case(branch, [
-        lambda: flat,
-        lambda: flat * tf.cast(slope, tf.float32) + tf.cast(intercept, tf.float32),
-        lambda: tf.cast(tf.cast(flat, tf.float64) * slope + intercept, tf.float32),
-    ])
+    values = tf.switch_case(
+        branch,
+        [
+            lambda: flat,
+            lambda: flat * tf.cast(slope, tf.float32) + tf.cast(intercept, tf.float32),
+            lambda: tf.cast(tf.cast(flat, tf.float64) * slope + intercept, tf.float32),
+        ],
+    )
     return tf.reshape(values, shape)
 
 
@@ -282,8 +287,7 @@ def _float32_exact(slope, intercept):
     few_bits = tf.equal(tf.bitwise.bitwise_and(bits, tf.constant((1 << 45) - 1, tf.int64)), 0)
     magnitude = tf.abs(slope)
     in_range = tf.logical_and(magnitude >= 2.0**-28, magnitude < 2.0**28)
-    integer = tf.logical_and(tf.equal(intercept, tf.round(intercept)),
-                             tf.abs(intercept) < 2.0**24)
+    integer = tf.logical_and(tf.equal(intercept, tf.round(intercept)), tf.abs(intercept) < 2.0**24)
     return tf.logical_and(tf.logical_and(few_bits, in_range), integer)
 
 

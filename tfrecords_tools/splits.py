@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -66,9 +66,7 @@ def _controlled_rounding(sizes: Sequence[int], targets: Sequence[int]) -> np.nda
     return table
 
 
-def assign_splits(
-    patient_strata: Mapping[str, int], ratios: Sequence[float], seed: int
-) -> dict:
+def assign_splits(patient_strata: Mapping[str, int], ratios: Sequence[float], seed: int) -> dict:
     """Assigns every patient to one split.
 
     The split sizes follow ``ratios`` over all patients (largest remainder; every split with a

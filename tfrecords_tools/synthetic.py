@@ -35,8 +35,9 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from concurrent import futures
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple
 
 import numpy as np
 from pydicom.uid import generate_uid
@@ -119,25 +120,25 @@ class SyntheticIdentifiers(NamedTuple):
     inside a long printed float), so search for them in text fields rather than raw numbers.
     """
 
-    patient_ids: Tuple[str, ...]
-    patient_names: Tuple[str, ...]
-    birth_dates: Tuple[str, ...]
-    accession_numbers: Tuple[str, ...]
-    study_dates: Tuple[str, ...]
-    uids: Tuple[str, ...]
+    patient_ids: tuple[str, ...]
+    patient_names: tuple[str, ...]
+    birth_dates: tuple[str, ...]
+    accession_numbers: tuple[str, ...]
+    study_dates: tuple[str, ...]
+    uids: tuple[str, ...]
 
     @property
-    def distinctive(self) -> Tuple[str, ...]:
+    def distinctive(self) -> tuple[str, ...]:
         """PatientIDs, PatientNames, accession numbers and study/series/frame UIDs."""
         return self.patient_ids + self.patient_names + self.accession_numbers + self.uids
 
     @property
-    def dates(self) -> Tuple[str, ...]:
+    def dates(self) -> tuple[str, ...]:
         """Birth dates and study dates (DICOM DA strings), without repeats."""
         return tuple(sorted(set(self.birth_dates + self.study_dates)))
 
     @property
-    def all(self) -> Tuple[str, ...]:
+    def all(self) -> tuple[str, ...]:
         """Every identifier string."""
         return self.distinctive + self.dates
 
@@ -168,16 +169,16 @@ class SyntheticExam:
     patient_index: int
     patient_id: str
     variant: str
-    labels: Tuple[int, int, int, int]
-    lesions: Tuple[Lesion, ...]
-    shape: Tuple[int, int, int]
-    spacing: Tuple[float, float, float]
-    origin: Tuple[float, float, float]
+    labels: tuple[int, int, int, int]
+    lesions: tuple[Lesion, ...]
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
     rescale_slope: float
     rescale_intercept: float
     manufacturer: str
     field_strength: float
-    phase_times: Tuple[float, float, float, float]
+    phase_times: tuple[float, float, float, float]
     bpe: float
 
     @property
@@ -204,24 +205,28 @@ class SyntheticCohort:
     root: str
     labels_csv: str
     annotations_csv: str
-    canonical_dir: Optional[str]
-    exams: Tuple[SyntheticExam, ...]
+    canonical_dir: str | None
+    exams: tuple[SyntheticExam, ...]
     identifiers: SyntheticIdentifiers
     num_files: int
     seconds: float
 
-    def label_mix(self) -> Dict[str, float]:
+    def label_mix(self) -> dict[str, float]:
         """Fraction of exams per category (malignant_only, benign_only, both, negative)."""
         return label_mix([e.labels for e in self.exams])
 
 
-def label_mix(labels: Sequence[Sequence[int]]) -> Dict[str, float]:
+def label_mix(labels: Sequence[Sequence[int]]) -> dict[str, float]:
     """Fraction of exams that are malignant only / benign only / both / negative."""
     counts = dict.fromkeys([name for name, _ in LABEL_MIX], 0)
     for lb, lm, rb, rm in labels:
         malignant, benign = bool(lm or rm), bool(lb or rb)
-        key = "both" if malignant and benign else "malignant_only" if malignant else (
-            "benign_only" if benign else "negative"
+        key = (
+            "both"
+            if malignant and benign
+            else "malignant_only"
+            if malignant
+            else ("benign_only" if benign else "negative")
         )
         counts[key] += 1
     total = max(1, len(labels))
@@ -242,15 +247,15 @@ class _ExamJob:
     accession: str
     study_uid: str
     frame_uid: str
-    series_uids: Dict[str, str]
-    scanner: Tuple[str, str, float, str]
+    series_uids: dict[str, str]
+    scanner: tuple[str, str, float, str]
     root: str
-    canonical_dir: Optional[str]
+    canonical_dir: str | None
     extra_series: bool
     series_subfolders: bool
 
 
-def default_spacing(shape: Sequence[int]) -> Tuple[float, float, float]:
+def default_spacing(shape: Sequence[int]) -> tuple[float, float, float]:
     """Spacing (mm) giving a 160 mm slab and a 340 mm in-plane field of view."""
     return tuple(round(fov / n, 3) for fov, n in zip(DEFAULT_FOV_MM, shape))
 
@@ -263,12 +268,12 @@ def generate_cohort(
     slices: int = 24,
     rows: int = 96,
     cols: int = 96,
-    spacing: Optional[Sequence[float]] = None,
+    spacing: Sequence[float] | None = None,
     variants: Sequence[str] = ("standard",),
     extra_series: bool = False,
-    canonical_dir: Optional[str] = None,
+    canonical_dir: str | None = None,
     series_subfolders: bool = False,
-    workers: Optional[int] = None,
+    workers: int | None = None,
     overwrite: bool = False,
 ) -> SyntheticCohort:
     """Generates a synthetic breast DCE-MRI cohort as DICOM exam folders.
@@ -314,7 +319,14 @@ def generate_cohort(
         os.makedirs(canonical_dir, exist_ok=True)
 
     jobs, identifiers = _plan(
-        output_dir, num_patients, seed, shape, spacing, variants, extra_series, canonical_dir,
+        output_dir,
+        num_patients,
+        seed,
+        shape,
+        spacing,
+        variants,
+        extra_series,
+        canonical_dir,
         series_subfolders,
     )
     num_files = _run_jobs(jobs, workers)
@@ -341,9 +353,9 @@ def plan_cohort(
     slices: int = 24,
     rows: int = 96,
     cols: int = 96,
-    spacing: Optional[Sequence[float]] = None,
+    spacing: Sequence[float] | None = None,
     variants: Sequence[str] = ("standard",),
-) -> Tuple[SyntheticExam, ...]:
+) -> tuple[SyntheticExam, ...]:
     """The exams `generate_cohort` writes for these arguments, without rendering or writing.
 
     Cheap (no pixels): use it to inspect labels, lesions and acquisition facts of a cohort.
@@ -388,7 +400,7 @@ def _prepare_output(output_dir: str, overwrite: bool):
     os.makedirs(output_dir, exist_ok=True)
 
 
-def _category_counts(num_exams: int) -> List[str]:
+def _category_counts(num_exams: int) -> list[str]:
     """Exam categories matching LABEL_MIX as closely as integers allow (largest remainder)."""
     quotas = [frac * num_exams for _, frac in LABEL_MIX]
     counts = [int(q) for q in quotas]
@@ -398,7 +410,7 @@ def _category_counts(num_exams: int) -> List[str]:
     return [name for (name, _), n in zip(LABEL_MIX, counts) for _ in range(n)]
 
 
-def _lesion_kinds(category: str, rng: np.random.Generator) -> List[Tuple[str, str]]:
+def _lesion_kinds(category: str, rng: np.random.Generator) -> list[tuple[str, str]]:
     """(side, pathology) of each lesion of an exam in `category`."""
     sides = ("left", "right")
     side = sides[int(rng.integers(2))]
@@ -423,16 +435,34 @@ def _uid(seed: int, *parts) -> str:
     return generate_uid(entropy_srcs=["mri_keras-synthetic", str(seed)] + [str(p) for p in parts])
 
 
-def _plan(output_dir, num_patients, seed, shape, spacing, variants, extra_series, canonical_dir,
-          series_subfolders):
+def _plan(
+    output_dir,
+    num_patients,
+    seed,
+    shape,
+    spacing,
+    variants,
+    extra_series,
+    canonical_dir,
+    series_subfolders,
+):
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
     exams_per_patient = rng.choice([1, 2, 3], size=num_patients, p=[0.75, 0.18, 0.07])
     categories = _category_counts(int(exams_per_patient.sum()))
     rng.shuffle(categories)
     width = max(4, len(str(num_patients - 1)))
     jobs = []
-    ids = {k: [] for k in ("patient_ids", "patient_names", "birth_dates", "accession_numbers",
-                           "study_dates", "uids")}
+    ids = {
+        k: []
+        for k in (
+            "patient_ids",
+            "patient_names",
+            "birth_dates",
+            "accession_numbers",
+            "study_dates",
+            "uids",
+        )
+    }
     for patient in range(num_patients):
         patient_id = f"SYNPID{rng.integers(16**10):010X}"
         given = ("ANNA", "BEA", "CARA", "DORA")[patient % 4]
@@ -456,8 +486,12 @@ def _plan(output_dir, num_patients, seed, shape, spacing, variants, extra_series
                 for side, pathology in kinds
             )
             labels = tuple(
-                int(any(l.side == label.split("_")[0] and l.pathology == label.split("_")[1]
-                        for l in lesions))
+                int(
+                    any(
+                        l.side == label.split("_")[0] and l.pathology == label.split("_")[1]
+                        for l in lesions
+                    )
+                )
                 for label in LABELS
             )
             scanner = _SCANNERS[int(rng.integers(len(_SCANNERS)))]
@@ -530,7 +564,7 @@ def _plan(output_dir, num_patients, seed, shape, spacing, variants, extra_series
     return jobs, identifiers
 
 
-def _run_jobs(jobs: Sequence[_ExamJob], workers: Optional[int]) -> int:
+def _run_jobs(jobs: Sequence[_ExamJob], workers: int | None) -> int:
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     if workers <= 1 or len(jobs) < 4 * workers:
         return sum(_write_exam(job) for job in jobs)
@@ -573,8 +607,14 @@ def _write_exam(job: _ExamJob) -> int:
     )
     noise = 6.0 if exam.field_strength >= 3.0 else 9.0
     rendered = render_exam(
-        exam.shape, exam.spacing, job.anatomy, exam.lesions, bpe=exam.bpe,
-        gain=float(render_rng.uniform(0.6, 1.8)), noise_sigma=noise, rng=render_rng,
+        exam.shape,
+        exam.spacing,
+        job.anatomy,
+        exam.lesions,
+        bpe=exam.bpe,
+        gain=float(render_rng.uniform(0.6, 1.8)),
+        noise_sigma=noise,
+        rng=render_rng,
         extra_contrasts=job.extra_series,
     )
     slope, intercept = exam.rescale_slope, exam.rescale_intercept
@@ -627,18 +667,28 @@ def _write_exam(job: _ExamJob) -> int:
     count = stacks["t0"].pixels.shape[0]
     if exam.variant == "multiphase_series":
         frames = [
-            Frame(stacks[p], n, times[q], {
-                "TemporalPositionIdentifier": q + 1,
-                "NumberOfTemporalPositions": len(PHASES),
-                "AcquisitionNumber": q + 1,
-                "TriggerTime": format_ds(round((times[q] - times[0]) * 1000.0, 1)),
-            })
+            Frame(
+                stacks[p],
+                n,
+                times[q],
+                {
+                    "TemporalPositionIdentifier": q + 1,
+                    "NumberOfTemporalPositions": len(PHASES),
+                    "AcquisitionNumber": q + 1,
+                    "TriggerTime": format_ds(round((times[q] - times[0]) * 1000.0, 1)),
+                },
+            )
             for q, p in enumerate(PHASES)
             for n in range(count)
         ]
-        series = dict(dce, SeriesInstanceUID=job.series_uids["dce"], SeriesNumber=3,
-                      SeriesDescription=f"{stem} multiphase", SeriesTime=format_time(times[0]),
-                      ContrastBolusAgent="GADOBUTROL")
+        series = dict(
+            dce,
+            SeriesInstanceUID=job.series_uids["dce"],
+            SeriesNumber=3,
+            SeriesDescription=f"{stem} multiphase",
+            SeriesTime=format_time(times[0]),
+            ContrastBolusAgent="GADOBUTROL",
+        )
         written += len(write_series(series_dir(3), series, frames, names, uids("dce", len(frames))))
     elif exam.variant in MULTIFRAME_VARIANTS:
         written += _write_enhanced(job, dce, stacks, names, series_dir)
@@ -646,16 +696,22 @@ def _write_exam(job: _ExamJob) -> int:
         written += _write_unilateral(job, dce, stored, names, uids, series_dir)
     else:
         for q, p in enumerate(PHASES):
-            series = dict(dce, SeriesInstanceUID=job.series_uids[p], SeriesNumber=3 + q,
-                          SeriesDescription=f"{stem} {'pre' if q == 0 else f'post{q}'}",
-                          SeriesTime=format_time(times[q]), AcquisitionNumber=1)
+            series = dict(
+                dce,
+                SeriesInstanceUID=job.series_uids[p],
+                SeriesNumber=3 + q,
+                SeriesDescription=f"{stem} {'pre' if q == 0 else f'post{q}'}",
+                SeriesTime=format_time(times[q]),
+                AcquisitionNumber=1,
+            )
             if q:
                 series["ContrastBolusAgent"] = "GADOBUTROL"
             frames = [Frame(stacks[p], n, times[q]) for n in range(count)]
             written += len(write_series(series_dir(3 + q), series, frames, names, uids(p, count)))
     if job.extra_series:
-        written += _write_extra_series(job, rendered, stored, orientation, header, names, uids,
-                                       series_dir)
+        written += _write_extra_series(
+            job, rendered, stored, orientation, header, names, uids, series_dir
+        )
         with open(os.path.join(exam_dir, "notes.txt"), "w") as f:
             f.write("Exported from a synthetic PACS. This file is not DICOM.\n")
     return written
@@ -669,32 +725,51 @@ def _write_enhanced(job: _ExamJob, dce, stacks, names, series_dir) -> int:
     count = stacks["t0"].pixels.shape[0]
     # Vendors interleave frames either way (slice-major, phase-major, ...): a seeded shuffle
     # makes sure the reader uses neither.
-    rng = np.random.default_rng(np.random.SeedSequence([job.seed, 5, exam.patient_index,
-                                                        job.exam_index]))
+    rng = np.random.default_rng(
+        np.random.SeedSequence([job.seed, 5, exam.patient_index, job.exam_index])
+    )
     if exam.variant == "enhanced_one_file":
         frames = [
             Frame(stacks[p], n, times[q], {"TemporalPositionIndex": q + 1})
-            for q, p in enumerate(PHASES) for n in range(count)
+            for q, p in enumerate(PHASES)
+            for n in range(count)
         ]
-        series = dict(dce, SeriesInstanceUID=job.series_uids["dce"], SeriesNumber=3,
-                      SeriesDescription=f"{stem} dynamic", SeriesTime=format_time(times[0]),
-                      ContrastBolusAgent="GADOBUTROL")
+        series = dict(
+            dce,
+            SeriesInstanceUID=job.series_uids["dce"],
+            SeriesNumber=3,
+            SeriesDescription=f"{stem} dynamic",
+            SeriesTime=format_time(times[0]),
+            ContrastBolusAgent="GADOBUTROL",
+        )
         parts = [(3, series, frames, "index", False)]
     else:
         parts = []
         for q, p in enumerate(PHASES):
-            series = dict(dce, SeriesInstanceUID=job.series_uids[p], SeriesNumber=3 + q,
-                          SeriesDescription=f"{stem} {'pre' if q == 0 else f'post{q}'}",
-                          SeriesTime=format_time(times[q]))
+            series = dict(
+                dce,
+                SeriesInstanceUID=job.series_uids[p],
+                SeriesNumber=3 + q,
+                SeriesDescription=f"{stem} {'pre' if q == 0 else f'post{q}'}",
+                SeriesTime=format_time(times[q]),
+            )
             if q:
                 series["ContrastBolusAgent"] = "GADOBUTROL"
-            frames = [Frame(stacks[p], n, times[q], {"TemporalPositionIndex": q + 1})
-                      for n in range(count)]
+            frames = [
+                Frame(stacks[p], n, times[q], {"TemporalPositionIndex": q + 1})
+                for n in range(count)
+            ]
             parts.append((3 + q, series, frames, "datetime", True))
     for number, series, frames, temporal, per_frame in parts:
         uid = _uid(job.seed, exam.exam, "enhanced", number)
-        ds = multiframe_dataset(series, frames, uid, rng.permutation(len(frames)),
-                                temporal=temporal, rescale_per_frame=per_frame)
+        ds = multiframe_dataset(
+            series,
+            frames,
+            uid,
+            rng.permutation(len(frames)),
+            temporal=temporal,
+            rescale_per_frame=per_frame,
+        )
         write_multiframe(os.path.join(series_dir(number), next(names)), ds)
     return len(parts)
 
@@ -707,8 +782,7 @@ def _write_unilateral(job: _ExamJob, dce, stored, names, uids, series_dir) -> in
     half = exam.shape[2] // 2  # Canonical columns run toward the patient's Left.
     written = 0
     for q, p in enumerate(PHASES):
-        for s, (side, cols) in enumerate((("right", slice(0, half)),
-                                          ("left", slice(half, None)))):
+        for s, (side, cols) in enumerate((("right", slice(0, half)), ("left", slice(half, None)))):
             origin = np.asarray(exam.origin, np.float64)
             origin[0] += cols.start * exam.spacing[2]
             stack = acquire(stored[p][:, :, cols], exam.spacing, origin, ORIENTATIONS["sagittal"])
@@ -716,10 +790,14 @@ def _write_unilateral(job: _ExamJob, dce, stored, names, uids, series_dir) -> in
             role = f"{p}_{side}"
             # Each breast acquired on its own: the left a few seconds after the right.
             t = times[q] + 4.0 * s
-            series = dict(dce, SeriesInstanceUID=job.series_uids[role], SeriesNumber=number,
-                          SeriesDescription=f"{stem} sag {side.upper()} "
-                          f"{'pre' if q == 0 else f'post{q}'}",
-                          SeriesTime=format_time(t), AcquisitionNumber=1)
+            series = dict(
+                dce,
+                SeriesInstanceUID=job.series_uids[role],
+                SeriesNumber=number,
+                SeriesDescription=f"{stem} sag {side.upper()} {'pre' if q == 0 else f'post{q}'}",
+                SeriesTime=format_time(t),
+                AcquisitionNumber=1,
+            )
             if q:
                 series["ContrastBolusAgent"] = "GADOBUTROL"
             n = stack.pixels.shape[0]
@@ -728,7 +806,7 @@ def _write_unilateral(job: _ExamJob, dce, stored, names, uids, series_dir) -> in
     return written
 
 
-def _study_header(job: _ExamJob) -> Dict[str, object]:
+def _study_header(job: _ExamJob) -> dict[str, object]:
     exam = job.exam
     manufacturer, model, field, _ = job.scanner
     return dict(
@@ -788,11 +866,22 @@ def _write_extra_series(job, rendered, stored, orientation, header, names, uids,
     t2w = _resample_nearest(rendered.t2w, spacing, origin_zyx, shape2, spacing2, origin2)
     t2 = _quantize(t2w, 1.0, 0.0)
     stack = acquire(t2, spacing2, origin2[::-1], ORIENTATIONS["standard"])
-    series = dict(header, SeriesInstanceUID=job.series_uids["t2w"], SeriesNumber=2,
-                  SeriesDescription="ax T2 tse fs", SeriesTime=format_time(start + 90.0),
-                  ImageType=["ORIGINAL", "PRIMARY", "M", "ND"], ScanningSequence="SE",
-                  SequenceVariant="SK", ScanOptions="FS", MRAcquisitionType="2D",
-                  RepetitionTime="4000", EchoTime="85", FlipAngle="90", AcquisitionNumber=1)
+    series = dict(
+        header,
+        SeriesInstanceUID=job.series_uids["t2w"],
+        SeriesNumber=2,
+        SeriesDescription="ax T2 tse fs",
+        SeriesTime=format_time(start + 90.0),
+        ImageType=["ORIGINAL", "PRIMARY", "M", "ND"],
+        ScanningSequence="SE",
+        SequenceVariant="SK",
+        ScanOptions="FS",
+        MRAcquisitionType="2D",
+        RepetitionTime="4000",
+        EchoTime="85",
+        FlipAngle="90",
+        AcquisitionNumber=1,
+    )
     frames = [Frame(stack, n, start + 90.0) for n in range(stack.pixels.shape[0])]
     written += len(write_series(series_dir(2), series, frames, names, uids("t2w", len(frames))))
 
@@ -800,12 +889,24 @@ def _write_extra_series(job, rendered, stored, orientation, header, names, uids,
     scout = _quantize(rendered.scout, 1.0, 0.0)
     mid = [n // 2 for n in shape]
     pieces = [
-        (scout[mid[0]:mid[0] + 1, ::2, ::2], (spacing[0], 2 * spacing[1], 2 * spacing[2]),
-         (0, mid[0], 0, 0), "standard"),
-        (scout[:, ::2, shape[2] // 4:shape[2] // 4 + 1], (spacing[0], 2 * spacing[1], spacing[2]),
-         (0, 0, 0, shape[2] // 4), "sagittal"),
-        (scout[:, mid[1]:mid[1] + 1, ::2], (spacing[0], spacing[1], 2 * spacing[2]),
-         (0, 0, mid[1], 0), "coronal"),
+        (
+            scout[mid[0] : mid[0] + 1, ::2, ::2],
+            (spacing[0], 2 * spacing[1], 2 * spacing[2]),
+            (0, mid[0], 0, 0),
+            "standard",
+        ),
+        (
+            scout[:, ::2, shape[2] // 4 : shape[2] // 4 + 1],
+            (spacing[0], 2 * spacing[1], spacing[2]),
+            (0, 0, 0, shape[2] // 4),
+            "sagittal",
+        ),
+        (
+            scout[:, mid[1] : mid[1] + 1, ::2],
+            (spacing[0], spacing[1], 2 * spacing[2]),
+            (0, 0, mid[1], 0),
+            "coronal",
+        ),
     ]
     frames = []
     for volume, piece_spacing, (_, k, i, j), name in pieces:
@@ -813,11 +914,21 @@ def _write_extra_series(job, rendered, stored, orientation, header, names, uids,
         origin = np.asarray(exam.origin) + offset
         stack = acquire(volume, piece_spacing, origin, ORIENTATIONS[name])
         frames.append(Frame(stack, 0, start))
-    series = dict(header, SeriesInstanceUID=job.series_uids["localizer"], SeriesNumber=1,
-                  SeriesDescription="localizer 3-plane", SeriesTime=format_time(start),
-                  ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], ScanningSequence="GR",
-                  SequenceVariant="SP", MRAcquisitionType="2D", RepetitionTime="8.6",
-                  EchoTime="4", FlipAngle="20", AcquisitionNumber=1)
+    series = dict(
+        header,
+        SeriesInstanceUID=job.series_uids["localizer"],
+        SeriesNumber=1,
+        SeriesDescription="localizer 3-plane",
+        SeriesTime=format_time(start),
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        ScanningSequence="GR",
+        SequenceVariant="SP",
+        MRAcquisitionType="2D",
+        RepetitionTime="8.6",
+        EchoTime="4",
+        FlipAngle="20",
+        AcquisitionNumber=1,
+    )
     written += len(write_series(series_dir(1), series, frames, names, uids("localizer", 3)))
 
     # Derived t1 - t0 subtraction on the DCE grid, stamped with t1's acquisition time: it must
@@ -825,20 +936,32 @@ def _write_extra_series(job, rendered, stored, orientation, header, names, uids,
     diff = np.clip(stored["t1"].astype(np.int32) - stored["t0"].astype(np.int32), 0, 65535)
     stack = acquire(diff.astype(np.uint16), exam.spacing, exam.origin, orientation)
     _, _, _, stem = job.scanner
-    series = dict(header, SeriesInstanceUID=job.series_uids["sub"], SeriesNumber=7,
-                  SeriesDescription=f"{stem} SUB post1-pre",
-                  SeriesTime=format_time(exam.phase_times[1]),
-                  ImageType=["DERIVED", "PRIMARY", "SUBTRACTION", "ND"], ScanningSequence="GR",
-                  SequenceVariant=["SP", "SS"], ScanOptions="FS", MRAcquisitionType="3D",
-                  RepetitionTime="4.5", EchoTime="1.8", FlipAngle="10", AcquisitionNumber=1,
-                  RescaleIntercept="0", RescaleSlope=format_ds(exam.rescale_slope),
-                  RescaleType="US", ContrastBolusAgent="GADOBUTROL")
+    series = dict(
+        header,
+        SeriesInstanceUID=job.series_uids["sub"],
+        SeriesNumber=7,
+        SeriesDescription=f"{stem} SUB post1-pre",
+        SeriesTime=format_time(exam.phase_times[1]),
+        ImageType=["DERIVED", "PRIMARY", "SUBTRACTION", "ND"],
+        ScanningSequence="GR",
+        SequenceVariant=["SP", "SS"],
+        ScanOptions="FS",
+        MRAcquisitionType="3D",
+        RepetitionTime="4.5",
+        EchoTime="1.8",
+        FlipAngle="10",
+        AcquisitionNumber=1,
+        RescaleIntercept="0",
+        RescaleSlope=format_ds(exam.rescale_slope),
+        RescaleType="US",
+        ContrastBolusAgent="GADOBUTROL",
+    )
     frames = [Frame(stack, n, exam.phase_times[1]) for n in range(stack.pixels.shape[0])]
     written += len(write_series(series_dir(7), series, frames, names, uids("sub", len(frames))))
     return written
 
 
-def _write_tables(output_dir: str, exams: Sequence[SyntheticExam]) -> Tuple[str, str]:
+def _write_tables(output_dir: str, exams: Sequence[SyntheticExam]) -> tuple[str, str]:
     labels_csv = os.path.join(output_dir, LABELS_CSV)
     annotations_csv = os.path.join(output_dir, ANNOTATIONS_CSV)
     with open(labels_csv, "w", newline="") as f:
@@ -851,8 +974,11 @@ def _write_tables(output_dir: str, exams: Sequence[SyntheticExam]) -> Tuple[str,
         writer.writerow(ANNOTATION_COLUMNS)
         for exam in exams:
             for lesion in exam.lesions:
-                writer.writerow((exam.exam, lesion.side, lesion.pathology) + tuple(lesion.center)
-                                + (f"{lesion.radius:.1f}",))
+                writer.writerow(
+                    (exam.exam, lesion.side, lesion.pathology)
+                    + tuple(lesion.center)
+                    + (f"{lesion.radius:.1f}",)
+                )
     return labels_csv, annotations_csv
 
 
@@ -896,12 +1022,12 @@ class CohortConfig:
     slices: int = 24
     rows: int = 96
     cols: int = 96
-    spacing: Optional[Tuple[float, float, float]] = None
-    variants: Tuple[str, ...] = ("standard",)
+    spacing: tuple[float, float, float] | None = None
+    variants: tuple[str, ...] = ("standard",)
     extra_series: bool = False
-    canonical_dir: Optional[str] = None
+    canonical_dir: str | None = None
     series_subfolders: bool = False
-    workers: Optional[int] = None
+    workers: int | None = None
     overwrite: bool = False
 
 
@@ -916,20 +1042,24 @@ def define_flags():
     flags.DEFINE_integer("rows", 96, "Rows per slice (canonical H).")
     flags.DEFINE_integer("cols", 96, "Columns per slice (canonical W).")
     flags.DEFINE_list(
-        "spacing", None,
+        "spacing",
+        None,
         "Voxel spacing in mm along slice,row,col, e.g. 3,1,1. Default: 160 mm slab, 340 mm FOV.",
     )
     flags.DEFINE_list(
-        "variants", ["standard"],
+        "variants",
+        ["standard"],
         f"Acquisition variants assigned to exams in turn; any of {','.join(VARIANTS)}.",
     )
     flags.DEFINE_bool(
-        "extra_series", False,
+        "extra_series",
+        False,
         "Add a T2 series, a 3-plane localizer, a derived subtraction series and a non-DICOM "
         "file to every exam folder.",
     )
     flags.DEFINE_string(
-        "canonical_dir", None,
+        "canonical_dir",
+        None,
         "If set, write per-exam ground truth (t0..t3 canonical float32, spacing, labels) as npz.",
     )
     flags.DEFINE_bool("series_subfolders", False, "One sub-folder per series in each exam.")

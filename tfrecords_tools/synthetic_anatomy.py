@@ -22,7 +22,7 @@ barely; they are defined by their enhancement:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -68,8 +68,8 @@ class Anatomy:
     chest_wall: float
     chest_curve: float
     body_half_width: float
-    breasts: Tuple[Breast, Breast]
-    heart: Tuple[float, float, float, float, float, float]
+    breasts: tuple[Breast, Breast]
+    heart: tuple[float, float, float, float, float, float]
     density: float
     texture_seed: int
 
@@ -92,9 +92,9 @@ class Lesion:
 
     side: str
     pathology: str
-    center: Tuple[int, int, int]
+    center: tuple[int, int, int]
     radius: float
-    enhancement: Tuple[float, float, float]
+    enhancement: tuple[float, float, float]
     spiculated: bool
     rim: bool
     pre_contrast: float
@@ -237,9 +237,9 @@ class RenderedExam:
       scout: float32 (S, H, W) non-fat-suppressed T1 contrast (for localizers), or None.
     """
 
-    phases: Dict[str, np.ndarray]
-    t2w: Optional[np.ndarray]
-    scout: Optional[np.ndarray]
+    phases: dict[str, np.ndarray]
+    t2w: np.ndarray | None
+    scout: np.ndarray | None
 
 
 # Tissue values: (pre-contrast T1 FS, enhancement t1, t2, t3, T2w, non-FS T1).

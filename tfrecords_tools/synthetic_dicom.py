@@ -15,7 +15,8 @@ import dataclasses
 import functools
 import os
 import struct
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -68,7 +69,7 @@ class Frame:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _geometry_elements(stack: SliceStack) -> Dict[str, Any]:
+def _geometry_elements(stack: SliceStack) -> dict[str, Any]:
     rows, cols = stack.pixels.shape[1:]
     return {
         "Rows": int(rows),
@@ -94,7 +95,7 @@ def _element(keyword: str, value: Any) -> DataElement:
 
 
 @functools.lru_cache(maxsize=1)
-def _file_meta_parts() -> Tuple[bytes, bytes]:
+def _file_meta_parts() -> tuple[bytes, bytes]:
     """Encoded file meta elements before and after MediaStorageSOPInstanceUID (0002,0003)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
@@ -137,7 +138,7 @@ def encode_file(
     )
 
 
-def static_elements(header: Mapping[str, Any], stack: SliceStack) -> Dict[int, bytes]:
+def static_elements(header: Mapping[str, Any], stack: SliceStack) -> dict[int, bytes]:
     """Encodes the elements shared by the files of one series with one geometry."""
     ds = Dataset()
     ds.SOPClassUID = MRImageStorage
@@ -154,7 +155,7 @@ def static_elements(header: Mapping[str, Any], stack: SliceStack) -> Dict[int, b
     return {int(element.tag): _encode(element) for element in ds}
 
 
-def frame_elements(frame: Frame, uid: str, number: int) -> Dict[str, Any]:
+def frame_elements(frame: Frame, uid: str, number: int) -> dict[str, Any]:
     """The per-file elements of one frame (position, instance number, time, UID, extras)."""
     position = frame.stack.positions[frame.index]
     acquisition_time = format_time(frame.acquisition_time)
@@ -176,7 +177,7 @@ def write_series(
     frames: Sequence[Frame],
     file_names: Iterable[str],
     sop_uids: Sequence[str],
-) -> List[str]:
+) -> list[str]:
     """Writes one series, one file per frame.
 
     Args:
@@ -211,7 +212,7 @@ def write_series(
     return paths
 
 
-def window(values: np.ndarray) -> Tuple[str, str]:
+def window(values: np.ndarray) -> tuple[str, str]:
     """WindowCenter / WindowWidth covering the 1st-99.5th percentile of (rescaled) values."""
     low, high = np.percentile(values[:: max(1, values.size // 20000)], [1.0, 99.5])
     return format_ds(round((low + high) / 2.0, 1)), format_ds(round(max(high - low, 1.0), 1))
@@ -219,11 +220,25 @@ def window(values: np.ndarray) -> Tuple[str, str]:
 
 # Elements of a classic MR header that an Enhanced MR object carries in functional groups (or
 # not at all); `multiframe_dataset` moves them there.
-_PER_FRAME_KEYWORDS = frozenset({
-    "RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth",
-    "ScanningSequence", "SequenceVariant", "ScanOptions", "RepetitionTime", "EchoTime",
-    "FlipAngle", "AcquisitionTime", "AcquisitionNumber", "ImageType", "ContentTime",
-})
+_PER_FRAME_KEYWORDS = frozenset(
+    {
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "WindowCenter",
+        "WindowWidth",
+        "ScanningSequence",
+        "SequenceVariant",
+        "ScanOptions",
+        "RepetitionTime",
+        "EchoTime",
+        "FlipAngle",
+        "AcquisitionTime",
+        "AcquisitionNumber",
+        "ImageType",
+        "ContentTime",
+    }
+)
 
 
 def _item(**elements) -> Dataset:
@@ -307,26 +322,31 @@ def multiframe_dataset(
         RescaleType=header.get("RescaleType", "US"),
     )
     shared = _item(
-        PixelMeasuresSequence=[_item(
-            PixelSpacing=[format_ds(v) for v in stack.pixel_spacing],
-            SliceThickness=format_ds(stack.slice_spacing),
-            SpacingBetweenSlices=format_ds(stack.slice_spacing),
-        )],
-        PlaneOrientationSequence=[_item(
-            ImageOrientationPatient=[format_ds(v) for v in stack.orientation]
-        )],
+        PixelMeasuresSequence=[
+            _item(
+                PixelSpacing=[format_ds(v) for v in stack.pixel_spacing],
+                SliceThickness=format_ds(stack.slice_spacing),
+                SpacingBetweenSlices=format_ds(stack.slice_spacing),
+            )
+        ],
+        PlaneOrientationSequence=[
+            _item(ImageOrientationPatient=[format_ds(v) for v in stack.orientation])
+        ],
         MRImageFrameTypeSequence=[_item(FrameType=list(ds.ImageType))],
     )
     if "RepetitionTime" in header:
-        shared.MRTimingAndRelatedParametersSequence = [_item(
-            RepetitionTime=header["RepetitionTime"], FlipAngle=header.get("FlipAngle", "0"),
-        )]
+        shared.MRTimingAndRelatedParametersSequence = [
+            _item(
+                RepetitionTime=header["RepetitionTime"],
+                FlipAngle=header.get("FlipAngle", "0"),
+            )
+        ]
     if "EchoTime" in header:
         shared.MREchoSequence = [_item(EffectiveEchoTime=float(header["EchoTime"]))]
     if "WindowCenter" in header:
-        shared.FrameVOILUTSequence = [_item(
-            WindowCenter=header["WindowCenter"], WindowWidth=header["WindowWidth"]
-        )]
+        shared.FrameVOILUTSequence = [
+            _item(WindowCenter=header["WindowCenter"], WindowWidth=header["WindowWidth"])
+        ]
     if not rescale_per_frame:
         shared.PixelValueTransformationSequence = [rescale]
     ds.SharedFunctionalGroupsSequence = [shared]
@@ -335,14 +355,18 @@ def multiframe_dataset(
     ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organisation)]
     temporal_tag = "TemporalPositionIndex" if temporal == "index" else "FrameAcquisitionDateTime"
     ds.DimensionIndexSequence = [
-        _item(DimensionOrganizationUID=organisation,
-              DimensionIndexPointer=tag_for_keyword("InStackPositionNumber"),
-              FunctionalGroupPointer=tag_for_keyword("FrameContentSequence"),
-              DimensionDescriptionLabel="In-Stack Position"),
-        _item(DimensionOrganizationUID=organisation,
-              DimensionIndexPointer=tag_for_keyword(temporal_tag),
-              FunctionalGroupPointer=tag_for_keyword("FrameContentSequence"),
-              DimensionDescriptionLabel="Temporal Position"),
+        _item(
+            DimensionOrganizationUID=organisation,
+            DimensionIndexPointer=tag_for_keyword("InStackPositionNumber"),
+            FunctionalGroupPointer=tag_for_keyword("FrameContentSequence"),
+            DimensionDescriptionLabel="In-Stack Position",
+        ),
+        _item(
+            DimensionOrganizationUID=organisation,
+            DimensionIndexPointer=tag_for_keyword(temporal_tag),
+            FunctionalGroupPointer=tag_for_keyword("FrameContentSequence"),
+            DimensionDescriptionLabel="Temporal Position",
+        ),
     ]
     per_frame = []
     for n in order:
@@ -360,9 +384,11 @@ def multiframe_dataset(
             content.TemporalPositionIndex = phase
         groups = _item(
             FrameContentSequence=[content],
-            PlanePositionSequence=[_item(
-                ImagePositionPatient=[format_ds(v) for v in frame.stack.positions[frame.index]]
-            )],
+            PlanePositionSequence=[
+                _item(
+                    ImagePositionPatient=[format_ds(v) for v in frame.stack.positions[frame.index]]
+                )
+            ],
         )
         if rescale_per_frame:
             groups.PixelValueTransformationSequence = [copy.deepcopy(rescale)]

@@ -16,7 +16,7 @@ r * PixelSpacing[0] * iop[3:]``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,8 +36,8 @@ class Orientation:
     """
 
     name: str
-    permutation: Tuple[int, int, int]
-    flips: Tuple[bool, bool, bool]
+    permutation: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
 
     def __post_init__(self):
         if sorted(self.permutation) != [0, 1, 2] or len(self.flips) != 3:
@@ -87,7 +87,7 @@ class SliceStack:
     pixels: np.ndarray
     positions: np.ndarray
     orientation: np.ndarray
-    pixel_spacing: Tuple[float, float]
+    pixel_spacing: tuple[float, float]
     slice_spacing: float
 
     @property

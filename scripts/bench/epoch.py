@@ -52,8 +52,13 @@ def _config(flagfiles, extra, data_dir, model_dir):
     fv = absl_flags.FlagValues()
     flags_lib.define_flags(fv)
     argv = flags_lib.expand_flagfiles(
-        ["epoch.py", *(f"--flagfile={f}" for f in flagfiles), *extra,
-         f"--data_dir={data_dir}", f"--model_dir={model_dir}"]
+        [
+            "epoch.py",
+            *(f"--flagfile={f}" for f in flagfiles),
+            *extra,
+            f"--data_dir={data_dir}",
+            f"--model_dir={model_dir}",
+        ]
     )
     fv(argv)
     return flags_lib.train_config_from_flags(fv)
@@ -75,12 +80,11 @@ def matmul_gflops() -> float:
 
 def bare_step_ms(config, shape, steps: int = 60) -> float:
     """Median ms of the training loop's own step on one in-memory exam of ``shape``."""
-    import tensorflow as tf
     import keras
+    import tensorflow as tf
 
-    from mri_keras import constants
+    from mri_keras import constants, train_lib
     from mri_keras import model as model_lib
-    from mri_keras import train_lib
 
     keras.utils.set_random_seed(0)
     model = model_lib.build_model(config.model)
@@ -103,9 +107,17 @@ def bare_step_ms(config, shape, steps: int = 60) -> float:
 def run_training(flagfiles, extra, data_dir, epochs, env_extra) -> dict:
     with tempfile.TemporaryDirectory(prefix="epoch_bench_") as tmp:
         model_dir = os.path.join(tmp, "run")
-        cmd = [sys.executable, "-m", "mri_keras.train",
-               *(f"--flagfile={f}" for f in flagfiles), *extra, f"--data_dir={data_dir}",
-               f"--model_dir={model_dir}", f"--epochs={epochs}", "--noprogress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mri_keras.train",
+            *(f"--flagfile={f}" for f in flagfiles),
+            *extra,
+            f"--data_dir={data_dir}",
+            f"--model_dir={model_dir}",
+            f"--epochs={epochs}",
+            "--noprogress",
+        ]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env_extra)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.time()
@@ -129,8 +141,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra = []
     if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
-        argv = argv[:argv.index("--")]
+        extra = argv[argv.index("--") + 1 :]
+        argv = argv[: argv.index("--")]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--flagfile", action="append", default=None)
@@ -138,8 +150,10 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default="tuned,default_malloc")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    flagfiles = [os.path.abspath(f) for f in (args.flagfile or [os.path.join(
-        _REPO, "configs", "demo.flags")])]
+    flagfiles = [
+        os.path.abspath(f)
+        for f in (args.flagfile or [os.path.join(_REPO, "configs", "demo.flags")])
+    ]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -153,33 +167,59 @@ def main(argv=None) -> None:
     manifest = schema.read_manifest(args.data_dir)
     shape = tuple(manifest["splits"]["train"]["exams"][0]["shape"])
     info_steps = manifest["splits"]["train"]["num_exams"]
-    _emit({"benchmark": "setup", "command": "scripts/bench/epoch.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "cpus": os.cpu_count(),
-        "load_avg_1m": os.getloadavg()[0], "shape": shape, "train_exams": info_steps,
-        "val_exams": manifest["splits"]["val"]["num_exams"]})
+    _emit(
+        {
+            "benchmark": "setup",
+            "command": "scripts/bench/epoch.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "cpus": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0],
+            "shape": shape,
+            "train_exams": info_steps,
+            "val_exams": manifest["splits"]["val"]["num_exams"],
+        }
+    )
     _emit({"benchmark": "matmul_fp32", "n": 2048, "gflops": round(matmul_gflops(), 1)})
     step_ms = bare_step_ms(config, shape)
-    _emit({"benchmark": "bare_step", "shape": shape, "ms": round(step_ms, 2),
-           "train_step_gflop": round(3 * model_lib.count_flops(config.model, *shape) / 1e9, 3)})
+    _emit(
+        {
+            "benchmark": "bare_step",
+            "shape": shape,
+            "ms": round(step_ms, 2),
+            "train_step_gflop": round(3 * model_lib.count_flops(config.model, *shape) / 1e9, 3),
+        }
+    )
     for repeat in range(args.repeats):
         for variant in variants:
-            result = run_training(flagfiles, extra, args.data_dir, args.epochs,
-                                  VARIANTS[variant])
+            result = run_training(flagfiles, extra, args.data_dir, args.epochs, VARIANTS[variant])
             for row in result["rows"]:
                 ideal = info_steps * step_ms / 1000
-                _emit({
-                    "benchmark": "epoch", "variant": variant, "repeat": repeat,
-                    "epoch": row["epoch"], "seconds": round(row["seconds"], 2),
-                    "train_steps_s": round(row["train_seconds"], 2),
-                    "validation_s": round(row["val_seconds"], 2),
-                    "other_s": round(row["seconds"] - row["train_seconds"]
-                                     - row["val_seconds"], 2),
-                    "steps_x_bare_step_s": round(ideal, 2),
-                    "epoch_over_bare_steps": round(row["seconds"] / ideal, 2),
-                })
-            _emit({"benchmark": "process", "variant": variant, "repeat": repeat,
-                   "epochs": args.epochs, "wall_s": round(result["wall_s"], 1),
-                   "user_s": round(result["user_s"], 1), "sys_s": round(result["sys_s"], 1)})
+                _emit(
+                    {
+                        "benchmark": "epoch",
+                        "variant": variant,
+                        "repeat": repeat,
+                        "epoch": row["epoch"],
+                        "seconds": round(row["seconds"], 2),
+                        "train_steps_s": round(row["train_seconds"], 2),
+                        "validation_s": round(row["val_seconds"], 2),
+                        "other_s": round(
+                            row["seconds"] - row["train_seconds"] - row["val_seconds"], 2
+                        ),
+                        "steps_x_bare_step_s": round(ideal, 2),
+                        "epoch_over_bare_steps": round(row["seconds"] / ideal, 2),
+                    }
+                )
+            _emit(
+                {
+                    "benchmark": "process",
+                    "variant": variant,
+                    "repeat": repeat,
+                    "epochs": args.epochs,
+                    "wall_s": round(result["wall_s"], 1),
+                    "user_s": round(result["user_s"], 1),
+                    "sys_s": round(result["sys_s"], 1),
+                }
+            )
 
 
 if __name__ == "__main__":

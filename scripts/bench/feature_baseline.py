@@ -56,11 +56,17 @@ def main(argv):
     del argv
     for split in FLAGS.splits:
         labels, scores, patients = score_split(FLAGS.data_dir, split, FLAGS.anterior, FLAGS.box)
-        line = {"bench": "feature_baseline", "split": split, "exams": int(len(labels)),
-                "anterior": FLAGS.anterior, "box": FLAGS.box}
+        line = {
+            "bench": "feature_baseline",
+            "split": split,
+            "exams": int(len(labels)),
+            "anterior": FLAGS.anterior,
+            "box": FLAGS.box,
+        }
         for task in ("malignant", "benign"):
             result = metrics_lib.auc_with_ci(
-                labels, scores, patients, task=task, n_bootstrap=FLAGS.n_bootstrap, seed=0)
+                labels, scores, patients, task=task, n_bootstrap=FLAGS.n_bootstrap, seed=0
+            )
             line[f"{task}_auc"] = round(result["auc"], 4)
             line[f"{task}_ci"] = [round(result["ci_low"], 4), round(result["ci_high"], 4)]
             line[f"{task}_positive_breasts"] = result["positives"]

@@ -1,7 +1,7 @@
 r"""Ingest benchmark: DICOM -> TFRecords conversion against a bare pydicom decode.
 
-Generates a synthetic cohort (default 4 patients, 1-3 exams each, 4 phases x 96 slices x 256 x 256), then, in the
-same run and with the same number of processes over the same files:
+Generates a synthetic cohort (default 4 patients, 1-3 exams each, 4 phases x 96 slices x
+256 x 256), then, in the same run and with the same number of processes over the same files:
 
 * ``bare``: ``pydicom.dcmread(f).pixel_array`` for every file, one exam per task;
 * ``convert``: ``tfrecords_tools.convert_lib.convert`` (labels check, reading, grouping,
@@ -56,17 +56,26 @@ flags.DEFINE_integer("repeats", 3, "Alternating repetitions of both passes (medi
 flags.DEFINE_string("work_dir", "", "Where the cohort and records go; default a temp dir.")
 flags.DEFINE_bool("dtype_study", False, "Also measure record size/read cost per voxel dtype.")
 flags.DEFINE_bool("keep", False, "Keep the work dir.")
-flags.DEFINE_bool("page_cache_study", False,
-                  "Also measure the system time of writing 100 MB files into fresh page cache "
-                  "against writing them into pages just freed (why the converter releases "
-                  "what it writes).")
-flags.DEFINE_bool("enhanced", False,
-                  "Only measure reading Enhanced MR exams against a bare pydicom decode (see the "
-                  "module docstring).")
+flags.DEFINE_bool(
+    "page_cache_study",
+    False,
+    "Also measure the system time of writing 100 MB files into fresh page cache "
+    "against writing them into pages just freed (why the converter releases "
+    "what it writes).",
+)
+flags.DEFINE_bool(
+    "enhanced",
+    False,
+    "Only measure reading Enhanced MR exams against a bare pydicom decode (see the "
+    "module docstring).",
+)
 flags.DEFINE_integer("enhanced_patients", 4, "Patients of the --enhanced cohort.")
-flags.DEFINE_bool("stages", False,
-                  "Also time each stage on one exam in this process (steady state, after a "
-                  "warm-up exam): bare decode vs read, encode, cache write, shard copy.")
+flags.DEFINE_bool(
+    "stages",
+    False,
+    "Also time each stage on one exam in this process (steady state, after a "
+    "warm-up exam): bare decode vs read, encode, cache write, shard copy.",
+)
 
 
 def _emit(**fields):
@@ -104,8 +113,13 @@ def _bare(exam_dirs, workers: int) -> tuple:
 def _convert(root, labels, out, key, workers) -> tuple:
     shutil.rmtree(out, ignore_errors=True)
     config = convert_lib.ConvertConfig(
-        dicom_root=root, labels=labels, output_dir=out, pseudonym_key_file=key,
-        num_workers=workers, progress=False, shard_size_mb=flags.FLAGS.shard_size_mb,
+        dicom_root=root,
+        labels=labels,
+        output_dir=out,
+        pseudonym_key_file=key,
+        num_workers=workers,
+        progress=False,
+        shard_size_mb=flags.FLAGS.shard_size_mb,
     )
     start, cpu = time.perf_counter(), _cpu()
     with open(os.devnull, "w") as devnull:
@@ -129,8 +143,9 @@ def _dtype_study(records_dir: str) -> None:
 
     from tfrecords_tools import schema
 
-    shard = os.path.join(records_dir, sorted(
-        f for f in os.listdir(records_dir) if f.endswith(".tfrecord"))[0])
+    shard = os.path.join(
+        records_dir, sorted(f for f in os.listdir(records_dir) if f.endswith(".tfrecord"))[0]
+    )
     stored = next(iter(tf.data.TFRecordDataset(shard))).numpy()
     rec = schema.decode_example_numpy(stored)
     vols = {p: rec[p] for p in schema.PHASES}
@@ -143,15 +158,15 @@ def _dtype_study(records_dir: str) -> None:
                 scale = np.maximum(np.abs(v).max(axis=(1, 2)), 1e-6) / 32767.0
                 data = np.rint(v / scale[:, None, None]).astype("<i2").tobytes()
                 feats[p + "_scale"] = tf.train.Feature(
-                    float_list=tf.train.FloatList(value=scale.tolist()))
+                    float_list=tf.train.FloatList(value=scale.tolist())
+                )
             else:
                 data = v.astype("<f2").tobytes()
             feats[p] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
         serialized = tf.train.Example(features=tf.train.Features(feature=feats))
         spec = {p: tf.io.FixedLenFeature([], tf.string) for p in vols}
         if dtype == "int16_slice_scale":
-            spec.update({p + "_scale": tf.io.FixedLenFeature([shape[0]], tf.float32)
-                         for p in vols})
+            spec.update({p + "_scale": tf.io.FixedLenFeature([shape[0]], tf.float32) for p in vols})
         tf_dtype = tf.int16 if dtype == "int16_slice_scale" else tf.float16
 
         def parse(s):
@@ -186,8 +201,13 @@ def _dtype_study(records_dir: str) -> None:
         n = sum(1 for _ in ds)
         per_exam = (time.perf_counter() - start) / n
         err = float(np.max(np.abs(parse(tf.constant(serialized)).numpy() - truth)))
-        _emit(what="dtype", dtype=dtype, record_mb=len(serialized) / 1e6,
-              read_ms_per_exam=per_exam * 1e3, max_abs_error=err)
+        _emit(
+            what="dtype",
+            dtype=dtype,
+            record_mb=len(serialized) / 1e6,
+            read_ms_per_exam=per_exam * 1e3,
+            max_abs_error=err,
+        )
         os.unlink(path)
 
 
@@ -244,14 +264,26 @@ def _stages(exam_dir: str, repeats: int = 4) -> None:
         state = {}
         steps = [
             ("bare_decode", lambda: [pydicom.dcmread(f).pixel_array for f in files]),
-            ("load_exam", lambda: state.update(
-                exam=dicom_reader.load_exam(exam_dir, keep_stored=True))),
-            ("encode", lambda: state.update(record=record_encoder.encode_record(
-                "E0", "P0", state["exam"].volumes, state["exam"].spacing, (0, 0, 0, 0),
-                state["exam"].rescale))),
+            (
+                "load_exam",
+                lambda: state.update(exam=dicom_reader.load_exam(exam_dir, keep_stored=True)),
+            ),
+            (
+                "encode",
+                lambda: state.update(
+                    record=record_encoder.encode_record(
+                        "E0",
+                        "P0",
+                        state["exam"].volumes,
+                        state["exam"].spacing,
+                        (0, 0, 0, 0),
+                        state["exam"].rescale,
+                    )
+                ),
+            ),
             ("cache_write", lambda: convert_lib._frame_record(rec, state["record"])),
             ("shard_copy", copy),
-            ("cleanup", lambda: (os.unlink(shard))),
+            ("cleanup", lambda: os.unlink(shard)),
             # One exam per shard: the shard is a hard link of the cache, whose name is dropped.
             ("shard_link", lambda: os.link(rec, shard)),
             ("cleanup_linked", lambda: os.unlink(rec)),
@@ -261,13 +293,19 @@ def _stages(exam_dir: str, repeats: int = 4) -> None:
             fn()
             r1 = resource.getrusage(resource.RUSAGE_SELF)
             stages.setdefault(name, []).append(
-                (r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
+                (r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime)
+            )
         state.clear()
         os.unlink(shard)  # The records' consumer's business, outside the conversion.
     for name, runs in stages.items():
         user, system = np.median(np.asarray(runs[1:]), axis=0)
-        _emit(what="stage", stage=name, user_s=round(float(user), 4),
-              system_s=round(float(system), 4), cpu_s=round(float(user + system), 4))
+        _emit(
+            what="stage",
+            stage=name,
+            user_s=round(float(user), 4),
+            system_s=round(float(system), 4),
+            cpu_s=round(float(user + system), 4),
+        )
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -280,8 +318,15 @@ def _enhanced(base: str, repeats: int) -> None:
     root = os.path.join(base, "enhanced")
     t = time.perf_counter()
     cohort = synthetic.generate_cohort(
-        root, FLAGS.enhanced_patients, seed=0, slices=FLAGS.slices, rows=FLAGS.rows,
-        cols=FLAGS.cols, variants=synthetic.MULTIFRAME_VARIANTS, workers=1, overwrite=True,
+        root,
+        FLAGS.enhanced_patients,
+        seed=0,
+        slices=FLAGS.slices,
+        rows=FLAGS.rows,
+        cols=FLAGS.cols,
+        variants=synthetic.MULTIFRAME_VARIANTS,
+        workers=1,
+        overwrite=True,
     )
     exams = [(e.variant, os.path.join(root, e.exam)) for e in cohort.exams]
     files = {d: [os.path.join(d, f) for f in dicom_reader.list_files(d)] for _, d in exams}
@@ -290,9 +335,14 @@ def _enhanced(base: str, repeats: int) -> None:
         for f in fs:
             with open(f, "rb") as fh:
                 fh.read()
-    _emit(what="enhanced_cohort", exams=len(exams), files=sum(map(len, files.values())),
-          dicom_mb=round(mb, 1), shape=[4, FLAGS.slices, FLAGS.rows, FLAGS.cols],
-          generate_s=round(time.perf_counter() - t, 1))
+    _emit(
+        what="enhanced_cohort",
+        exams=len(exams),
+        files=sum(map(len, files.values())),
+        dicom_mb=round(mb, 1),
+        shape=[4, FLAGS.slices, FLAGS.rows, FLAGS.cols],
+        generate_s=round(time.perf_counter() - t, 1),
+    )
 
     def cpu(fn) -> float:
         r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -304,21 +354,34 @@ def _enhanced(base: str, repeats: int) -> None:
     for variant, exam_dir in exams:
         runs = {"bare_decode": [], "load_exam": []}
         for _ in range(repeats + 1):  # The first round warms up.
-            runs["bare_decode"].append(cpu(
-                lambda: [pydicom.dcmread(f).pixel_array for f in files[exam_dir]]))
-            runs["load_exam"].append(cpu(
-                lambda: dicom_reader.load_exam(exam_dir, keep_stored=True)))
+            runs["bare_decode"].append(
+                cpu(lambda: [pydicom.dcmread(f).pixel_array for f in files[exam_dir]])
+            )
+            runs["load_exam"].append(
+                cpu(lambda: dicom_reader.load_exam(exam_dir, keep_stored=True))
+            )
         med = {k: statistics.median(v[1:]) for k, v in runs.items()}
         for k in totals:
             totals[k] += med[k]
-        _emit(what="enhanced_exam", variant=variant, files=len(files[exam_dir]),
-              bare_cpu_s=round(med["bare_decode"], 4), load_exam_cpu_s=round(med["load_exam"], 4),
-              ratio=round(med["load_exam"] / med["bare_decode"], 3))
+        _emit(
+            what="enhanced_exam",
+            variant=variant,
+            files=len(files[exam_dir]),
+            bare_cpu_s=round(med["bare_decode"], 4),
+            load_exam_cpu_s=round(med["load_exam"], 4),
+            ratio=round(med["load_exam"] / med["bare_decode"], 3),
+        )
     ratio = totals["load_exam"] / totals["bare_decode"]
-    _emit(what="enhanced_ratio", bare_cpu_s=round(totals["bare_decode"], 4),
-          load_exam_cpu_s=round(totals["load_exam"], 4), load_exam_over_bare=round(ratio, 3),
-          target=1.3, met=ratio <= 1.3, repeats=repeats,
-          load_average=[round(x, 1) for x in os.getloadavg()])
+    _emit(
+        what="enhanced_ratio",
+        bare_cpu_s=round(totals["bare_decode"], 4),
+        load_exam_cpu_s=round(totals["load_exam"], 4),
+        load_exam_over_bare=round(ratio, 3),
+        target=1.3,
+        met=ratio <= 1.3,
+        repeats=repeats,
+        load_average=[round(x, 1) for x in os.getloadavg()],
+    )
 
 
 def main(argv):
@@ -349,8 +412,14 @@ def main(argv):
             exam_names = [line.split(",")[0] for line in f.read().splitlines()[1:]]
     else:
         cohort = synthetic.generate_cohort(
-            root, FLAGS.num_patients, seed=0, slices=FLAGS.slices, rows=FLAGS.rows,
-            cols=FLAGS.cols, workers=1, overwrite=True,
+            root,
+            FLAGS.num_patients,
+            seed=0,
+            slices=FLAGS.slices,
+            rows=FLAGS.rows,
+            cols=FLAGS.cols,
+            workers=1,
+            overwrite=True,
         )
         exam_names = [e.exam for e in cohort.exams]
         with open(params_file, "w") as f:
@@ -361,9 +430,16 @@ def main(argv):
     for f in files:  # Warm the page cache for both passes.
         with open(f, "rb") as fh:
             fh.read()
-    _emit(what="cohort", exams=len(exams), files=len(files), dicom_mb=round(mb, 1),
-          shape=[4, FLAGS.slices, FLAGS.rows, FLAGS.cols], workers=workers,
-          cpus=os.cpu_count(), generate_s=round(time.perf_counter() - t, 1))
+    _emit(
+        what="cohort",
+        exams=len(exams),
+        files=len(files),
+        dicom_mb=round(mb, 1),
+        shape=[4, FLAGS.slices, FLAGS.rows, FLAGS.cols],
+        workers=workers,
+        cpus=os.cpu_count(),
+        generate_s=round(time.perf_counter() - t, 1),
+    )
 
     out = os.path.join(base, "records")
     key = os.path.join(base, "private", "key")
@@ -371,22 +447,39 @@ def main(argv):
     for _ in range(FLAGS.repeats):
         bare.append(_bare(exams, workers))
         conv.append(_convert(root, labels, out, key, workers))
-    record_mb = sum(
-        os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".tfrecord")
-    ) / 1e6
+    record_mb = (
+        sum(
+            os.path.getsize(os.path.join(out, n))
+            for n in os.listdir(out)
+            if n.endswith(".tfrecord")
+        )
+        / 1e6
+    )
     med = {}
     for what, runs in (("bare_decode", bare), ("convert", conv)):
         wall = statistics.median(r[0] for r in runs)
         cpu = statistics.median(r[1] for r in runs)
         med[what] = (wall, cpu)
-        _emit(what=what, seconds=round(wall, 3), cpu_seconds=round(cpu, 3),
-              runs=[round(r[0], 3) for r in runs], exams_per_s=round(len(exams) / wall, 3),
-              dicom_mb_per_s=round(mb / wall, 1), workers=workers)
+        _emit(
+            what=what,
+            seconds=round(wall, 3),
+            cpu_seconds=round(cpu, 3),
+            runs=[round(r[0], 3) for r in runs],
+            exams_per_s=round(len(exams) / wall, 3),
+            dicom_mb_per_s=round(mb / wall, 1),
+            workers=workers,
+        )
     ratio = med["convert"][0] / med["bare_decode"][0]
     cpu_ratio = med["convert"][1] / med["bare_decode"][1]
-    _emit(what="ratio", convert_over_bare=round(ratio, 3), cpu_convert_over_bare=round(
-        cpu_ratio, 3), target=1.3, met=ratio <= 1.3, record_mb=round(record_mb, 1),
-        load_average=[round(x, 1) for x in os.getloadavg()])
+    _emit(
+        what="ratio",
+        convert_over_bare=round(ratio, 3),
+        cpu_convert_over_bare=round(cpu_ratio, 3),
+        target=1.3,
+        met=ratio <= 1.3,
+        record_mb=round(record_mb, 1),
+        load_average=[round(x, 1) for x in os.getloadavg()],
+    )
     if FLAGS.dtype_study:
         _dtype_study(out)
     if FLAGS.stages:

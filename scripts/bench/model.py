@@ -103,8 +103,14 @@ def measure_matmul(n: int = 2048, repeats: int = 20) -> dict:
 
 
 def measure_step(
-    slices: int, size: int, width: int, remat_chunk: int = 0, dtype_policy: str = "float32",
-    jit_compile: bool = False, slice_mode: str = "fold", steps: int = 3,
+    slices: int,
+    size: int,
+    width: int,
+    remat_chunk: int = 0,
+    dtype_policy: str = "float32",
+    jit_compile: bool = False,
+    slice_mode: str = "fold",
+    steps: int = 3,
 ) -> dict:
     """Builds the model, compiles a train step, measures memory of one step and step time.
 
@@ -210,9 +216,14 @@ def _worker_main(flags) -> None:
         result = measure_matmul(repeats=flags.matmul_repeats)
     elif flags.worker == "step":
         result = measure_step(
-            flags.slices, flags.size, flags.width, remat_chunk=flags.remat_chunk,
-            dtype_policy=flags.dtype_policy, jit_compile=flags.jit_compile,
-            slice_mode=flags.slice_mode, steps=flags.steps,
+            flags.slices,
+            flags.size,
+            flags.width,
+            remat_chunk=flags.remat_chunk,
+            dtype_policy=flags.dtype_policy,
+            jit_compile=flags.jit_compile,
+            slice_mode=flags.slice_mode,
+            steps=flags.steps,
         )
     else:
         raise ValueError(f"Unknown worker. Received: worker={flags.worker!r}")
@@ -223,8 +234,13 @@ def _run_worker(timeout_s: float, env_overrides=None, **args) -> dict:
     """Runs one measurement in a fresh Python process and returns its result dict."""
     if args.get("worker") == "step":
         # Every worker flag explicit: the worker must not inherit the parent's defaults.
-        args = {"remat_chunk": 0, "dtype_policy": "float32", "jit_compile": False,
-                "slice_mode": "fold", **args}
+        args = {
+            "remat_chunk": 0,
+            "dtype_policy": "float32",
+            "jit_compile": False,
+            "slice_mode": "fold",
+            **args,
+        }
     cmd = [sys.executable, os.path.abspath(__file__)]
     cmd += [f"--{k}={v}" for k, v in args.items()]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=_REPO, **(env_overrides or {}))
@@ -234,7 +250,7 @@ def _run_worker(timeout_s: float, env_overrides=None, **args) -> dict:
         return {"error": f"timed out after {timeout_s:.0f} s", "args": args}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT ") :])
             result["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
             if env_overrides:
                 result["env"] = env_overrides
@@ -252,9 +268,16 @@ def run(flags) -> None:
         raise ValueError(f"Unknown sections {unknown}; choose from {SECTIONS}.")
     size, slices, width = flags.size, flags.slices, flags.width
     timeout = flags.worker_timeout_s
-    _emit({"benchmark": "setup", "command": " ".join(sys.argv), "cpus": os.cpu_count(),
-           "sections": sections, "gpu": "none (CPU-only machine)",
-           "load_avg_1m": round(os.getloadavg()[0], 2)})
+    _emit(
+        {
+            "benchmark": "setup",
+            "command": " ".join(sys.argv),
+            "cpus": os.cpu_count(),
+            "sections": sections,
+            "gpu": "none (CPU-only machine)",
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
+    )
 
     matmul = None
     if "matmul" in sections or "train_step" in sections:
@@ -263,10 +286,14 @@ def run(flags) -> None:
 
     step = None
     if "train_step" in sections or "pipeline" in sections:
-        step = _run_worker(timeout, worker="step", slices=slices, size=size, width=width,
-                           steps=flags.steps)
-        record = {"benchmark": "train_step", **step,
-                  "flops_convention": "train = 3 x analytic forward (conv+dense MACs x 2)"}
+        step = _run_worker(
+            timeout, worker="step", slices=slices, size=size, width=width, steps=flags.steps
+        )
+        record = {
+            "benchmark": "train_step",
+            **step,
+            "flops_convention": "train = 3 x analytic forward (conv+dense MACs x 2)",
+        }
         if matmul and "gflops" in matmul and "achieved_gflops" in step:
             # The machine is shared: bracket the step with a second matmul measurement and
             # compare with the mean of the two.
@@ -284,12 +311,26 @@ def run(flags) -> None:
         # TF 2.21's oneDNN kernels crash (double free / segfault) in the gradient of
         # TimeDistributed's vectorized_map on CPU, so both modes are timed with oneDNN off.
         no_onednn = {"TF_ENABLE_ONEDNN_OPTS": "0"}
-        fold = _run_worker(timeout, env_overrides=no_onednn, worker="step", slices=slices,
-                           size=size, width=width, steps=flags.steps)
+        fold = _run_worker(
+            timeout,
+            env_overrides=no_onednn,
+            worker="step",
+            slices=slices,
+            size=size,
+            width=width,
+            steps=flags.steps,
+        )
         _emit({"benchmark": "train_step_fold_onednn_off", **fold})
-        td = _run_worker(timeout, env_overrides=no_onednn, worker="step", slices=slices,
-                         size=size, width=width, steps=flags.steps,
-                         slice_mode="time_distributed")
+        td = _run_worker(
+            timeout,
+            env_overrides=no_onednn,
+            worker="step",
+            slices=slices,
+            size=size,
+            width=width,
+            steps=flags.steps,
+            slice_mode="time_distributed",
+        )
         if "step_s" in td and "step_s" in fold:
             td["vs_fold"] = round(td["step_s"] / fold["step_s"], 2)
         _emit({"benchmark": "train_step_time_distributed_onednn_off", **td})
@@ -310,35 +351,57 @@ def run(flags) -> None:
             if pipe and step and "step_s" in step:
                 consumed = 1.0 / step["step_s"]
                 ratio = pipe["exams_per_s"] / consumed
-                _emit({
-                    "benchmark": "pipeline_vs_train_step",
-                    "pipeline_exams_per_s": pipe["exams_per_s"],
-                    "train_step_exams_per_s": round(consumed, 3),
-                    "ratio": round(ratio, 2), "target_ratio": 3.0, "target_met": ratio >= 3.0,
-                    "vs_raw_read": pipe.get("vs_raw_read"), "target_vs_raw_read": 0.8,
-                    "raw_read_target_met": (pipe.get("vs_raw_read") or 0) >= 0.8,
-                })
+                _emit(
+                    {
+                        "benchmark": "pipeline_vs_train_step",
+                        "pipeline_exams_per_s": pipe["exams_per_s"],
+                        "train_step_exams_per_s": round(consumed, 3),
+                        "ratio": round(ratio, 2),
+                        "target_ratio": 3.0,
+                        "target_met": ratio >= 3.0,
+                        "vs_raw_read": pipe.get("vs_raw_read"),
+                        "target_vs_raw_read": 0.8,
+                        "raw_read_target_met": (pipe.get("vs_raw_read") or 0) >= 0.8,
+                    }
+                )
 
     if "remat" in sections:
         rows = {}
         for s in [int(v) for v in flags.remat_slices.split(",")]:
             for chunk in (0, flags.remat_chunk):
-                r = _run_worker(timeout, worker="step", slices=s, size=flags.remat_size,
-                                width=flags.remat_width, remat_chunk=chunk,
-                                steps=flags.remat_steps)
+                r = _run_worker(
+                    timeout,
+                    worker="step",
+                    slices=s,
+                    size=flags.remat_size,
+                    width=flags.remat_width,
+                    remat_chunk=chunk,
+                    steps=flags.remat_steps,
+                )
                 rows[(s, chunk)] = r
                 _emit({"benchmark": "remat_step", **r})
         _emit(_remat_summary(rows, flags.remat_chunk))
 
     if "precision" in sections:
         # float32 re-measured next to the others: the machine's load drifts between sections.
-        base = _run_worker(timeout, worker="step", slices=slices, size=size, width=width,
-                           steps=flags.steps)
+        base = _run_worker(
+            timeout, worker="step", slices=slices, size=size, width=width, steps=flags.steps
+        )
         _emit({"benchmark": "precision_step", **base})
-        for kwargs in ({"dtype_policy": "mixed_bfloat16"}, {"dtype_policy": "mixed_float16"},
-                       {"jit_compile": True}):
-            r = _run_worker(timeout, worker="step", slices=slices, size=size, width=width,
-                            steps=flags.steps, **kwargs)
+        for kwargs in (
+            {"dtype_policy": "mixed_bfloat16"},
+            {"dtype_policy": "mixed_float16"},
+            {"jit_compile": True},
+        ):
+            r = _run_worker(
+                timeout,
+                worker="step",
+                slices=slices,
+                size=size,
+                width=width,
+                steps=flags.steps,
+                **kwargs,
+            )
             if "step_s" in r and "step_s" in base:
                 r["vs_float32"] = round(r["step_s"] / base["step_s"], 2)
             _emit({"benchmark": "precision_step", **r})
@@ -363,20 +426,25 @@ def _remat_summary(rows: dict, chunk: int) -> dict:
         summary[f"step_cpu_time_ratio_at_{hi}"] = round(
             rows[(hi, chunk)]["step_cpu_s"] / rows[(hi, 0)]["step_cpu_s"], 3
         )
-    summary.update({
-        f"activation_mb_at_{hi}": {"default": base_act, "remat": remat_act},
-        "activation_reduction": round(base_act / max(remat_act, 1e-9), 2),
-        f"growth_mb_per_slice_{lo}_to_{hi}": {"default": round(g0, 2), "remat": round(g1, 2)},
-        "growth_reduction": round(g0 / g1, 2) if g1 > 0 else "inf (no growth)",
-        f"step_time_ratio_at_{hi}": round(time_ratio, 3),
-        "targets": {"activation_reduction>=": 2.0, "growth_reduction>=": 4.0,
-                    "step_time_ratio<=": 1.4},
-        "targets_met": {
-            "activation": base_act / max(remat_act, 1e-9) >= 2.0,
-            "growth": g1 <= 0 or g0 / g1 >= 4.0,
-            "time": time_ratio <= 1.4,
-        },
-    })
+    summary.update(
+        {
+            f"activation_mb_at_{hi}": {"default": base_act, "remat": remat_act},
+            "activation_reduction": round(base_act / max(remat_act, 1e-9), 2),
+            f"growth_mb_per_slice_{lo}_to_{hi}": {"default": round(g0, 2), "remat": round(g1, 2)},
+            "growth_reduction": round(g0 / g1, 2) if g1 > 0 else "inf (no growth)",
+            f"step_time_ratio_at_{hi}": round(time_ratio, 3),
+            "targets": {
+                "activation_reduction>=": 2.0,
+                "growth_reduction>=": 4.0,
+                "step_time_ratio<=": 1.4,
+            },
+            "targets_met": {
+                "activation": base_act / max(remat_act, 1e-9) >= 2.0,
+                "growth": g1 <= 0 or g0 / g1 >= 4.0,
+                "time": time_ratio <= 1.4,
+            },
+        }
+    )
     return summary
 
 
@@ -415,8 +483,18 @@ def main(argv):
         _worker_main(f)
         return
     if f.quick:
-        overrides = dict(slices=4, size=64, width=8, steps=2, matmul_repeats=5, pipeline_exams=8,
-                         remat_slices="4,8", remat_size=64, remat_width=8, remat_chunk=2)
+        overrides = dict(
+            slices=4,
+            size=64,
+            width=8,
+            steps=2,
+            matmul_repeats=5,
+            pipeline_exams=8,
+            remat_slices="4,8",
+            remat_size=64,
+            remat_width=8,
+            remat_chunk=2,
+        )
         for name, value in overrides.items():
             if not f[name].present:
                 setattr(f, name, value)

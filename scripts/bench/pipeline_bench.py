@@ -15,7 +15,8 @@ once with the files in the page cache (``warm``: the raw read is a memory copy) 
 them dropped from it before each read (``cold``: both read the disk).
 
 Usage: ``python scripts/bench/pipeline_bench.py [--num_exams=24] [--slices=16] [--stages] ...``
-prints one JSON object per line (``--stages`` first adds the CPU cost of each pipeline stage). ``scripts/bench/model.py`` imports :func:`measure_pipeline`.
+prints one JSON object per line (``--stages`` first adds the CPU cost of each pipeline
+stage). ``scripts/bench/model.py`` imports :func:`measure_pipeline`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ def _split_files(records_dir: str, split: str, input_variant: str) -> list:
 
 
 def write_synthetic_records(
-    directory: str, num_exams: int, slices: int, height: int, width: int, num_shards: int = 4,
-    seed: int = 0
+    directory: str,
+    num_exams: int,
+    slices: int,
+    height: int,
+    width: int,
+    num_shards: int = 4,
+    seed: int = 0,
 ) -> str:
     """Writes ``num_exams`` random 4-phase exams as a ``train`` split with a manifest.
 
@@ -70,14 +76,15 @@ def write_synthetic_records(
     for i in range(num_exams):
         base = rng.gamma(2.0, 150.0, size=shape)
         # As the converter writes them: the scanner's 16-bit integers with a rescale.
-        volumes = {p: np.rint(base * (1.0 + 0.3 * k)).astype(np.int16)
-                   for k, p in enumerate(schema.PHASES)}
+        volumes = {
+            p: np.rint(base * (1.0 + 0.3 * k)).astype(np.int16) for k, p in enumerate(schema.PHASES)
+        }
         rescale = {p: (1.6875, -16.0) for p in schema.PHASES}
         labels = [int(v) for v in rng.integers(0, 2, size=4)]
         exam_id, patient_id = f"bench{i:05d}", f"benchpatient{i:05d}"
-        writers[i % num_shards].write(schema.encode_example(
-            exam_id, patient_id, volumes, (3.0, 0.7, 0.7), labels, rescale
-        ))
+        writers[i % num_shards].write(
+            schema.encode_example(exam_id, patient_id, volumes, (3.0, 0.7, 0.7), labels, rescale)
+        )
         exams.append(
             {"exam_id": exam_id, "patient_id": patient_id, "labels": labels, "shape": list(shape)}
         )
@@ -94,8 +101,7 @@ def write_synthetic_records(
                 "num_patients": num_exams,
                 "exams": exams,
                 "label_counts": {
-                    name: sum(e["labels"][k] for e in exams)
-                    for k, name in enumerate(schema.LABELS)
+                    name: sum(e["labels"][k] for e in exams) for k, name in enumerate(schema.LABELS)
                 },
             }
         },
@@ -293,9 +299,16 @@ def measure_pipeline(
     return results
 
 
-def measure_stages(records_dir: str | None = None, slices: int = 16, height: int = 224,
-                   width: int = 224, num_exams: int = 48, input_variant: str = "t2-t0",
-                   repeats: int = 3, split: str = "train") -> list:
+def measure_stages(
+    records_dir: str | None = None,
+    slices: int = 16,
+    height: int = 224,
+    width: int = 224,
+    num_exams: int = 48,
+    input_variant: str = "t2-t0",
+    repeats: int = 3,
+    split: str = "train",
+) -> list:
     """CPU ms per exam of the training pipeline built up one stage at a time (warm cache).
 
     Stages, each including the ones before: ``read`` (interleaved ``TFRecordDataset``),
@@ -325,7 +338,8 @@ def measure_stages(records_dir: str | None = None, slices: int = 16, height: int
 
         def read():
             return tf.data.Dataset.from_tensor_slices(files).interleave(
-                tf.data.TFRecordDataset, cycle_length=min(len(files), 4), num_parallel_calls=auto)
+                tf.data.TFRecordDataset, cycle_length=min(len(files), 4), num_parallel_calls=auto
+            )
 
         def parse(record):
             d = schema.decode_example(record, phases)
@@ -349,7 +363,8 @@ def measure_stages(records_dir: str | None = None, slices: int = 16, height: int
             "augment": augmented,
             "batch": lambda: augmented().batch(1).prefetch(auto),
             "make_dataset": lambda: input_pipeline.make_dataset(
-                records_dir, split, config, training=True),
+                records_dir, split, config, training=True
+            ),
         }
         for stage, make in chains.items():
             runs = []
@@ -360,12 +375,19 @@ def measure_stages(records_dir: str | None = None, slices: int = 16, height: int
             wall = statistics.median(r[0] for r in runs[1:])
             cpu = statistics.median(r[1] for r in runs[1:])
             count = runs[-1][2]
-            results.append(dict(
-                benchmark="pipeline_stage", stage=stage, cache="warm",
-                cpu_ms_per_exam=round(1e3 * cpu / count, 2),
-                exams_per_s=round(count / wall, 1), exams=count,
-                load_avg_1min=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            ))
+            results.append(
+                dict(
+                    benchmark="pipeline_stage",
+                    stage=stage,
+                    cache="warm",
+                    cpu_ms_per_exam=round(1e3 * cpu / count, 2),
+                    exams_per_s=round(count / wall, 1),
+                    exams=count,
+                    load_avg_1min=round(os.getloadavg()[0], 2)
+                    if hasattr(os, "getloadavg")
+                    else None,
+                )
+            )
     return results
 
 
@@ -377,8 +399,13 @@ def main(argv):
     f = flags.FLAGS
     if f.stages:
         for result in measure_stages(
-            records_dir=f.records_dir, slices=f.slices, height=f.height, width=f.width,
-            num_exams=f.num_exams, input_variant=f.input_variant, repeats=f.repeats,
+            records_dir=f.records_dir,
+            slices=f.slices,
+            height=f.height,
+            width=f.width,
+            num_exams=f.num_exams,
+            input_variant=f.input_variant,
+            repeats=f.repeats,
             split=f.split,
         ):
             print(json.dumps(result), flush=True)
@@ -410,8 +437,11 @@ def _define_flags():
     flags.DEFINE_string("input_variant", "t2-t0", "Input variant.")
     flags.DEFINE_integer("repeats", 3, "Timed epochs per measurement (median reported).")
     flags.DEFINE_boolean("cold", True, "Also measure with the files dropped from the page cache.")
-    flags.DEFINE_boolean("stages", False, "First, CPU ms per exam as the pipeline is built up "
-                         "stage by stage (warm cache).")
+    flags.DEFINE_boolean(
+        "stages",
+        False,
+        "First, CPU ms per exam as the pipeline is built up stage by stage (warm cache).",
+    )
 
 
 if __name__ == "__main__":

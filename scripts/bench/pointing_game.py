@@ -38,9 +38,11 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from mri_keras import evaluate  # noqa: E402
-from mri_keras import heatmap  # noqa: E402
-from mri_keras import inference  # noqa: E402
+from mri_keras import (
+    evaluate,  # noqa: E402
+    heatmap,  # noqa: E402
+    inference,  # noqa: E402
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "MODEL_DIR (needs best.keras) or its export/.")
@@ -49,9 +51,12 @@ flags.DEFINE_string("annotations", None, "The cohort's annotations.csv.")
 flags.DEFINE_string("id_map", None, "The converter's id_map.csv (pseudonym -> exam folder).")
 flags.DEFINE_list("splits", ["test"], "Splits to score (pooled).")
 flags.DEFINE_list("methods", list(heatmap.METHODS), "Saliency methods.")
-flags.DEFINE_list("targets", ["malignant", "side"],
-                  "'malignant': both malignant heads; 'side': the malignant head of the "
-                  "lesion's side (both if lesions on both sides).")
+flags.DEFINE_list(
+    "targets",
+    ["malignant", "side"],
+    "'malignant': both malignant heads; 'side': the malignant head of the "
+    "lesion's side (both if lesions on both sides).",
+)
 flags.DEFINE_float("tolerance_voxels", 0.0, "Extra distance (in-plane voxels) counted as a hit.")
 flags.DEFINE_string("output_json", None, "Also write the results here.")
 
@@ -63,11 +68,13 @@ def read_lesions(annotations: str) -> dict:
         for row in csv.DictReader(f):
             if row["pathology"] != "malignant":
                 continue
-            lesions[row["exam"]].append({
-                "side": row["side"],
-                "centre": np.array([float(row["slice"]), float(row["row"]), float(row["col"])]),
-                "radius": float(row["radius"]),
-            })
+            lesions[row["exam"]].append(
+                {
+                    "side": row["side"],
+                    "centre": np.array([float(row["slice"]), float(row["row"]), float(row["col"])]),
+                    "radius": float(row["radius"]),
+                }
+            )
     return lesions
 
 
@@ -150,10 +157,21 @@ def main(argv):
     for method in FLAGS.methods:
         for target in FLAGS.targets:
             start = time.time()
-            r = score(model, predictor, records, folder_of, lesions, method, target,
-                      FLAGS.tolerance_voxels)
-            r.update(splits=FLAGS.splits, seconds=round(time.time() - start, 1),
-                     input_variant=predictor.input_config.input_variant)
+            r = score(
+                model,
+                predictor,
+                records,
+                folder_of,
+                lesions,
+                method,
+                target,
+                FLAGS.tolerance_voxels,
+            )
+            r.update(
+                splits=FLAGS.splits,
+                seconds=round(time.time() - start, 1),
+                input_variant=predictor.input_config.input_variant,
+            )
             print(json.dumps(r), flush=True)
             results.append(r)
     if FLAGS.output_json:
