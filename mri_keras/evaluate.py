@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -68,67 +67,6 @@ class EvalConfig:
             raise ValueError(f"split must be train, val or test. Received: split={self.split!r}")
         if self.n_bootstrap < 1:
             raise ValueError(f"n_bootstrap must be >= 1. Received: {self.n_bootstrap}")
-
-
-def iterate_split(data_dir: str, split: str, phases) -> Iterator[dict]:
-    """Yields every exam of ``split`` as numpy arrays, in shard order.
-
-    Args:
-      data_dir: str. Records directory written by `tfrecords_tools.convert`.
-      split: str. Split name.
-      phases: phases to decode.
-
-    Yields:
-      dict with ``exam_id``, ``patient_id`` (str), ``labels`` (int64[4]) and one float32
-      ``(S, H, W)`` array per phase.
-    """
-    import tensorflow as tf
-
-    from tfrecords_tools import schema
-
-    manifest = schema.read_manifest(data_dir)
-    info = manifest.get("splits", {}).get(split)
-    if not info or not info.get("shards"):
-        raise ValueError(f"{data_dir}: manifest.json lists no shards for split {split!r}")
-    files = [os.path.join(data_dir, name) for name in info["shards"]]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(
-            f"{data_dir}: shard(s) listed in manifest.json are missing: {missing}"
-        )
-    stored = manifest.get("phases", list(constants.PHASES))
-    absent = [p for p in phases if p not in stored]
-    if absent:
-        raise ValueError(f"{data_dir}: records hold phases {stored}; the model needs {absent} too")
-    dataset = (
-        tf.data.TFRecordDataset(files)
-        .map(lambda s: schema.decode_example(s, tuple(phases)), num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(2)
-    )
-    for record in dataset.as_numpy_iterator():
-        out = {
-            "exam_id": record[schema.KEY_EXAM_ID].decode(),
-            "patient_id": record[schema.KEY_PATIENT_ID].decode(),
-            "labels": np.asarray(record[schema.KEY_LABELS], np.int64),
-        }
-        for p in phases:
-            out[p] = record[p]
-        yield out
-
-
-def predict_split(predictor, data_dir: str, split: str) -> predictions_io.Predictions:
-    """Runs ``predictor`` (an `inference.Predictor`) over every exam of a split."""
-    exam_ids, patient_ids, labels, probs = [], [], [], []
-    for exam in iterate_split(data_dir, split, predictor.phases):
-        exam_ids.append(exam["exam_id"])
-        patient_ids.append(exam["patient_id"])
-        labels.append(exam["labels"])
-        probs.append(predictor({p: exam[p] for p in predictor.phases}))
-    if not exam_ids:
-        raise ValueError(f"{data_dir}: split {split!r} holds no exams")
-    return predictions_io.Predictions(
-        tuple(exam_ids), tuple(patient_ids), np.stack(labels), np.stack(probs)
-    )
 
 
 def summarize(
@@ -277,12 +215,14 @@ def read_metrics(path: str) -> dict:
 
 def evaluate(config: EvalConfig) -> dict:
     """Predicts one split and writes the report; returns the metrics dict."""
-    from mri_keras import inference
+    from mri_keras import inference, validation
 
     start = time.time()
     check_output_dir(config.output_dir)
     predictor = inference.load_predictor(config.model, config.model_format)
-    predictions = predict_split(predictor, config.data_dir, config.split)
+    predictions = validation.predict_split(predictor, config.data_dir, config.split)
+    if not predictions.exam_ids:
+        raise ValueError(f"{config.data_dir}: split {config.split!r} holds no exams")
     summary = summarize(predictions, config.n_bootstrap, config.seed, config.confidence)
     name = config.name or os.path.basename(
         (predictor.location.model_dir or predictor.location.export_dir or config.model).rstrip("/")

@@ -178,6 +178,8 @@ class Predictor:
       phases: tuple of phase names the model reads.
       source: str. "export" or "keras".
       location: ModelLocation.
+      saved_model: the loaded SavedModel (source "export"), else absent.
+      keras_model: the loaded keras.Model (source "keras"), else absent.
     """
 
     def __init__(self, location: ModelLocation, model_format: str = "auto"):
@@ -198,19 +200,19 @@ class Predictor:
         if use_export:
             self._init_export(location.export_dir)
         else:
-            self._keras_model = load_keras_model(location.keras_path)
+            self.keras_model = load_keras_model(location.keras_path)
             self._keras_fn = None
 
     def _init_export(self, export_dir: str):
         import tensorflow as tf
 
-        self._saved = tf.saved_model.load(export_dir)
-        if "serving_default" not in self._saved.signatures:
+        self.saved_model = tf.saved_model.load(export_dir)
+        if "serving_default" not in self.saved_model.signatures:
             raise ValueError(
                 f"{export_dir} has no serving_default signature "
-                f"(has {list(self._saved.signatures)})"
+                f"(has {list(self.saved_model.signatures)})"
             )
-        self._serving = self._saved.signatures["serving_default"]
+        self._serving = self.saved_model.signatures["serving_default"]
         _, kwargs = self._serving.structured_input_signature
         self._serving_inputs = tuple(kwargs)
         unknown = [k for k in self._serving_inputs if k not in constants.PHASES]
@@ -234,7 +236,7 @@ class Predictor:
             return _positive_probs(self._serving(**feed))
         volume = preprocess_phases(phases, self.input_config)[tf.newaxis]  # (1, S, H, W, 1)
         if self._keras_fn is None:
-            model = self._keras_model
+            model = self.keras_model
             self._keras_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         return _positive_probs(self._keras_fn(volume))
 

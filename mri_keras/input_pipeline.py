@@ -16,7 +16,6 @@ so training and serving cannot disagree.
 from __future__ import annotations
 
 import numbers
-import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import tensorflow as tf
@@ -24,6 +23,7 @@ import tensorflow as tf
 from mri_keras import constants
 from mri_keras.config import InputConfig
 from tfrecords_tools import schema
+from tfrecords_tools.records import Records
 
 # Shard files read at once by the interleave.
 _MAX_CYCLE_LENGTH = 4
@@ -289,81 +289,71 @@ def augment(
     return volume, labels
 
 
-def shard_files(records_dir: str, split: str, input_variant: str) -> tuple[list, dict]:
-    """Lists a split's shard files and checks the records can feed ``input_variant``.
+def open_split(records, split: str, input_variant: str) -> tuple[Records, list[str]]:
+    """Opens the records and checks they can feed ``input_variant`` from ``split``.
 
     Args:
-      records_dir: str. Directory written by ``python -m tfrecords_tools.convert``.
+      records: str or ``tfrecords_tools.records.Records``. A records directory.
       split: str. One of ``schema.SPLITS``.
       input_variant: str. The input variant (or alias) that will be read.
 
     Returns:
-      (paths of the split's shard files in manifest order, the manifest dict).
+      (the Records, paths of the split's shard files in manifest order).
 
     Raises:
-      FileNotFoundError: no manifest, or a listed shard file is missing.
-      ValueError: wrong schema version, unknown/empty split, or the records lack a phase the
-        input variant needs.
+      FileNotFoundError, ValueError: see ``Records.open`` and ``Records.shard_paths``; also
+        records that lack a phase the input variant needs.
     """
-    records_dir = os.fspath(records_dir)
-    manifest = schema.read_manifest(records_dir)
+    if not isinstance(records, Records):
+        records = Records.open(records)
     variant = constants.canonical_input(input_variant)
-    stored = manifest.get("phases")
-    if stored is None:
-        raise ValueError(
-            f"{os.path.join(records_dir, schema.MANIFEST_NAME)} has no 'phases' entry; "
-            "cannot tell which phases the records hold."
-        )
-    missing = [p for p in constants.phases_needed(variant) if p not in stored]
-    if missing:
-        raise ValueError(
-            f"Input variant {variant!r} needs phases {list(constants.phases_needed(variant))} "
-            f"but the records in {records_dir!r} lack {missing} (they hold {list(stored)})."
-        )
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ValueError(
-            f"Split {split!r} is not in {records_dir!r} (manifest has splits {sorted(splits)})."
-        )
-    names = splits[split].get("shards") or []
-    if not names:
-        raise ValueError(f"Split {split!r} of {records_dir!r} has no shard files (0 exams).")
-    paths = [os.path.join(records_dir, name) for name in names]
-    for path in paths:
-        if not tf.io.gfile.exists(path):
-            raise FileNotFoundError(
-                f"{path} is listed in the manifest of {records_dir!r} (split {split!r}) "
-                "but does not exist."
-            )
-    return paths, manifest
+    records.check_phases(constants.phases_needed(variant), f"Input variant {variant!r}")
+    return records, records.shard_paths(split)
 
 
-def split_size(manifest: dict, split: str) -> int:
-    """Exams in ``split`` according to the manifest (its exam list, else its count)."""
-    entry = manifest.get("splits", {}).get(split, {})
-    if entry.get("exams") is not None:
-        return len(entry["exams"])
-    return int(entry.get("num_exams", 0))
-
-
-def _checked_exam_ids(exam_ids: Iterable[str], manifest: dict, records_dir: str, split: str):
+def _checked_exam_ids(exam_ids: Iterable[str], records: Records, split: str):
     ids = sorted({e.decode() if isinstance(e, bytes) else str(e) for e in exam_ids})
     if not ids:
         raise ValueError(f"exam_ids is empty: no exam of split {split!r} would be read.")
-    listed = manifest["splits"][split].get("exams")
+    listed = records.exams(split)
     if listed is not None:
         known = {e["exam_id"] for e in listed}
         unknown = [e for e in ids if e not in known]
         if unknown:
             raise ValueError(
-                f"{len(unknown)} of exam_ids are not in split {split!r} of {records_dir!r}: "
+                f"{len(unknown)} of exam_ids are not in split {split!r} of {records.directory!r}: "
                 f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
             )
     return ids
 
 
+def _keep_filter(keep: Sequence[str]):
+    """A ``filter`` predicate on ``(record, ...)`` keeping the exams ``keep`` names; it parses
+    only the ``exam_id`` feature, so dropped exams' voxels are never decoded."""
+    keep_ids = tf.constant(list(keep), tf.string)
+    exam_id_spec = {schema.KEY_EXAM_ID: tf.io.FixedLenFeature([], tf.string)}
+
+    def wanted(record, *_):
+        exam_id = tf.io.parse_single_example(record, exam_id_spec)[schema.KEY_EXAM_ID]
+        return tf.reduce_any(tf.equal(exam_id, keep_ids))
+
+    return wanted
+
+
+def serialized_records(
+    records_dir, split: str, input_variant: str, *, exam_ids: Sequence[str] | None = None
+) -> tf.data.Dataset:
+    """The serialized records of a split in manifest order (what an export's
+    ``serving_example`` takes), optionally only ``exam_ids``, checked like ``make_dataset``."""
+    records, files = open_split(records_dir, split, input_variant)
+    ds = tf.data.TFRecordDataset(files)
+    if exam_ids is not None:
+        ds = ds.filter(_keep_filter(_checked_exam_ids(exam_ids, records, split)))
+    return ds
+
+
 def make_dataset(
-    records_dir: str,
+    records_dir,
     split: str,
     config: InputConfig,
     training: bool,
@@ -377,7 +367,8 @@ def make_dataset(
     """The dataset of one split: one preprocessed exam per batch.
 
     Args:
-      records_dir: str. Directory written by ``python -m tfrecords_tools.convert``.
+      records_dir: str (or an open ``tfrecords_tools.records.Records``). Directory written by
+        ``python -m tfrecords_tools.convert``.
       split: str. ``train``, ``val`` or ``test``.
       config: InputConfig. Input variant, normalisation, augmentation, shuffle buffer, seed.
       training: bool. Shuffle files and records and augment (flip/crop). Evaluation
@@ -409,12 +400,12 @@ def make_dataset(
       many exams' record size.
 
     Raises:
-      FileNotFoundError, ValueError: see ``shard_files``; also a bad ``crop``/``exam_ids``.
+      FileNotFoundError, ValueError: see ``open_split``; also a bad ``crop``/``exam_ids``.
     """
-    files, manifest = shard_files(records_dir, split, config.input_variant)
+    records, files = open_split(records_dir, split, config.input_variant)
     keep = None
     if exam_ids is not None:
-        keep = _checked_exam_ids(exam_ids, manifest, records_dir, split)
+        keep = _checked_exam_ids(exam_ids, records, split)
     crop_spec(config.crop)  # Fail here, not inside the graph.
     if config.crop_slices < 0:
         raise ValueError(f"crop_slices must be >= 0. Received: {config.crop_slices}")
@@ -443,18 +434,11 @@ def make_dataset(
     if num_pipelines > 1 and not shard_by_file:
         ds = ds.shard(num_pipelines, pipeline_id)
     if keep is not None:
-        keep_ids = tf.constant(keep, tf.string)
-        exam_id_spec = {schema.KEY_EXAM_ID: tf.io.FixedLenFeature([], tf.string)}
-
-        def wanted(record, path):
-            exam_id = tf.io.parse_single_example(record, exam_id_spec)[schema.KEY_EXAM_ID]
-            return tf.reduce_any(tf.equal(exam_id, keep_ids))
-
-        ds = ds.filter(wanted)
+        ds = ds.filter(_keep_filter(keep))
     if training:
         buffer = config.shuffle_buffer
         if buffer == 0:  # The whole split: each pass is a uniform random permutation.
-            buffer = len(keep) if keep is not None else split_size(manifest, split)
+            buffer = len(keep) if keep is not None else records.num_exams(split)
         ds = ds.shuffle(max(1, buffer), seed=seed, reshuffle_each_iteration=True)
         # Two int64 per exam seed its augmentation; the stream is re-drawn each pass and
         # differs between input pipelines.

@@ -44,7 +44,8 @@ import keras
 import keras_tuner as kt
 from absl import logging
 
-from mri_keras import train_lib, tune_space
+from mri_keras import run_dir as run_dir_lib
+from mri_keras import train_data, train_lib, tune_space, validation
 from tfrecords_tools import memory
 
 OBJECTIVE = "val_malignant_auc"
@@ -177,12 +178,10 @@ def tuner_role() -> str:
 
 def release_memory() -> None:
     """Drops Keras' global state and collects garbage (between trials)."""
-    # train_lib caches one prediction tf.function per model in a WeakKeyDictionary whose
-    # values close over their keys, so without this every trial's model stays alive (measured:
-    # one model per trial). No trial is running here, so nothing uses the cache.
-    predict_fns = getattr(train_lib, "_PREDICT_FNS", None)
-    if predict_fns is not None:
-        predict_fns.clear()
+    # Validation caches one prediction tf.function per model; without this every trial's
+    # model stayed alive (measured: one model per trial). No trial is running here, so
+    # nothing uses the cache.
+    validation.clear_predict_cache()
     keras.backend.clear_session()
     gc.collect()
 
@@ -355,7 +354,7 @@ def _retarget_run(copy_dir: str, run_dir: str) -> None:
     ``train_lib`` refuses to resume a run whose recorded settings differ from the current ones,
     and the run directory is one of them.
     """
-    path = os.path.join(copy_dir, train_lib.CONFIG_NAME)
+    path = os.path.join(copy_dir, run_dir_lib.CONFIG_NAME)
     if os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)
@@ -411,7 +410,7 @@ class _TrainLibTrials:
         from mri_keras import inference  # Deferred: only needed to load models.
 
         run_dir = trial_model_dir(self.project_dir, trial.trial_id)
-        return inference.load_keras_model(os.path.join(run_dir, train_lib.BEST_MODEL_NAME))
+        return inference.load_keras_model(os.path.join(run_dir, run_dir_lib.BEST_MODEL_NAME))
 
 
 class HyperbandTuner(_TrainLibTrials, kt.Hyperband):
@@ -816,7 +815,7 @@ def run_search(config: TuneConfig, *, callbacks: list | None = None) -> SweepRes
     if os.path.exists(config.train.model_dir) and not os.path.isdir(config.train.model_dir):
         raise ValueError(f"model_dir {config.train.model_dir!r} exists and is not a directory.")
     # Records that cannot feed training fail every trial alike: say so once, before any trial.
-    train_lib.inspect_data(config.train)  # Raises SetupError (a ValueError) naming the problem.
+    train_data.inspect_data(config.train)  # Raises SetupError (a ValueError) naming the problem.
     tuner = build_tuner(config)
     tuner.search(epochs=config.max_epochs, callbacks=copy.copy(callbacks or []))
     role = tuner_role()

@@ -16,8 +16,9 @@ import pydicom.data
 import pytest
 from pydicom.uid import generate_uid
 
-from tfrecords_tools import convert_lib, dicom_reader, inspect_lib, labels_csv, schema, splits
+from tfrecords_tools import convert_lib, dicom_reader, labels_csv, schema, splits
 from tfrecords_tools.convert_lib import ConvertConfig, convert
+from tfrecords_tools.records import Records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = "exam,left_benign,left_malignant,right_benign,right_malignant"
@@ -97,7 +98,7 @@ def _config(tmp_path, root, out="records", **kwargs):
 
 
 def _records(out_dir):
-    return {rec["exam_id"]: (split, rec) for split, rec in inspect_lib.iter_records(out_dir)}
+    return {rec["exam_id"]: (split, rec) for split, rec in Records.open(out_dir).iter_numpy()}
 
 
 def _shard_bytes(out_dir):

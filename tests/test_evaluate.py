@@ -75,7 +75,7 @@ def test_evaluate_writes_breast_rows_metrics_and_roc(setup, tmp_path):
 
 
 def test_export_keras_and_training_code_paths_agree(setup, tmp_path):
-    from mri_keras import train_lib
+    from mri_keras import validation
 
     export_dir = os.path.join(setup["model_dir"], "export")
     by_path = {}
@@ -85,7 +85,7 @@ def test_export_keras_and_training_code_paths_agree(setup, tmp_path):
         ("keras", setup["model_dir"], "keras"),
     ):
         predictor = inference.load_predictor(model, fmt)
-        by_path[name] = evaluate.predict_split(predictor, setup["records"], "val")
+        by_path[name] = validation.predict_split(predictor, setup["records"], "val")
     assert inference.load_predictor(export_dir).location.keras_path.endswith("best.keras")
     ref = by_path["dir"]
     for other in ("export", "keras"):
@@ -93,9 +93,10 @@ def test_export_keras_and_training_code_paths_agree(setup, tmp_path):
         np.testing.assert_allclose(by_path[other].probs, ref.probs, atol=1e-5)
     # The training loop's own prediction (make_dataset + the Keras model) agrees too.
     predictor = inference.load_predictor(setup["model_dir"])
-    ids, pids, labels, probs = train_lib.predict_split(
+    scored = validation.predict_split(
         setup["model"], setup["records"], "val", predictor.input_config
     )
+    ids, labels, probs = list(scored.exam_ids), scored.labels, scored.probs
     order = [ids.index(e) for e in ref.exam_ids]
     np.testing.assert_allclose(np.asarray(probs)[order], ref.probs, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(labels)[order], ref.labels)
@@ -105,6 +106,20 @@ def test_export_keras_and_training_code_paths_agree(setup, tmp_path):
 def test_clear_errors(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="No model at"):
         inference.load_predictor(str(tmp_path))
+    for data_dir, error, match in (
+        (tmp_path / "absent", FileNotFoundError, "absent' does not exist"),
+        (tmp_path, ValueError, "is empty; convert DICOM exams"),
+    ):
+        with pytest.raises(error, match=match):
+            evaluate.evaluate(
+                evaluate.EvalConfig(
+                    model=setup["model_dir"],
+                    data_dir=str(data_dir),
+                    output_dir=str(tmp_path / "o"),
+                    n_bootstrap=5,
+                )
+            )
+    (tmp_path / "notes.txt").write_text("not records")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         evaluate.evaluate(
             evaluate.EvalConfig(

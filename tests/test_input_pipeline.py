@@ -444,8 +444,12 @@ def test_split_errors(tmp_path):
     d = write_records(tmp_path / "rec", [_exam(0)])
     with pytest.raises(ValueError, match=r"'val' is not in"):
         input_pipeline.make_dataset(d, "val", NO_AUG, training=False)
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(FileNotFoundError, match="nothing' does not exist"):
         input_pipeline.make_dataset(tmp_path / "nothing", "train", NO_AUG, training=False)
+    os.makedirs(tmp_path / "stray")
+    open(tmp_path / "stray" / "notes.txt", "w").close()
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        input_pipeline.make_dataset(tmp_path / "stray", "train", NO_AUG, training=False)
     manifest_path = os.path.join(d, schema.MANIFEST_NAME)
     with open(manifest_path) as f:
         manifest = json.load(f)

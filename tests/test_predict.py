@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from mri_keras import evaluate, heatmap, inference, predict
+from mri_keras import heatmap, inference, predict, validation
+from tfrecords_tools.records import Records
 
 VARIANTS = ("standard", "reversed_cols", "descending_slices", "sagittal")
 
@@ -72,7 +73,7 @@ def _record_predictions(run):
     predictor = inference.load_predictor(run["export"])
     out = {}
     for split in ("train", "val", "test"):
-        p = evaluate.predict_split(predictor, run["records"], split)
+        p = validation.predict_split(predictor, run["records"], split)
         out.update({e: p.probs[i] for i, e in enumerate(p.exam_ids)})
     return predictor, out
 
@@ -189,10 +190,7 @@ def test_heatmap_has_exam_shape_and_canonical_orientation(run, tmp_path):
 
     predictor = inference.load_predictor(run["export"])
     model = inference.load_keras_model(predictor.location.keras_path)
-    records = {}
-    for split in ("train", "val", "test"):
-        for exam in evaluate.iterate_split(run["records"], split, predictor.phases):
-            records[exam["exam_id"]] = exam
+    records = {e["exam_id"]: e for _, e in Records.open(run["records"]).iter_numpy()}
     by_folder = {folder: e for e, folder in run["folder_of"].items()}
     for variant in ("reversed_cols", "sagittal", "descending_slices"):
         folder = next(f for f, v in run["variant_of"].items() if v == variant)

@@ -22,7 +22,7 @@ from mri_keras import config as config_lib
 from mri_keras import export as export_lib
 from mri_keras import flags as flags_lib
 from mri_keras import model as model_lib
-from mri_keras import train, train_lib
+from mri_keras import run_dir, train, train_data, train_lib, validation
 from tfrecords_tools import schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def test_one_epoch_run_writes_every_output(data_dir, tmp_path, capsys):
     assert "Epoch 1/1" in out and os.path.join(model_dir, "export") in out
 
     assert history["epoch"] == [1] and history["best_epoch"] == 1
-    rows = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    rows = run_dir.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
     assert [r["epoch"] for r in rows] == [1]
     assert rows[0]["val_malignant_auc"] == pytest.approx(history["val_malignant_auc"][0])
     assert os.path.isfile(os.path.join(model_dir, "best.keras"))
@@ -102,7 +102,7 @@ def test_two_epoch_run_keeps_best_epoch(two_epoch_run):
     )
     assert history["best_epoch"] == (2 if later_wins else 1)
     assert history["best_val_malignant_auc"] == aucs[history["best_epoch"] - 1]
-    rows = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    rows = run_dir.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
     assert [r["epoch"] for r in rows] == [1, 2]
     np.testing.assert_allclose([r["loss"] for r in rows], history["loss"], rtol=1e-12)
     meta = export_lib.read_metadata(os.path.join(model_dir, "export"))
@@ -110,12 +110,12 @@ def test_two_epoch_run_keeps_best_epoch(two_epoch_run):
     assert meta["input_variant"] == "t2-t0" and meta["phases"] == ["t0", "t2"]
     # best.keras holds the best epoch: its val AUC is the recorded one.
     model = keras.models.load_model(os.path.join(model_dir, "best.keras"))
-    _, _, labels, probs = train_lib.predict_split(
+    scored = validation.predict_split(
         model, _data_dir_of(model_dir), "val", config_lib.InputConfig()
     )
-    assert train_lib.validation_metrics(labels, probs)["val_malignant_auc"] == pytest.approx(
-        history["best_val_malignant_auc"]
-    )
+    assert validation.validation_metrics(scored.labels, scored.probs)[
+        "val_malignant_auc"
+    ] == pytest.approx(history["best_val_malignant_auc"])
     assert not glob.glob(os.path.join(model_dir, "best.keras.epoch-*"))
 
 
@@ -139,7 +139,8 @@ def test_export_parity_for_both_signatures(two_epoch_run):
     model_dir, _ = two_epoch_run
     data_dir = _data_dir_of(model_dir)
     model = keras.models.load_model(os.path.join(model_dir, "best.keras"))
-    ids, _, _, probs = train_lib.predict_split(model, data_dir, "val", config_lib.InputConfig())
+    scored = validation.predict_split(model, data_dir, "val", config_lib.InputConfig())
+    ids, probs = list(scored.exam_ids), scored.probs
 
     records = [r.numpy() for r in tf.data.TFRecordDataset(glob.glob(f"{data_dir}/val-*"))]
     by_id = {schema.decode_example_numpy(r)["exam_id"]: r for r in records}
@@ -170,11 +171,11 @@ def test_export_parity_for_both_signatures(two_epoch_run):
 
 def test_train_fraction_subsamples_whole_patients(data_dir, tmp_path, capsys):
     exams = [{"exam_id": f"e{i}", "patient_id": f"p{i // 2}"} for i in range(20)]
-    ids, patients = train_lib.select_train_exams(exams, 0.3, seed=1)
+    ids, patients = train_data.select_train_exams(exams, 0.3, seed=1)
     assert patients == 3 and len(ids) == 6
     assert len({i for i in ids} & {f"e{2 * k}" for k in range(10)}) == 3  # both exams per patient
-    assert train_lib.select_train_exams(exams, 0.3, seed=1) == (ids, patients)
-    assert train_lib.select_train_exams(exams, 1.0, seed=1) == (None, 10)
+    assert train_data.select_train_exams(exams, 0.3, seed=1) == (ids, patients)
+    assert train_data.select_train_exams(exams, 1.0, seed=1) == (None, 10)
 
     class CountSteps(keras.callbacks.Callback):
         steps = 0
@@ -284,7 +285,7 @@ def test_input_variant_needing_missing_phases(tmp_path):
 def test_model_dir_with_other_settings(data_dir, tmp_path):
     model_dir = str(tmp_path / "run")
     saved = _config(_argv(data_dir, model_dir, "--epochs=2"))
-    train_lib.prepare_model_dir(saved)
+    run_dir.prepare_model_dir(saved)
     msg = _expect_error(
         _argv(data_dir, model_dir, "--width=8", "--learning_rate=0.01", "--epochs=7"),
         "holds a run with other settings",
@@ -294,13 +295,13 @@ def test_model_dir_with_other_settings(data_dir, tmp_path):
     )
     assert "epochs" not in msg  # More epochs continue the run.
     # Same settings (other epochs): resumable.
-    assert train_lib.prepare_model_dir(_config(_argv(data_dir, model_dir, "--epochs=9")))
+    assert run_dir.prepare_model_dir(_config(_argv(data_dir, model_dir, "--epochs=9")))
     # --overwrite starts over: the old run's files go.
     for name in ("metrics.csv", "best.keras"):
         (tmp_path / "run" / name).write_text("old")
     os.makedirs(tmp_path / "run" / "checkpoints")
     other = _config(_argv(data_dir, model_dir, "--width=8", "--overwrite"))
-    assert train_lib.prepare_model_dir(other) is False
+    assert run_dir.prepare_model_dir(other) is False
     assert sorted(os.listdir(model_dir)) == ["config.json"]
     with open(os.path.join(model_dir, "config.json")) as f:
         assert json.load(f)["model"]["width"] == 8
@@ -339,10 +340,10 @@ def test_crop_flag_forms():
 
 def test_model_selection_rule():
     nan = float("nan")
-    assert train_lib.is_improvement(0.5, None)
-    assert train_lib.is_improvement(0.6, 0.5) and not train_lib.is_improvement(0.5, 0.5)
-    assert not train_lib.is_improvement(nan, 0.5) and train_lib.is_improvement(0.1, nan)
-    assert train_lib.is_improvement(nan, nan)  # Without any AUC, the latest epoch is kept.
+    assert validation.is_improvement(0.5, None)
+    assert validation.is_improvement(0.6, 0.5) and not validation.is_improvement(0.5, 0.5)
+    assert not validation.is_improvement(nan, 0.5) and validation.is_improvement(0.1, nan)
+    assert validation.is_improvement(nan, nan)  # Without any AUC, the latest epoch is kept.
 
 
 # --------------------------------------------------------------------------- fault tolerance
@@ -384,7 +385,7 @@ def test_killed_run_resumes_at_the_interrupted_epoch(data_dir, tmp_path):
     assert "Epoch 2/3" in killed.stdout
     ckpts = os.path.join(model_dir, "checkpoints")
     assert tf.train.latest_checkpoint(ckpts).endswith("ckpt-1")
-    before = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    before = run_dir.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
     assert [r["epoch"] for r in before] == [1]
 
     resumed = _subprocess(["-m", "mri_keras.train", *argv])
@@ -392,7 +393,7 @@ def test_killed_run_resumes_at_the_interrupted_epoch(data_dir, tmp_path):
     assert "resuming from ckpt-1" in resumed.stdout
     assert "Epoch 1/3" not in resumed.stdout and "Epoch 2/3" in resumed.stdout
     assert "Finished 3 epoch(s) of 3" in resumed.stdout
-    after = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    after = run_dir.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
     assert [r["epoch"] for r in after] == [1, 2, 3] and after[0] == before[0]
 
     # Same bookkeeping as a run never interrupted (each epoch's data stream is seeded).

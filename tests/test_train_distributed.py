@@ -16,7 +16,7 @@ import tensorflow as tf
 import train_fixtures
 
 from mri_keras import config as config_lib
-from mri_keras import input_pipeline, train_lib
+from mri_keras import input_pipeline, run_dir
 from mri_keras import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,8 +154,8 @@ def test_multi_worker_two_processes_agree_on_weights(tmp_path):
     assert "mri_keras training" not in outputs[1]  # Only the chief reports.
     assert _fingerprint(outputs[0]) == _fingerprint(outputs[1])
     # The chief wrote the run; the other worker left nothing behind in it.
-    assert sorted(os.listdir(model_dir)) == sorted(train_lib.RUN_FILES)
-    rows = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    assert sorted(os.listdir(model_dir)) == sorted(run_dir.RUN_FILES)
+    rows = run_dir.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
     assert [r["epoch"] for r in rows] == [1]
     assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("ckpt-1")
 

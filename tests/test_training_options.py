@@ -20,7 +20,17 @@ from absl import flags as absl_flags
 
 from mri_keras import config as config_lib
 from mri_keras import flags as flags_lib
-from mri_keras import input_pipeline, train, train_lib, tune_lib, tune_space
+from mri_keras import (
+    input_pipeline,
+    run_dir,
+    schedules,
+    train,
+    train_data,
+    train_lib,
+    tune_lib,
+    tune_space,
+    validation,
+)
 from mri_keras import model as model_lib
 from tfrecords_tools import memory
 
@@ -103,23 +113,23 @@ def test_model_config_rejects_unknown_options():
 
 
 def test_warmup_and_cosine_schedule_values():
-    cosine = train_lib.WarmupSchedule(1e-3, total_steps=100, warmup_steps=10, kind="cosine")
+    cosine = schedules.WarmupSchedule(1e-3, total_steps=100, warmup_steps=10, kind="cosine")
     lr = [float(cosine(step)) for step in range(100)]
     np.testing.assert_allclose(lr[:10], [1e-3 * (i + 1) / 10 for i in range(10)], rtol=1e-5)
     assert lr[10] == pytest.approx(1e-3, rel=1e-5)
     assert lr[55] == pytest.approx(0.5e-3, rel=1e-3)  # Half way through the decay.
     assert all(a >= b for a, b in zip(lr[10:], lr[11:])) and lr[-1] < 1e-6
-    constant = train_lib.WarmupSchedule(1e-3, total_steps=100, warmup_steps=4)
+    constant = schedules.WarmupSchedule(1e-3, total_steps=100, warmup_steps=4)
     assert [round(float(constant(s)) * 1e4, 6) for s in (0, 3, 50, 99)] == [2.5, 10, 10, 10]
     # Serializable (the optimizer is checkpointed with it).
-    again = train_lib.WarmupSchedule.from_config(cosine.get_config())
+    again = schedules.WarmupSchedule.from_config(cosine.get_config())
     assert float(again(37)) == pytest.approx(float(cosine(37)))
 
 
 def test_learning_rate_from_config():
     base = train_lib.TrainConfig(data_dir="d", model_dir="m", epochs=5, learning_rate=1e-3)
-    assert train_lib.make_learning_rate(base, 10) == 1e-3  # The paper: a plain constant.
-    warm = train_lib.make_learning_rate(
+    assert schedules.make_learning_rate(base, 10) == 1e-3  # The paper: a plain constant.
+    warm = schedules.make_learning_rate(
         train_lib.TrainConfig(
             data_dir="d",
             model_dir="m",
@@ -140,18 +150,18 @@ def test_learning_rate_from_config():
 def test_cosine_run_cannot_change_its_length_on_resume():
     saved = train_lib.TrainConfig(data_dir="d", model_dir="m", epochs=10).to_json_dict()
     longer = train_lib.TrainConfig(data_dir="d", model_dir="m", epochs=20).to_json_dict()
-    assert train_lib.config_differences(saved, longer) == []  # Constant: a longer run is fine.
+    assert run_dir.config_differences(saved, longer) == []  # Constant: a longer run is fine.
     saved_cos = dict(saved, lr_schedule="cosine")
     longer_cos = dict(longer, lr_schedule="cosine")
-    assert train_lib.config_differences(saved_cos, longer_cos) == ["epochs: saved 10, now 20"]
+    assert run_dir.config_differences(saved_cos, longer_cos) == ["epochs: saved 10, now 20"]
 
 
 def test_a_moved_run_directory_resumes_but_other_data_does_not():
     saved = train_lib.TrainConfig(data_dir="d", model_dir="/old/run").to_json_dict()
     moved = train_lib.TrainConfig(data_dir="d", model_dir="/new/run").to_json_dict()
-    assert train_lib.config_differences(saved, moved) == []
+    assert run_dir.config_differences(saved, moved) == []
     other_data = train_lib.TrainConfig(data_dir="e", model_dir="/new/run").to_json_dict()
-    assert train_lib.config_differences(saved, other_data) == ["data_dir: saved 'd', now 'e'"]
+    assert run_dir.config_differences(saved, other_data) == ["data_dir: saved 'd', now 'e'"]
 
 
 # --------------------------------------------------------------------------- selection rule
@@ -160,15 +170,15 @@ def test_a_moved_run_directory_resumes_but_other_data_does_not():
 def test_model_selection_tie_rule():
     nan = float("nan")
     # Higher AUC wins whatever the loss.
-    assert train_lib.is_improvement(0.8, 0.7, loss=5.0, best_loss=1.0)
-    assert not train_lib.is_improvement(0.7, 0.8, loss=0.1, best_loss=1.0)
+    assert validation.is_improvement(0.8, 0.7, loss=5.0, best_loss=1.0)
+    assert not validation.is_improvement(0.7, 0.8, loss=0.1, best_loss=1.0)
     # Equal AUC: the lower validation loss wins; equal loss too: the earlier epoch stays.
-    assert train_lib.is_improvement(0.8, 0.8, loss=0.9, best_loss=1.0)
-    assert not train_lib.is_improvement(0.8, 0.8, loss=1.1, best_loss=1.0)
-    assert not train_lib.is_improvement(0.8, 0.8, loss=1.0, best_loss=1.0)
-    assert not train_lib.is_improvement(0.8, 0.8)  # No losses known: the earlier epoch.
-    assert not train_lib.is_improvement(0.8, 0.8, loss=nan, best_loss=1.0)
-    assert train_lib.is_improvement(0.8 + 1e-12, 0.8, loss=0.9, best_loss=1.0)  # A tie.
+    assert validation.is_improvement(0.8, 0.8, loss=0.9, best_loss=1.0)
+    assert not validation.is_improvement(0.8, 0.8, loss=1.1, best_loss=1.0)
+    assert not validation.is_improvement(0.8, 0.8, loss=1.0, best_loss=1.0)
+    assert not validation.is_improvement(0.8, 0.8)  # No losses known: the earlier epoch.
+    assert not validation.is_improvement(0.8, 0.8, loss=nan, best_loss=1.0)
+    assert validation.is_improvement(0.8 + 1e-12, 0.8, loss=0.9, best_loss=1.0)  # A tie.
 
 
 # --------------------------------------------------------------------------- permutation
@@ -267,7 +277,7 @@ def test_two_training_epochs_visit_every_exam_once_each(sharded_dir, tmp_path, m
 
 
 def test_whole_split_buffer_refused_when_it_would_not_fit(sharded_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_lib, "_physical_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(train_data, "_physical_memory_bytes", lambda: 1000)
     config = _config(
         [
             f"--data_dir={sharded_dir}",
@@ -277,7 +287,7 @@ def test_whole_split_buffer_refused_when_it_would_not_fit(sharded_dir, tmp_path,
         ]
     )
     with pytest.raises(train_lib.SetupError, match="shuffle_buffer=0 would hold"):
-        train_lib.inspect_data(config)
+        train_data.inspect_data(config)
     with pytest.raises(ValueError, match="shuffle_buffer"):
         config_lib.InputConfig(shuffle_buffer=-1)
 
@@ -301,7 +311,7 @@ def test_options_train_resume_and_export(sharded_dir, tmp_path):
     ]
     first = train.run([*argv, "--epochs=2"])
     assert first["epoch"] == [1, 2] and all(np.isfinite(first["loss"]))
-    rows = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+    rows = run_dir.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
     for row in rows:  # Where each epoch's time went.
         assert 0 < row["train_seconds"] <= row["seconds"] and 0 < row["val_seconds"]
     # A cosine run's length is part of its recipe: resuming with more epochs is refused.

@@ -313,7 +313,7 @@ def _runs(sweep):
 def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
     records, space_file, tmp_path
 ):
-    from mri_keras import train, train_lib, tune
+    from mri_keras import run_dir, train, tune
 
     sweep = str(tmp_path / "sweep")
     # In-process trials keep this test quick; the workers of the distributed test run the
@@ -333,7 +333,7 @@ def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
         assert set(TINY_SPACE) <= set(row) and row["epochs"] == "1" and row["best_epoch"] == "1"
         # What the summary says was tried is what training ran with, and the reported AUC is
         # training's own model-selection value.
-        with open(os.path.join(row["model_dir"], train_lib.CONFIG_NAME)) as f:
+        with open(os.path.join(row["model_dir"], run_dir.CONFIG_NAME)) as f:
             ran = json.load(f)
         assert ran["model"]["width"] == int(row["width"])
         assert ran["model"]["stem_kernel"] == int(row["stem_kernel"])
@@ -341,7 +341,7 @@ def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
         assert ",".join(map(str, ran["model"]["blocks_per_stage"])) == row["blocks_per_stage"]
         assert ran["input"]["flip"] == (row["flip"] == "true")
         assert ran["learning_rate"] == pytest.approx(float(row["learning_rate"]), rel=1e-5)
-        metrics = train_lib.read_metrics_csv(os.path.join(row["model_dir"], "metrics.csv"))
+        metrics = run_dir.read_metrics_csv(os.path.join(row["model_dir"], "metrics.csv"))
         assert float(row["val_malignant_auc"]) == pytest.approx(
             metrics[0]["val_malignant_auc"], abs=1e-6
         )
@@ -351,9 +351,9 @@ def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
     assert result.best_flags_path == flags_path
     history = train.run([f"--flagfile={flags_path}"])
     assert history["epoch"] == [1]
-    with open(os.path.join(rows[0]["model_dir"], train_lib.CONFIG_NAME)) as f:
+    with open(os.path.join(rows[0]["model_dir"], run_dir.CONFIG_NAME)) as f:
         best_ran = json.load(f)
-    with open(os.path.join(sweep, "best_trial", train_lib.CONFIG_NAME)) as f:
+    with open(os.path.join(sweep, "best_trial", run_dir.CONFIG_NAME)) as f:
         retrained = json.load(f)
     assert retrained.pop("model_dir") == os.path.join(sweep, "best_trial")
     best_ran.pop("model_dir")
@@ -383,7 +383,7 @@ def test_random_search_writes_summary_and_best_flags_that_train_then_resumes(
 def test_interrupted_sweep_resumes_the_unfinished_trial(records, space_file, tmp_path):
     import keras
 
-    from mri_keras import train_lib, tune_lib
+    from mri_keras import run_dir, train_lib, tune_lib
     from mri_keras import tune_space as ts
 
     class Interrupt(keras.callbacks.Callback):
@@ -404,7 +404,7 @@ def test_interrupted_sweep_resumes_the_unfinished_trial(records, space_file, tmp
     runs = _runs(config.train.model_dir)
     assert list(runs) == ["0"]  # The same trial, not a new one.
     assert [r["status"].split(":")[0] for r in runs["0"]] == ["error", "completed"]
-    metrics = train_lib.read_metrics_csv(os.path.join(result.results[0].model_dir, "metrics.csv"))
+    metrics = run_dir.read_metrics_csv(os.path.join(result.results[0].model_dir, "metrics.csv"))
     # Trained to the end, the first epoch kept from before the interruption.
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert result.rows[0]["epochs"] == 2

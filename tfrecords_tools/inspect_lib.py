@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from tfrecords_tools import schema
-
-
-def iter_records(records_dir: str, splits: Sequence[str] = schema.SPLITS) -> Iterator[tuple]:
-    """Yields ``(split, decoded record)`` for every exam, in manifest shard order.
-
-    Records are decoded with ``schema.decode_example_numpy`` (dict of numpy arrays).
-    """
-    import tensorflow as tf
-
-    manifest = schema.read_manifest(records_dir)
-    for split in splits:
-        for shard in manifest["splits"][split]["shards"]:
-            path = os.path.join(records_dir, shard)
-            for raw in tf.data.TFRecordDataset(path):
-                yield split, schema.decode_example_numpy(raw.numpy())
+from tfrecords_tools.records import Records
 
 
 def read_failures(records_dir: str) -> list:
@@ -45,7 +31,8 @@ def summary(records_dir: str, verify: bool = False) -> str:
     """Text summary: exams/patients/shards per split, label prevalence, shape and spacing
     ranges, failures. With ``verify`` every record is read and checked against the manifest.
     """
-    m = schema.read_manifest(records_dir)
+    records = Records.open(records_dir)
+    m = records.manifest
     lines = [f"records: {os.path.abspath(records_dir)} (schema version {m['schema_version']})"]
     lines.append(
         f"{'split':<6} {'exams':>6} {'patients':>8} {'shards':>6} {'MiB':>9}  "
@@ -53,7 +40,8 @@ def summary(records_dir: str, verify: bool = False) -> str:
     )
     for split in schema.SPLITS:
         s = m["splits"][split]
-        size = sum(os.path.getsize(os.path.join(records_dir, n)) for n in s["shards"]) / 2**20
+        size = sum(os.path.getsize(p) for p in records.shard_paths(split)) if s["shards"] else 0
+        size /= 2**20
         counts = "  ".join(
             f"{s['label_counts'][name]:>5} ({_pct(s['label_counts'][name], s['num_exams']):>6})"
             for name in m["labels"]
@@ -75,7 +63,7 @@ def summary(records_dir: str, verify: bool = False) -> str:
     for exam, reason in failures:
         lines.append(f"  {exam}: {reason}")
     if verify:
-        lines.append(verify_records(records_dir, m))
+        lines.append(verify_records(records_dir))
     return "\n".join(lines)
 
 
@@ -83,18 +71,19 @@ def _pct(n, total) -> str:
     return f"{100.0 * n / total:.1f}%" if total else "-"
 
 
-def verify_records(records_dir: str, manifest: dict | None = None) -> str:
+def verify_records(records_dir: str) -> str:
     """Reads every record and checks ids, labels and shapes against the manifest.
 
     Raises:
       ValueError: naming the first mismatch.
     """
-    m = manifest or schema.read_manifest(records_dir)
+    records = Records.open(records_dir)
+    m = records.manifest
     expected = {
         e["exam_id"]: (split, e) for split in schema.SPLITS for e in m["splits"][split]["exams"]
     }
     seen = set()
-    for split, rec in iter_records(records_dir):
+    for split, rec in records.iter_numpy():
         exam_id = rec[schema.KEY_EXAM_ID]
         if exam_id not in expected or expected[exam_id][0] != split or exam_id in seen:
             raise ValueError(f"record {exam_id} in {split} does not match the manifest")
@@ -119,7 +108,7 @@ def export_npz(records_dir: str, out_dir: str, splits: Sequence[str] = schema.SP
     """
     os.makedirs(out_dir, exist_ok=True)
     n = 0
-    for _, rec in iter_records(records_dir, splits):
+    for _, rec in Records.open(records_dir).iter_numpy(splits):
         arrays = {p: rec[p] for p in rec[schema.KEY_PHASES]}
         np.savez(
             os.path.join(out_dir, rec[schema.KEY_EXAM_ID] + ".npz"),
@@ -188,7 +177,7 @@ def export_png(
     """Writes ``out_dir/<exam_id>.png`` previews; returns how many."""
     os.makedirs(out_dir, exist_ok=True)
     n = 0
-    for split, rec in iter_records(records_dir, splits):
+    for split, rec in Records.open(records_dir).iter_numpy(splits):
         if max_exams and n >= max_exams:
             break
         write_png(rec, split, os.path.join(out_dir, rec[schema.KEY_EXAM_ID] + ".png"))

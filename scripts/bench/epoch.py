@@ -83,12 +83,12 @@ def bare_step_ms(config, shape, steps: int = 60) -> float:
     import keras
     import tensorflow as tf
 
-    from mri_keras import constants, train_lib
+    from mri_keras import constants, schedules, train_lib
     from mri_keras import model as model_lib
 
     keras.utils.set_random_seed(0)
     model = model_lib.build_model(config.model)
-    optimizer = train_lib._make_optimizer(config, 100)
+    optimizer = schedules.make_optimizer(config, 100)
     optimizer.build(model.trainable_variables)
     volume = tf.random.normal((1, *shape, 1))
     targets = {k: tf.constant([[1.0, 0.0]]) for k in constants.LABELS}
@@ -126,9 +126,9 @@ def run_training(flagfiles, extra, data_dir, epochs, env_extra) -> dict:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode:
             raise RuntimeError(f"training failed:\n{proc.stderr[-3000:]}")
-        from mri_keras import train_lib
+        from mri_keras import run_dir
 
-        rows = train_lib.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
+        rows = run_dir.read_metrics_csv(os.path.join(model_dir, "metrics.csv"))
     return {
         "rows": rows,
         "wall_s": wall,

@@ -20,8 +20,8 @@ import numpy as np
 from absl import app, flags
 from scipy import ndimage
 
-from mri_keras import evaluate as evaluate_lib
 from mri_keras import metrics as metrics_lib
+from tfrecords_tools.records import Records
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Records directory.", required=True)
@@ -43,7 +43,7 @@ def side_scores(t0: np.ndarray, t2: np.ndarray, anterior: float, box: int):
 def score_split(data_dir: str, split: str, anterior: float, box: int):
     """Per exam: labels (N, 4), feature scores (N, 4) in the labels' order, patient ids."""
     labels, scores, patients = [], [], []
-    for exam in evaluate_lib.iterate_split(data_dir, split, ("t0", "t2")):
+    for _, exam in Records.open(data_dir).iter_numpy((split,)):
         right, left = side_scores(exam["t0"], exam["t2"], anterior, box)
         # LABELS order: left_benign, left_malignant, right_benign, right_malignant.
         scores.append([left, left, right, right])

@@ -34,7 +34,7 @@ _CHUNK_BYTES = 8 << 20
 def _split_files(records_dir: str, split: str, input_variant: str) -> list:
     from mri_keras import input_pipeline
 
-    return input_pipeline.shard_files(records_dir, split, input_variant)[0]
+    return input_pipeline.open_split(records_dir, split, input_variant)[1]
 
 
 def write_synthetic_records(

@@ -38,11 +38,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from mri_keras import (
-    evaluate,  # noqa: E402
-    heatmap,  # noqa: E402
-    inference,  # noqa: E402
-)
+from mri_keras import heatmap, inference  # noqa: E402
+from tfrecords_tools.records import Records  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "MODEL_DIR (needs best.keras) or its export/.")
@@ -143,16 +140,8 @@ def main(argv):
     with open(FLAGS.id_map, newline="") as f:
         folder_of = {r["exam_id"]: r["exam"] for r in csv.DictReader(f)}
     lesions = read_lesions(FLAGS.annotations)
-    from tfrecords_tools import schema
-
-    records = {}
-    manifest = schema.read_manifest(FLAGS.data_dir)
-    for split in FLAGS.splits:
-        for exam in evaluate.iterate_split(FLAGS.data_dir, split, predictor.phases):
-            records[exam["exam_id"]] = exam
-        # Spacing (for the lesions' slice extent) comes from the manifest.
-        for e in manifest["splits"][split]["exams"]:
-            records[e["exam_id"]]["spacing"] = e["spacing"]
+    # Each record carries its spacing (for the lesions' slice extent) with its phases.
+    records = {e["exam_id"]: e for _, e in Records.open(FLAGS.data_dir).iter_numpy(FLAGS.splits)}
     results = []
     for method in FLAGS.methods:
         for target in FLAGS.targets:
