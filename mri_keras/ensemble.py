@@ -296,10 +296,6 @@ def run_ensemble(config: EnsembleConfig) -> dict:
     return description
 
 
-def _split_list(value: str | None):
-    return tuple(v for v in (value or "").split(",") if v)
-
-
 def define_flags():
     """Defines this entry point's flags."""
     from absl import flags

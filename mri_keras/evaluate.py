@@ -30,6 +30,7 @@ import numpy as np
 
 from mri_keras import constants, predictions_io
 from mri_keras import metrics as metrics_lib
+from tfrecords_tools import schema
 
 METRICS_FILENAME = "metrics.json"
 ROC_FILENAME = "roc.png"
@@ -63,7 +64,7 @@ class EvalConfig:
     name: str | None = None
 
     def __post_init__(self):
-        if self.split not in ("train", "val", "test"):
+        if self.split not in schema.SPLITS:
             raise ValueError(f"split must be train, val or test. Received: split={self.split!r}")
         if self.n_bootstrap < 1:
             raise ValueError(f"n_bootstrap must be >= 1. Received: {self.n_bootstrap}")

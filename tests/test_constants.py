@@ -9,6 +9,7 @@ from tfrecords_tools import schema
 def test_labels_and_phases_agree_with_schema():
     assert constants.LABELS == schema.LABELS
     assert constants.PHASES == schema.PHASES
+    assert constants.SIDES == schema.SIDES
     assert constants.LABELS == tuple(
         f"{side}_{task}" for side in constants.SIDES for task in constants.TASKS
     )

@@ -54,7 +54,7 @@ from pydicom.pixels import get_decoder
 
 from tfrecords_tools import dicom_multiframe, schema
 
-PHASES = ("t0", "t1", "t2", "t3")
+PHASES = schema.PHASES
 
 CODECS_HINT = "pip install 'mri_keras[dicom-codecs]'"
 

@@ -47,6 +47,8 @@ SCHEMA_VERSION = 2
 
 # Labels, always in this order (heads, losses, metrics and CSV columns key off this tuple).
 LABELS = ("left_benign", "left_malignant", "right_benign", "right_malignant")
+# Breast sides in label order (left first).
+SIDES = ("left", "right")
 # DCE phases: t0 pre-contrast, t1..t3 first/second/third post-contrast.
 PHASES = ("t0", "t1", "t2", "t3")
 SPLITS = ("train", "val", "test")
@@ -129,11 +131,6 @@ def checked_rescale(phases, rescale) -> dict:
             )
         out[p] = (slope, intercept)
     return out
-
-
-def shard_glob(split: str) -> str:
-    """Glob pattern matching every shard file of ``split`` inside a records directory."""
-    return f"{split}-*-of-*.tfrecord"
 
 
 def encode_example(

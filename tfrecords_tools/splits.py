@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+from tfrecords_tools.schema import SPLITS
 
 
 def parse_ratios(text: str) -> tuple:

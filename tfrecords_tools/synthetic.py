@@ -412,7 +412,7 @@ def _category_counts(num_exams: int) -> list[str]:
 
 def _lesion_kinds(category: str, rng: np.random.Generator) -> list[tuple[str, str]]:
     """(side, pathology) of each lesion of an exam in `category`."""
-    sides = ("left", "right")
+    sides = schema.SIDES
     side = sides[int(rng.integers(2))]
     other = sides[1 - sides.index(side)]
     kinds = []

@@ -28,7 +28,8 @@ import numpy as np
 
 # Enhancement is relative to this pre-contrast signal (about that of fibroglandular tissue).
 REFERENCE_SIGNAL = 200.0
-SIDES = ("right", "left")
+# ``Anatomy.breasts`` order: the right breast first (smaller column index, radiological view).
+BREAST_ORDER = ("right", "left")
 PATHOLOGIES = ("benign", "malignant")
 
 
@@ -167,7 +168,7 @@ def place_lesion(
     Returns:
       The Lesion, centre in canonical voxel coordinates.
     """
-    if side not in SIDES or pathology not in PATHOLOGIES:
+    if side not in BREAST_ORDER or pathology not in PATHOLOGIES:
         raise ValueError(f"Unknown lesion kind. Received: side={side!r}, pathology={pathology!r}")
     slices, rows, cols = shape
     scale = min(rows, cols) / 96.0  # radius range 3-8 voxels at 96 x 96
@@ -198,7 +199,7 @@ def place_lesion(
         rim = False
     radius = round(max(2.0, radius * scale), 1)
 
-    breast = anatomy.breasts[SIDES.index(side)]
+    breast = anatomy.breasts[BREAST_ORDER.index(side)]
     # Keep the lesion inside the breast: sample the centre in the inner part of the ellipsoid.
     semi_vox = min(breast.half_width * cols, breast.depth * rows)
     reach = float(np.clip(1.0 - (radius + 1.5) / semi_vox, 0.15, 0.7))
