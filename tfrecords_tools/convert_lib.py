@@ -35,12 +35,19 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from tfrecords_tools import dicom_reader, labels_csv, pseudonym, record_encoder, schema, splits
+from tfrecords_tools import (
+    dicom_reader,
+    fileio,
+    labels_csv,
+    pseudonym,
+    record_encoder,
+    schema,
+    splits,
+)
 from tfrecords_tools.memory import tune_malloc  # noqa: F401 (the converter CLI and bench use it)
 
 WORK_DIR = ".work"
@@ -137,22 +144,6 @@ class _Task:
     work_dir: str
     key: bytes
     options: dicom_reader.ReaderOptions
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def scrub(reason: str) -> str:
@@ -257,7 +248,7 @@ def _publish(tmp: str, rec_path: str, meta_path: str, meta: dict) -> None:
     record is published its write-back has usually finished, so the sync rarely waits.
     """
     _sync_release_rename(tmp, rec_path)
-    _atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
+    fileio.atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
 
 
 def _publish_pending() -> None:
@@ -498,7 +489,7 @@ def _write_csv(path: str, header, rows) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    _atomic_write_text(path, buf.getvalue())
+    fileio.atomic_write_text(path, buf.getvalue())
 
 
 def convert(config: ConvertConfig, stream=None) -> ConvertResult:
@@ -685,7 +676,7 @@ def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> C
         ("exam", "reason"),
         [(r["exam_id"], scrub(r["reason"])) for r in failed],
     )
-    _atomic_write_text(
+    fileio.atomic_write_text(
         os.path.join(out_dir, schema.MANIFEST_NAME),
         json.dumps(manifest, indent=1, sort_keys=False) + "\n",
     )
@@ -737,7 +728,7 @@ def _remove_stale(out_dir: str, written: set) -> None:
                 re.fullmatch(f"{s}-\\d{{5}}-of-\\d{{5}}\\.tfrecord", name) for s in schema.SPLITS
             )
         )
-        temp = name.startswith(".") and name.endswith(".tmp") or name.startswith(".tmp-")
+        temp = name.startswith(".") and name.endswith(".tmp") or name.startswith(fileio.TEMP_PREFIX)
         if stale_shard or temp:
             os.unlink(os.path.join(out_dir, name))
 
