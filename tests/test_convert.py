@@ -16,7 +16,14 @@ import pydicom.data
 import pytest
 from pydicom.uid import generate_uid
 
-from tfrecords_tools import convert_lib, dicom_reader, inspect_lib, labels_csv, schema, splits
+from tfrecords_tools import (
+    dicom_reader,
+    inspect_lib,
+    labels_csv,
+    record_cache,
+    schema,
+    splits,
+)
 from tfrecords_tools.convert_lib import ConvertConfig, convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +132,7 @@ def test_convert_writes_records_manifest_and_id_map(tmp_path, cohort):
     assert manifest["phases"] == list(schema.PHASES)
     assert manifest["labels"] == list(schema.LABELS)
     assert manifest["num_failures"] == 0 and manifest["num_exams"] == 10
-    assert not os.path.exists(os.path.join(out, convert_lib.WORK_DIR))  # Cache dropped.
+    assert not os.path.exists(os.path.join(out, record_cache.WORK_DIR))  # Cache dropped.
     records = _records(out)
     assert len(records) == 10
     # id map: pseudonym -> folder, outside the output dir; records equal load_exam's volumes.
@@ -562,7 +569,7 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
         "--num_workers=2",
     ]
     proc = _cli(args)
-    work = out / convert_lib.WORK_DIR
+    work = out / record_cache.WORK_DIR
     deadline = time.time() + 240
     done = 0
     while time.time() < deadline and proc.poll() is None:

@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gc
-import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import time
 
@@ -41,17 +38,17 @@ import numpy as np
 
 from tfrecords_tools import (
     dicom_reader,
+    durable_io,
     fileio,
     labels_csv,
+    memory,
     pseudonym,
+    record_cache,
     record_encoder,
     schema,
     splits,
 )
-from tfrecords_tools.memory import tune_malloc  # noqa: F401 (the converter CLI and bench use it)
 
-WORK_DIR = ".work"
-CONVERTER_VERSION = 2  # Bump when the records written for the same input would change.
 MB = 1 << 20
 _UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
@@ -151,127 +148,16 @@ def scrub(reason: str) -> str:
     return _UID_RE.sub("<uid>", reason)
 
 
-def _exam_fingerprint(exam_dir: str) -> list:
-    listing = []
-    for rel in dicom_reader.list_files(exam_dir):
-        try:
-            st = os.stat(os.path.join(exam_dir, rel))
-        except OSError:  # A dangling link: the reader skips it too.
-            continue
-        listing.append([rel, st.st_size, st.st_mtime_ns])
-    return listing
+def _convert_one(task: _Task, pending: record_cache.PendingRecords) -> dict:
+    """Reads, encodes and caches one exam.
 
-
-def _cache_key(exam, exam_dir, labels, overrides, key_fp, options) -> str:
-    payload = json.dumps(
-        {
-            "converter": CONVERTER_VERSION,
-            "schema": schema.SCHEMA_VERSION,
-            "exam": exam,
-            "files": _exam_fingerprint(exam_dir),
-            "labels": list(labels),
-            "overrides": sorted((overrides or {}).items()),
-            "key": key_fp,
-            "options": dataclasses.asdict(options),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def _cache_paths(work_dir: str, cache_key: str):
-    return (
-        os.path.join(work_dir, cache_key + ".tfrecord"),
-        os.path.join(work_dir, cache_key + ".json"),
-    )
-
-
-def _release(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Drops a file range from the page cache; starts writing it back if it is dirty.
-
-    Records are written once and read much later (an archive's records rarely fit in memory),
-    so keeping them cached only grows the page cache, and every page the kernel has to find
-    for a fresh write costs far more than reusing one just released (measured in
-    BENCHMARKS.md, "Ingest": 0.23 s against 0.02 s of system time per 100 MB on the
-    development VM). On Linux the advice starts writeback of dirty pages without waiting and
-    drops the clean ones, so calling it once after a write and once more a little later frees
-    the pages for the next write. Advice only: a no-op where unsupported.
+    The record is written under a temporary name and added to ``pending``, this process's
+    queue: it is published (synced, renamed, meta file written) when this process starts its
+    next exam, or by the parent after the last one (``result["pending"]``).
     """
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-
-
-def _sync(fd: int) -> None:
-    os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
-
-
-# Records written by this process but not yet published in the cache (see _convert_one).
-_PENDING: list = []
-
-
-def _write_pending(path: str, record: bytes) -> str:
-    """Writes ``record`` as a one-record TFRecord file under a temporary name next to ``path``.
-
-    Returns the temporary name; ``_publish`` makes it the cache entry.
-    """
-    import tensorflow as tf
-
-    tmp = path + f".tmp-{os.getpid()}"
-    with tf.io.TFRecordWriter(tmp) as writer:
-        writer.write(record)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        _release(fd)  # Starts the write-back now; the pages are dropped at publication.
-    finally:
-        os.close(fd)
-    return tmp
-
-
-def _sync_release_rename(tmp: str, path: str) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        _sync(fd)
-        _release(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _publish(tmp: str, rec_path: str, meta_path: str, meta: dict) -> None:
-    """Makes a written record a cache entry: sync, drop from the page cache, rename, meta.
-
-    The data is synced before the rename so that, even after a power loss, a cache entry
-    (record + meta file) never names a record that was not completely written. By the time a
-    record is published its write-back has usually finished, so the sync rarely waits.
-    """
-    _sync_release_rename(tmp, rec_path)
-    fileio.atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
-
-
-def _publish_pending() -> None:
-    while _PENDING:
-        _publish(*_PENDING.pop(0))
-
-
-def _frame_record(path: str, record: bytes) -> None:
-    """Writes ``record`` as a one-record TFRecord file at ``path`` and publishes it at once."""
-    _sync_release_rename(_write_pending(path, record), path)
-
-
-def _convert_one(task: _Task) -> dict:
-    """Reads, encodes and caches one exam. Runs in a worker process.
-
-    The record is written under a temporary name and published (synced, renamed, meta file
-    written) when this process starts its next exam, or by the parent after the last one
-    (``result["pending"]``): by then its write-back has finished, so publishing neither waits
-    for the disk nor keeps the record in the page cache.
-    """
-    _publish_pending()
+    pending.publish_all()
     start = time.perf_counter()
-    rec_path, meta_path = _cache_paths(task.work_dir, task.cache_key)
+    rec_path, meta_path = record_cache.cache_paths(task.work_dir, task.cache_key)
     try:
         exam = dicom_reader.load_exam(task.exam_dir, task.overrides, task.options, keep_stored=True)
     except dicom_reader.ExamError as e:
@@ -290,7 +176,7 @@ def _convert_one(task: _Task) -> dict:
     record = record_encoder.encode_record(
         task.exam_id, patient_id, exam.volumes, exam.spacing, task.labels, exam.rescale
     )
-    tmp = _write_pending(rec_path, record)
+    tmp = record_cache.write_pending(rec_path, record)
     meta = {
         "exam_id": task.exam_id,
         "patient_id": patient_id,
@@ -300,10 +186,25 @@ def _convert_one(task: _Task) -> dict:
         "voxel_dtype": schema.voxel_dtype_name(exam.volumes),
         "bytes": os.path.getsize(tmp),
     }
-    pending = (tmp, rec_path, meta_path, dict(meta))
-    _PENDING.append(pending)
-    meta.update(exam=task.exam, read_s=read_s, total_s=time.perf_counter() - start, pending=pending)
+    entry = record_cache.PendingRecord(tmp, rec_path, meta_path, dict(meta))
+    pending.add(entry)
+    meta.update(exam=task.exam, read_s=read_s, total_s=time.perf_counter() - start, pending=entry)
     return meta
+
+
+# The records a pool worker has written and not yet published; set up in each worker process
+# by the pool's initializer, so it lives as long as the worker.
+_worker_pending: record_cache.PendingRecords | None = None
+
+
+def _init_worker() -> None:
+    global _worker_pending
+    memory.tune_malloc()
+    _worker_pending = record_cache.PendingRecords()
+
+
+def _convert_in_worker(task: _Task) -> dict:
+    return _convert_one(task, _worker_pending)
 
 
 class _Progress:
@@ -347,15 +248,11 @@ def _pool(workers: int):
     # Fork keeps the already imported TensorFlow/pydicom modules (no per-worker import cost);
     # where fork is unavailable or unsafe (macOS, Windows) workers are spawned.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
+    context = multiprocessing.get_context(method)
     if method != "fork":
-        return multiprocessing.get_context(method).Pool(workers, initializer=tune_malloc)
-    # Frozen objects are left alone by the workers' garbage collector, which otherwise writes
-    # to (and so copies) most of the parent's memory pages in every worker.
-    gc.freeze()
-    try:
-        return multiprocessing.get_context(method).Pool(workers, initializer=tune_malloc)
-    finally:
-        gc.unfreeze()
+        return context.Pool(workers, initializer=_init_worker)
+    with memory.gc_frozen():  # Keeps the workers from copying the parent's memory.
+        return context.Pool(workers, initializer=_init_worker)
 
 
 def _plan_shards(split, metas, shard_bytes) -> list:
@@ -395,9 +292,9 @@ def _assemble_shard(job) -> str:
         with open(tmp, "ab") as out:
             for path in paths[1:]:
                 with open(path, "rb") as src:
-                    _copy(src, out)
-            _sync(out.fileno())
-            _release(out.fileno())
+                    durable_io.append_file(src, out)
+            durable_io.sync(out.fileno())
+            durable_io.release(out.fileno())
         os.replace(tmp, os.path.join(output_dir, name))
         for path in paths[1:]:  # The cache goes anyway; dropping it here runs in parallel.
             os.unlink(path)
@@ -416,44 +313,11 @@ def _assemble_shard(job) -> str:
     with open(tmp, "wb") as out:
         for path in paths:
             with open(path, "rb") as src:
-                _copy(src, out)
-        _sync(out.fileno())
-        _release(out.fileno())
+                durable_io.append_file(src, out)
+        durable_io.sync(out.fileno())
+        durable_io.release(out.fileno())
     os.replace(tmp, os.path.join(output_dir, name))
     return name
-
-
-# Shard assembly copies in pieces of this size; each piece is released from the page cache once
-# written back (one piece later), so the copy keeps reusing a few pages instead of growing the
-# cache by the shard (see _release).
-_COPY_CHUNK = 32 * MB
-
-
-def _copy(src, dst) -> None:
-    """Appends all of ``src`` to ``dst`` (both binary files; ``dst`` at its end)."""
-    dst.flush()
-    sfd, dfd = src.fileno(), dst.fileno()
-    size = os.fstat(sfd).st_size
-    offset = 0
-    previous = None
-    while offset < size and hasattr(os, "copy_file_range"):
-        # In-kernel copy (no round trip through user space) where the OS offers it.
-        start = os.lseek(dfd, 0, os.SEEK_CUR)
-        try:
-            n = os.copy_file_range(sfd, dfd, min(_COPY_CHUNK, size - offset))
-        except OSError:
-            break  # E.g. across file systems on old kernels: finish with plain reads below.
-        if n == 0:
-            break
-        _release(sfd, offset, n)
-        _release(dfd, start, n)  # Starts the write-back of this piece...
-        if previous is not None:
-            _release(dfd, *previous)  # ...and drops the one before, written back by now.
-        previous = (start, n)
-        offset += n
-    if offset < size:
-        src.seek(offset)
-        shutil.copyfileobj(src, dst, 16 * MB)
 
 
 def _summary_stats(exams: list) -> dict:
@@ -525,12 +389,9 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
     os.makedirs(out_dir, exist_ok=True)
     key = pseudonym.load_or_create_key(config.key_file(), out_dir)
     pseudo = pseudonym.Pseudonymizer(key)
-    work_dir = os.path.join(out_dir, WORK_DIR)
+    work_dir = os.path.join(out_dir, record_cache.WORK_DIR)
     os.makedirs(work_dir, exist_ok=True)
-    for name in os.listdir(work_dir):  # Records a killed run never published.
-        if ".tmp-" in name:
-            os.unlink(os.path.join(work_dir, name))
-    _PENDING.clear()  # Left by an earlier conversion in this process that raised.
+    record_cache.remove_unpublished(work_dir)
     options = dicom_reader.ReaderOptions(max_obliquity_deg=config.max_obliquity_deg)
 
     tasks, cached, by_exam = [], [], {}
@@ -538,13 +399,13 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
         exam_dir = os.path.join(config.dicom_root, *row.exam.split("/"))
         exam_id = pseudo.exam(row.exam)
         ov = overrides.get(row.exam)
-        ckey = _cache_key(row.exam, exam_dir, row.labels, ov, pseudo.fingerprint(), options)
+        ckey = record_cache.cache_key(
+            row.exam, exam_dir, row.labels, ov, pseudo.fingerprint(), options
+        )
         task = _Task(row.exam, exam_dir, exam_id, row.labels, ov, ckey, work_dir, key, options)
         by_exam[row.exam] = task
-        rec_path, meta_path = _cache_paths(work_dir, ckey)
-        if os.path.exists(meta_path) and os.path.exists(rec_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
+        meta = record_cache.load_meta(work_dir, ckey)
+        if meta is not None:
             meta["exam"] = row.exam
             cached.append(meta)
         else:
@@ -562,20 +423,21 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
         import tensorflow  # noqa: F401 - imported once before fork, shared by workers.
 
         pool = _pool(workers)
+    pending = record_cache.PendingRecords()  # This process's own (no worker pool).
     try:
         if tasks:
             if pool is None or len(tasks) == 1:
-                iterator = map(_convert_one, tasks)
+                iterator = (_convert_one(task, pending) for task in tasks)
             else:
-                iterator = pool.imap_unordered(_convert_one, tasks)
+                iterator = pool.imap_unordered(_convert_in_worker, tasks)
             for res in iterator:
                 results.append(res)
                 progress.update(failed="reason" in res)
-        _publish_pending()  # This process's own (no worker pool).
+        pending.publish_all()
         for res in results:  # Each worker's last record.
-            pending = res.pop("pending", None)
-            if pending is not None and os.path.exists(pending[0]):
-                _publish(*pending)
+            entry = res.pop("pending", None)
+            if entry is not None and not entry.published():
+                entry.publish()
         progress.update(force=True)
         result = _finish(config, rows, results, by_exam, cached, work_dir, pool, stream)
     finally:
@@ -617,7 +479,10 @@ def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> C
         split_of = splits.assign_splits(strata, config.split_ratios, config.seed)
 
     # Shards: exams in pseudonym order, assembled in parallel (each is independent).
-    recs = {r["exam_id"]: _cache_paths(work_dir, by_exam[r["exam"]].cache_key)[0] for r in good}
+    recs = {
+        r["exam_id"]: record_cache.cache_paths(work_dir, by_exam[r["exam"]].cache_key)[0]
+        for r in good
+    }
     manifest_splits, written = {}, set()
     shard_bytes = max(1, int(config.shard_size_mb * MB))
     plans = {}
@@ -700,13 +565,10 @@ def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> C
 
     # The cache is dropped once every exam is in the shards; kept (pruned) otherwise, so a
     # rerun after fixing the failed exams reads only those.
-    keep = {by_exam[r["exam"]].cache_key for r in good}
     if failed:
-        for name in os.listdir(work_dir):
-            if name.split(".")[0] not in keep:
-                os.unlink(os.path.join(work_dir, name))
+        record_cache.keep_only(work_dir, {by_exam[r["exam"]].cache_key for r in good})
     else:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        record_cache.drop(work_dir)
 
     result = ConvertResult(
         len(rows),
