@@ -5,15 +5,15 @@ Steps (``convert``):
 1. Check the labels CSV, the phase map and the folders under the DICOM root; every problem is
    reported at once before any exam is read (``labels_csv.InputError``).
 2. Convert every exam in ``num_workers`` processes: ``dicom_reader.load_exam`` ->
-   ``schema.encode_example`` with keyed-hash pseudonyms. Each finished record is kept, framed
-   as a one-record TFRecord file, in ``OUTPUT/.work/`` under a key made of the exam folder, its
-   file listing (names, sizes, mtimes), its labels and phase map, the pseudonym key's
-   fingerprint and the reader settings. A run killed at any point and started again reuses
-   these and reads only the exams not done yet.
+   ``record_encoder.encode_record`` (byte for byte ``schema.encode_example``) with keyed-hash
+   pseudonyms. Each finished record is kept in the resume cache ``OUTPUT/.work/``
+   (``record_cache``), so a run killed at any point and started again reads only the exams not
+   done yet.
 3. Split patients (seeded, stratified by malignancy, or the CSV's ``split`` column).
 4. Assemble shards by concatenating the cached records in a deterministic order (by exam
-   pseudonym); each shard is written under a temporary name and renamed, then the manifest and
-   failures.csv are replaced atomically, then stale shards are removed.
+   pseudonym; ``shards``); each shard is written under a temporary name and renamed, then the
+   manifest and failures.csv are replaced atomically (``convert_report``), then stale shards are
+   removed.
 
 Nothing from the DICOM headers but pixels, geometry and the (pseudonymised) PatientID is used;
 failure reasons written under the output directory carry no file names or UIDs. The folder
@@ -23,36 +23,26 @@ output directory.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
-import logging
 import multiprocessing
 import os
-import re
 import sys
 import time
 
-import numpy as np
-
 from tfrecords_tools import (
+    convert_report,
     dicom_reader,
-    durable_io,
-    fileio,
     labels_csv,
     memory,
     pseudonym,
     record_cache,
     record_encoder,
     schema,
+    shards,
     splits,
 )
 
 MB = 1 << 20
-_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +96,16 @@ class ConvertConfig:
         except AttributeError:
             return os.cpu_count() or 1
 
+    def manifest_flags(self) -> dict:
+        """The settings as the manifest records them (those that change the output)."""
+        flags = dataclasses.asdict(self)
+        flags["split_ratios"] = list(self.split_ratios)
+        flags["pseudonym_key_file"] = self.key_file()
+        flags["id_map"] = self.id_map_file()
+        flags.pop("progress")
+        flags.pop("num_workers")  # Does not change the output; keeps reruns byte-identical.
+        return flags
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvertResult:
@@ -141,11 +141,6 @@ class _Task:
     work_dir: str
     key: bytes
     options: dicom_reader.ReaderOptions
-
-
-def scrub(reason: str) -> str:
-    """Removes anything UID-like from a failure reason (it goes under the output dir)."""
-    return _UID_RE.sub("<uid>", reason)
 
 
 def _convert_one(task: _Task, pending: record_cache.PendingRecords) -> dict:
@@ -255,105 +250,37 @@ def _pool(workers: int):
         return context.Pool(workers, initializer=_init_worker)
 
 
-def _plan_shards(split, metas, shard_bytes) -> list:
-    """Groups a split's exams (in order) into shards of about ``shard_bytes``.
+@dataclasses.dataclass
+class _Run:
+    """One conversion: its inputs, and the exams' results as they come in.
 
-    Returns:
-      list of (shard file name, [exam metas]).
+    Attributes:
+      config: ConvertConfig.
+      rows: list of labels_csv rows, in CSV order.
+      tasks: dict exam folder -> _Task, for every labelled exam.
+      cached: list of dict. Metadata of the exams resumed from the cache.
+      todo: list of _Task. The exams to read.
+      results: list of dict. Metadata of each exam converted or resumed, or its failure
+        (``reason``, ``detail``).
     """
-    groups: list = []
-    size = 0
-    for meta in metas:
-        if not groups or (size + meta["bytes"] > shard_bytes and groups[-1]):
-            groups.append([])
-            size = 0
-        groups[-1].append(meta)
-        size += meta["bytes"]
-    return [
-        (schema.SHARD_PATTERN.format(split=split, index=i, count=len(groups)), group)
-        for i, group in enumerate(groups)
-    ]
 
+    config: ConvertConfig
+    rows: list
+    tasks: dict
+    cached: list
+    todo: list
+    results: list = dataclasses.field(default_factory=list)
 
-def _assemble_shard(job) -> str:
-    """Concatenates cached one-record files into one shard (temporary name, then rename).
+    @property
+    def work_dir(self) -> str:
+        return os.path.join(self.config.output_dir, record_cache.WORK_DIR)
 
-    ``job`` is ``(output_dir, shard name, cached record paths, move_first)``. With
-    ``move_first`` (every exam converted, so the cache is dropped afterwards anyway) the first
-    record's cache file is renamed into the shard, only the others are copied, and their cache
-    files are removed once the shard is complete; a run killed during assembly then converts
-    those exams again.
-    """
-    output_dir, name, paths, move_first = job
-    tmp = os.path.join(output_dir, f".{name}.tmp")
-    if move_first and len(paths) > 1:
-        # A partial shard left under the temporary name by a kill is removed by the next run.
-        os.replace(paths[0], tmp)
-        with open(tmp, "ab") as out:
-            for path in paths[1:]:
-                with open(path, "rb") as src:
-                    durable_io.append_file(src, out)
-            durable_io.sync(out.fileno())
-            durable_io.release(out.fileno())
-        os.replace(tmp, os.path.join(output_dir, name))
-        for path in paths[1:]:  # The cache goes anyway; dropping it here runs in parallel.
-            os.unlink(path)
-        return name
-    if len(paths) == 1:
-        # One record (exams of half the shard size or more): the cached file already is the
-        # shard; a hard link shares it without copying (the cache name is removed later).
-        try:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            os.link(paths[0], tmp)
-            os.replace(tmp, os.path.join(output_dir, name))
-            return name
-        except OSError:
-            pass  # No hard links here (another file system): copy instead.
-    with open(tmp, "wb") as out:
-        for path in paths:
-            with open(path, "rb") as src:
-                durable_io.append_file(src, out)
-        durable_io.sync(out.fileno())
-        durable_io.release(out.fileno())
-    os.replace(tmp, os.path.join(output_dir, name))
-    return name
+    def good(self) -> list:
+        return [r for r in self.results if "reason" not in r]
 
-
-def _summary_stats(exams: list) -> dict:
-    if not exams:
-        return {"min": None, "max": None}
-    arr = np.asarray(exams, dtype=np.float64)
-    return {"min": arr.min(axis=0).tolist(), "max": arr.max(axis=0).tolist()}
-
-
-def _label_counts(labels: list) -> dict:
-    arr = np.asarray(labels, dtype=np.int64).reshape(-1, len(schema.LABELS))
-    return {name: int(arr[:, i].sum()) for i, name in enumerate(schema.LABELS)}
-
-
-def _prevalence(labels: list) -> dict:
-    n = len(labels)
-    counts = _label_counts(labels)
-    return {name: (counts[name] / n if n else None) for name in schema.LABELS}
-
-
-def _config_flags(config: ConvertConfig) -> dict:
-    flags = dataclasses.asdict(config)
-    flags["split_ratios"] = list(config.split_ratios)
-    flags["pseudonym_key_file"] = config.key_file()
-    flags["id_map"] = config.id_map_file()
-    flags.pop("progress")
-    flags.pop("num_workers")  # Does not change the output; keeps reruns byte-identical.
-    return flags
-
-
-def _write_csv(path: str, header, rows) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    fileio.atomic_write_text(path, buf.getvalue())
+    def failed(self) -> list:
+        """The failures, in pseudonym order."""
+        return sorted((r for r in self.results if "reason" in r), key=lambda r: r["exam_id"])
 
 
 def convert(config: ConvertConfig, stream=None) -> ConvertResult:
@@ -372,6 +299,29 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
       ValueError: bad settings (key file inside the output directory, bad split ratios).
     """
     stream = stream or sys.stderr
+    run = _start(config)
+    progress = _Progress(len(run.rows), config.progress, stream)
+    run.results = list(run.cached)
+    for _ in run.cached:
+        progress.update(cached=True)
+    workers = min(config.workers(), len(run.rows))
+    pool = None
+    if workers > 1:
+        import tensorflow  # noqa: F401 - imported once before fork, shared by workers.
+
+        pool = _pool(workers)
+    try:
+        _convert_exams(run, pool, progress)
+        progress.update(force=True)
+        return _finish(run, pool, stream)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+def _start(config: ConvertConfig) -> _Run:
+    """Checks the inputs, prepares the output and cache directories, finds what is cached."""
     out_dir = config.output_dir
     if pseudonym.is_inside(config.id_map_file(), out_dir):
         raise ValueError(
@@ -394,7 +344,7 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
     record_cache.remove_unpublished(work_dir)
     options = dicom_reader.ReaderOptions(max_obliquity_deg=config.max_obliquity_deg)
 
-    tasks, cached, by_exam = [], [], {}
+    run = _Run(config, rows, tasks={}, cached=[], todo=[])
     for row in rows:
         exam_dir = os.path.join(config.dicom_root, *row.exam.split("/"))
         exam_id = pseudo.exam(row.exam)
@@ -403,218 +353,89 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
             row.exam, exam_dir, row.labels, ov, pseudo.fingerprint(), options
         )
         task = _Task(row.exam, exam_dir, exam_id, row.labels, ov, ckey, work_dir, key, options)
-        by_exam[row.exam] = task
+        run.tasks[row.exam] = task
         meta = record_cache.load_meta(work_dir, ckey)
         if meta is not None:
             meta["exam"] = row.exam
-            cached.append(meta)
+            run.cached.append(meta)
         else:
-            tasks.append(task)
-    if len({t.exam_id for t in by_exam.values()}) != len(by_exam):
+            run.todo.append(task)
+    if len({t.exam_id for t in run.tasks.values()}) != len(run.tasks):
         raise RuntimeError("pseudonym collision between two exam folders; use another key")
+    return run
 
-    progress = _Progress(len(rows), config.progress, stream)
-    results = list(cached)
-    for _ in cached:
-        progress.update(cached=True)
-    workers = min(config.workers(), len(rows))
-    pool = None
-    if workers > 1:
-        import tensorflow  # noqa: F401 - imported once before fork, shared by workers.
 
-        pool = _pool(workers)
+def _convert_exams(run: _Run, pool, progress: _Progress) -> None:
+    """Converts ``run.todo`` (in ``pool`` if any), then publishes every record still pending."""
     pending = record_cache.PendingRecords()  # This process's own (no worker pool).
-    try:
-        if tasks:
-            if pool is None or len(tasks) == 1:
-                iterator = (_convert_one(task, pending) for task in tasks)
-            else:
-                iterator = pool.imap_unordered(_convert_in_worker, tasks)
-            for res in iterator:
-                results.append(res)
-                progress.update(failed="reason" in res)
-        pending.publish_all()
-        for res in results:  # Each worker's last record.
-            entry = res.pop("pending", None)
-            if entry is not None and not entry.published():
-                entry.publish()
-        progress.update(force=True)
-        result = _finish(config, rows, results, by_exam, cached, work_dir, pool, stream)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    return result
+    if run.todo:
+        if pool is None or len(run.todo) == 1:
+            iterator = (_convert_one(task, pending) for task in run.todo)
+        else:
+            iterator = pool.imap_unordered(_convert_in_worker, run.todo)
+        for res in iterator:
+            run.results.append(res)
+            progress.update(failed="reason" in res)
+    pending.publish_all()
+    for res in run.results:  # Each worker's last record.
+        entry = res.pop("pending", None)
+        if entry is not None and not entry.published():
+            entry.publish()
 
 
-def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> ConvertResult:
-    """Splits, shards, manifest, failures, id map; cache clean-up."""
-    out_dir = config.output_dir
-    good = [r for r in results if "reason" not in r]
-    failed = sorted((r for r in results if "reason" in r), key=lambda r: r["exam_id"])
-
-    # Splits (patient level).
-    row_of = {r.exam: r for r in rows}
-    if rows and rows[0].split is not None:
-        patient_split: dict = {}
-        for r in sorted(good, key=lambda r: row_of[r["exam"]].line):
-            patient_split.setdefault(r["patient_id"], []).append(row_of[r["exam"]])
-        conflicts = [
-            ", ".join(f"line {lr.line} ({lr.exam!r}) split={lr.split}" for lr in lrs)
-            for lrs in patient_split.values()
-            if len({lr.split for lr in lrs}) > 1
-        ]
-        if conflicts:
-            raise labels_csv.InputError(
-                f"{config.labels}: the split column puts one patient (same DICOM PatientID) in "
-                "two splits; give all exams of a patient one split:"
-                + "".join(f"\n    {c}" for c in conflicts)
-            )
-        split_of = {p: lrs[0].split for p, lrs in patient_split.items()}
-    else:
+def _split_of(run: _Run, good: list) -> dict:
+    """Patient pseudonym -> split, from the CSV's split column or seeded and stratified."""
+    config, rows = run.config, run.rows
+    if not (rows and rows[0].split is not None):
         strata: dict = {}
         for r in good:
             malignant = int(r["labels"][1] or r["labels"][3])
             strata[r["patient_id"]] = max(strata.get(r["patient_id"], 0), malignant)
-        split_of = splits.assign_splits(strata, config.split_ratios, config.seed)
-
-    # Shards: exams in pseudonym order, assembled in parallel (each is independent).
-    recs = {
-        r["exam_id"]: record_cache.cache_paths(work_dir, by_exam[r["exam"]].cache_key)[0]
-        for r in good
-    }
-    manifest_splits, written = {}, set()
-    shard_bytes = max(1, int(config.shard_size_mb * MB))
-    plans = {}
-    for split in schema.SPLITS:
-        metas = sorted(
-            (r for r in good if split_of[r["patient_id"]] == split), key=lambda r: r["exam_id"]
-        )
-        plans[split] = (metas, _plan_shards(split, metas, shard_bytes))
-    jobs = [
-        (out_dir, name, [recs[m["exam_id"]] for m in group], not failed)
-        for _, plan in plans.values()
-        for name, group in plan
+        return splits.assign_splits(strata, config.split_ratios, config.seed)
+    row_of = {r.exam: r for r in rows}
+    patient_split: dict = {}
+    for r in sorted(good, key=lambda r: row_of[r["exam"]].line):
+        patient_split.setdefault(r["patient_id"], []).append(row_of[r["exam"]])
+    conflicts = [
+        ", ".join(f"line {lr.line} ({lr.exam!r}) split={lr.split}" for lr in lrs)
+        for lrs in patient_split.values()
+        if len({lr.split for lr in lrs}) > 1
     ]
-    mapper = pool.imap_unordered if pool is not None and len(jobs) > 1 else map
-    written.update(mapper(_assemble_shard, jobs))
-    for split in schema.SPLITS:
-        metas, plan = plans[split]
-        names = [name for name, _ in plan]
-        manifest_splits[split] = {
-            "shards": names,
-            "num_exams": len(metas),
-            "num_patients": len({m["patient_id"] for m in metas}),
-            "exams": [
-                {k: m[k] for k in ("exam_id", "patient_id", "labels", "shape", "spacing")}
-                for m in metas
-            ],
-            "label_counts": _label_counts([m["labels"] for m in metas]),
-        }
-    all_labels = [r["labels"] for r in good]
-    manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "phases": list(schema.PHASES),
-        "labels": list(schema.LABELS),
-        "voxel_dtypes": {
-            name: sum(r["voxel_dtype"] == name for r in good)
-            for name in schema.VOXEL_DTYPES
-            if any(r["voxel_dtype"] == name for r in good)
-        },
-        "splits": manifest_splits,
-        "shapes": _summary_stats([r["shape"] for r in good]),
-        "spacings": _summary_stats([r["spacing"] for r in good]),
-        "prevalence": {
-            "all": _prevalence(all_labels),
-            **{
-                s: _prevalence([e["labels"] for e in manifest_splits[s]["exams"]])
-                for s in schema.SPLITS
-            },
-        },
-        "num_labelled": len(rows),
-        "num_exams": len(good),
-        "num_failures": len(failed),
-        "flags": _config_flags(config),
-    }
-    _write_csv(
-        os.path.join(out_dir, schema.FAILURES_NAME),
-        ("exam", "reason"),
-        [(r["exam_id"], scrub(r["reason"])) for r in failed],
-    )
-    fileio.atomic_write_text(
-        os.path.join(out_dir, schema.MANIFEST_NAME),
-        json.dumps(manifest, indent=1, sort_keys=False) + "\n",
-    )
-    _remove_stale(out_dir, written)
+    if conflicts:
+        raise labels_csv.InputError(
+            f"{config.labels}: the split column puts one patient (same DICOM PatientID) in "
+            "two splits; give all exams of a patient one split:"
+            + "".join(f"\n    {c}" for c in conflicts)
+        )
+    return {p: lrs[0].split for p, lrs in patient_split.items()}
 
-    # Outside the output directory: pseudonym -> folder, and full failure messages.
-    id_map = config.id_map_file()
-    os.makedirs(os.path.dirname(os.path.abspath(id_map)), exist_ok=True)
+
+def _finish(run: _Run, pool, stream) -> ConvertResult:
+    """Splits, shards, manifest, failures, id map; cache clean-up."""
+    config, out_dir = run.config, run.config.output_dir
+    good, failed = run.good(), run.failed()
+    plans = shards.plan_splits(good, _split_of(run, good), max(1, int(config.shard_size_mb * MB)))
+    cache_key = {r["exam_id"]: run.tasks[r["exam"]].cache_key for r in good}
+    record_path = {e: record_cache.cache_paths(run.work_dir, k)[0] for e, k in cache_key.items()}
+    written = shards.write_shards(out_dir, plans, record_path, not failed, pool)
+    manifest = convert_report.build_manifest(
+        plans, good, len(run.rows), len(failed), config.manifest_flags()
+    )
+    failure_rows = convert_report.failure_rows(failed)
+    convert_report.write_failures(out_dir, failure_rows)
+    convert_report.write_manifest(out_dir, manifest)
+    shards.remove_stale(out_dir, written)
     patient_of = {r["exam"]: r["patient_id"] for r in good}
-    _write_csv(
-        id_map,
-        ("exam_id", "patient_id", "exam"),
-        [(by_exam[r.exam].exam_id, patient_of.get(r.exam, ""), r.exam) for r in rows],
-    )
-    detail_path = os.path.join(os.path.dirname(os.path.abspath(id_map)), "failures_detail.csv")
-    _write_csv(
-        detail_path,
-        ("exam_id", "exam", "detail"),
-        [(r["exam_id"], r["exam"], r["detail"]) for r in failed],
-    )
+    ids = [(run.tasks[r.exam].exam_id, patient_of.get(r.exam, ""), r.exam) for r in run.rows]
+    convert_report.write_private(config.id_map_file(), ids, failed)
 
     # The cache is dropped once every exam is in the shards; kept (pruned) otherwise, so a
     # rerun after fixing the failed exams reads only those.
     if failed:
-        record_cache.keep_only(work_dir, {by_exam[r["exam"]].cache_key for r in good})
+        record_cache.keep_only(run.work_dir, set(cache_key.values()))
     else:
-        record_cache.drop(work_dir)
+        record_cache.drop(run.work_dir)
 
-    result = ConvertResult(
-        len(rows),
-        len(good),
-        [(r["exam_id"], scrub(r["reason"])) for r in failed],
-        len(cached),
-        manifest,
-    )
-    _print_summary(result, config, stream)
+    result = ConvertResult(len(run.rows), len(good), failure_rows, len(run.cached), manifest)
+    convert_report.print_summary(result, out_dir, config.id_map_file(), stream)
     return result
-
-
-def _remove_stale(out_dir: str, written: set) -> None:
-    for name in os.listdir(out_dir):
-        stale_shard = (
-            name.endswith(".tfrecord")
-            and name not in written
-            and any(
-                re.fullmatch(f"{s}-\\d{{5}}-of-\\d{{5}}\\.tfrecord", name) for s in schema.SPLITS
-            )
-        )
-        temp = name.startswith(".") and name.endswith(".tmp") or name.startswith(fileio.TEMP_PREFIX)
-        if stale_shard or temp:
-            os.unlink(os.path.join(out_dir, name))
-
-
-def _print_summary(result: ConvertResult, config: ConvertConfig, stream) -> None:
-    m = result.manifest
-    lines = [
-        f"converted {result.num_converted}/{result.num_labelled} exams into "
-        f"{config.output_dir} ({result.num_cached} resumed from an earlier run)",
-        "  "
-        + ", ".join(
-            f"{s}: {m['splits'][s]['num_exams']} exams / {m['splits'][s]['num_patients']} "
-            f"patients in {len(m['splits'][s]['shards'])} shards"
-            for s in schema.SPLITS
-        ),
-        f"  id map (pseudonym -> folder, keep private): {config.id_map_file()}",
-    ]
-    if result.failures:
-        lines.append(
-            f"  {len(result.failures)} exam(s) failed (see failures.csv; folder names "
-            f"in failures_detail.csv next to the id map):"
-        )
-        lines += [f"    {e}: {r}" for e, r in result.failures[:20]]
-        if len(result.failures) > 20:
-            lines.append(f"    ... and {len(result.failures) - 20} more")
-    stream.write("\n".join(lines) + "\n")
-    stream.flush()
