@@ -16,7 +16,7 @@ import pydicom.data
 import pytest
 from pydicom.uid import generate_uid
 
-from tfrecords_tools import convert_lib, dicom_reader, labels_csv, schema, splits
+from tfrecords_tools import dicom_reader, labels_csv, record_cache, schema, splits
 from tfrecords_tools.convert_lib import ConvertConfig, convert
 from tfrecords_tools.records import Records
 
@@ -126,7 +126,7 @@ def test_convert_writes_records_manifest_and_id_map(tmp_path, cohort):
     assert manifest["phases"] == list(schema.PHASES)
     assert manifest["labels"] == list(schema.LABELS)
     assert manifest["num_failures"] == 0 and manifest["num_exams"] == 10
-    assert not os.path.exists(os.path.join(out, convert_lib.WORK_DIR))  # Cache dropped.
+    assert not os.path.exists(os.path.join(out, record_cache.WORK_DIR))  # Cache dropped.
     records = _records(out)
     assert len(records) == 10
     # id map: pseudonym -> folder, outside the output dir; records equal load_exam's volumes.
@@ -196,7 +196,8 @@ def test_default_key_file_is_created_outside_and_reused(tmp_path, cohort):
     convert(cfg, stream=io.StringIO())
     key_file = tmp_path / "out_private" / "pseudonym.key"
     assert key_file.exists() and (key_file.stat().st_mode & 0o777) == 0o600
-    assert (tmp_path / "out_private" / "id_map.csv").exists()
+    for name in ("id_map.csv", "failures_detail.csv"):  # Pseudonym -> folder: owner only.
+        assert (tmp_path / "out_private" / name).stat().st_mode & 0o777 == 0o600
     first = _shard_bytes(tmp_path / "out")
     convert(cfg, stream=io.StringIO())
     assert _shard_bytes(tmp_path / "out") == first
@@ -563,7 +564,7 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
         "--num_workers=2",
     ]
     proc = _cli(args)
-    work = out / convert_lib.WORK_DIR
+    work = out / record_cache.WORK_DIR
     deadline = time.time() + 240
     done = 0
     while time.time() < deadline and proc.poll() is None:

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from tfrecords_tools import convert_lib, labels_csv, splits
+from tfrecords_tools import convert_lib, labels_csv, memory, splits
 
 
 def define_flags() -> None:
@@ -86,7 +86,7 @@ def config_from_flags(FLAGS) -> convert_lib.ConvertConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    convert_lib.tune_malloc()  # This process converts too when --num_workers=1.
+    memory.tune_malloc()  # This process converts too when --num_workers=1.
     try:
         config = config_from_flags(flags.FLAGS)
         result = convert_lib.convert(config)

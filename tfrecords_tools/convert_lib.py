@@ -5,15 +5,15 @@ Steps (``convert``):
 1. Check the labels CSV, the phase map and the folders under the DICOM root; every problem is
    reported at once before any exam is read (``labels_csv.InputError``).
 2. Convert every exam in ``num_workers`` processes: ``dicom_reader.load_exam`` ->
-   ``schema.encode_example`` with keyed-hash pseudonyms. Each finished record is kept, framed
-   as a one-record TFRecord file, in ``OUTPUT/.work/`` under a key made of the exam folder, its
-   file listing (names, sizes, mtimes), its labels and phase map, the pseudonym key's
-   fingerprint and the reader settings. A run killed at any point and started again reuses
-   these and reads only the exams not done yet.
+   ``record_encoder.encode_record`` (byte for byte ``schema.encode_example``) with keyed-hash
+   pseudonyms. Each finished record is kept in the resume cache ``OUTPUT/.work/``
+   (``record_cache``), so a run killed at any point and started again reads only the exams not
+   done yet.
 3. Split patients (seeded, stratified by malignancy, or the CSV's ``split`` column).
 4. Assemble shards by concatenating the cached records in a deterministic order (by exam
-   pseudonym); each shard is written under a temporary name and renamed, then the manifest and
-   failures.csv are replaced atomically, then stale shards are removed.
+   pseudonym; ``shards``); each shard is written under a temporary name and renamed, then the
+   manifest and failures.csv are replaced atomically (``convert_report``), then stale shards are
+   removed.
 
 Nothing from the DICOM headers but pixels, geometry and the (pseudonymised) PatientID is used;
 failure reasons written under the output directory carry no file names or UIDs. The folder
@@ -23,32 +23,26 @@ output directory.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import gc
-import hashlib
-import io
-import json
-import logging
 import multiprocessing
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 
-import numpy as np
+from tfrecords_tools import (
+    convert_report,
+    dicom_reader,
+    labels_csv,
+    memory,
+    pseudonym,
+    record_cache,
+    record_encoder,
+    schema,
+    shards,
+    splits,
+)
 
-from tfrecords_tools import dicom_reader, labels_csv, pseudonym, record_encoder, schema, splits
-from tfrecords_tools.memory import tune_malloc  # noqa: F401 (the converter CLI and bench use it)
-
-WORK_DIR = ".work"
-CONVERTER_VERSION = 2  # Bump when the records written for the same input would change.
 MB = 1 << 20
-_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +96,16 @@ class ConvertConfig:
         except AttributeError:
             return os.cpu_count() or 1
 
+    def manifest_flags(self) -> dict:
+        """The settings as the manifest records them (those that change the output)."""
+        flags = dataclasses.asdict(self)
+        flags["split_ratios"] = list(self.split_ratios)
+        flags["pseudonym_key_file"] = self.key_file()
+        flags["id_map"] = self.id_map_file()
+        flags.pop("progress")
+        flags.pop("num_workers")  # Does not change the output; keeps reruns byte-identical.
+        return flags
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvertResult:
@@ -139,148 +143,16 @@ class _Task:
     options: dicom_reader.ReaderOptions
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _convert_one(task: _Task, pending: record_cache.PendingRecords) -> dict:
+    """Reads, encodes and caches one exam.
 
-
-def _atomic_write_text(path: str, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def scrub(reason: str) -> str:
-    """Removes anything UID-like from a failure reason (it goes under the output dir)."""
-    return _UID_RE.sub("<uid>", reason)
-
-
-def _exam_fingerprint(exam_dir: str) -> list:
-    listing = []
-    for rel in dicom_reader.list_files(exam_dir):
-        try:
-            st = os.stat(os.path.join(exam_dir, rel))
-        except OSError:  # A dangling link: the reader skips it too.
-            continue
-        listing.append([rel, st.st_size, st.st_mtime_ns])
-    return listing
-
-
-def _cache_key(exam, exam_dir, labels, overrides, key_fp, options) -> str:
-    payload = json.dumps(
-        {
-            "converter": CONVERTER_VERSION,
-            "schema": schema.SCHEMA_VERSION,
-            "exam": exam,
-            "files": _exam_fingerprint(exam_dir),
-            "labels": list(labels),
-            "overrides": sorted((overrides or {}).items()),
-            "key": key_fp,
-            "options": dataclasses.asdict(options),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def _cache_paths(work_dir: str, cache_key: str):
-    return (
-        os.path.join(work_dir, cache_key + ".tfrecord"),
-        os.path.join(work_dir, cache_key + ".json"),
-    )
-
-
-def _release(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Drops a file range from the page cache; starts writing it back if it is dirty.
-
-    Records are written once and read much later (an archive's records rarely fit in memory),
-    so keeping them cached only grows the page cache, and every page the kernel has to find
-    for a fresh write costs far more than reusing one just released (measured in
-    BENCHMARKS.md, "Ingest": 0.23 s against 0.02 s of system time per 100 MB on the
-    development VM). On Linux the advice starts writeback of dirty pages without waiting and
-    drops the clean ones, so calling it once after a write and once more a little later frees
-    the pages for the next write. Advice only: a no-op where unsupported.
+    The record is written under a temporary name and added to ``pending``, this process's
+    queue: it is published (synced, renamed, meta file written) when this process starts its
+    next exam, or by the parent after the last one (``result["pending"]``).
     """
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-
-
-def _sync(fd: int) -> None:
-    os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
-
-
-# Records written by this process but not yet published in the cache (see _convert_one).
-_PENDING: list = []
-
-
-def _write_pending(path: str, record: bytes) -> str:
-    """Writes ``record`` as a one-record TFRecord file under a temporary name next to ``path``.
-
-    Returns the temporary name; ``_publish`` makes it the cache entry.
-    """
-    import tensorflow as tf
-
-    tmp = path + f".tmp-{os.getpid()}"
-    with tf.io.TFRecordWriter(tmp) as writer:
-        writer.write(record)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        _release(fd)  # Starts the write-back now; the pages are dropped at publication.
-    finally:
-        os.close(fd)
-    return tmp
-
-
-def _sync_release_rename(tmp: str, path: str) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        _sync(fd)
-        _release(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _publish(tmp: str, rec_path: str, meta_path: str, meta: dict) -> None:
-    """Makes a written record a cache entry: sync, drop from the page cache, rename, meta.
-
-    The data is synced before the rename so that, even after a power loss, a cache entry
-    (record + meta file) never names a record that was not completely written. By the time a
-    record is published its write-back has usually finished, so the sync rarely waits.
-    """
-    _sync_release_rename(tmp, rec_path)
-    _atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
-
-
-def _publish_pending() -> None:
-    while _PENDING:
-        _publish(*_PENDING.pop(0))
-
-
-def _frame_record(path: str, record: bytes) -> None:
-    """Writes ``record`` as a one-record TFRecord file at ``path`` and publishes it at once."""
-    _sync_release_rename(_write_pending(path, record), path)
-
-
-def _convert_one(task: _Task) -> dict:
-    """Reads, encodes and caches one exam. Runs in a worker process.
-
-    The record is written under a temporary name and published (synced, renamed, meta file
-    written) when this process starts its next exam, or by the parent after the last one
-    (``result["pending"]``): by then its write-back has finished, so publishing neither waits
-    for the disk nor keeps the record in the page cache.
-    """
-    _publish_pending()
+    pending.publish_all()
     start = time.perf_counter()
-    rec_path, meta_path = _cache_paths(task.work_dir, task.cache_key)
+    rec_path, meta_path = record_cache.cache_paths(task.work_dir, task.cache_key)
     try:
         exam = dicom_reader.load_exam(task.exam_dir, task.overrides, task.options, keep_stored=True)
     except dicom_reader.ExamError as e:
@@ -299,7 +171,7 @@ def _convert_one(task: _Task) -> dict:
     record = record_encoder.encode_record(
         task.exam_id, patient_id, exam.volumes, exam.spacing, task.labels, exam.rescale
     )
-    tmp = _write_pending(rec_path, record)
+    tmp = record_cache.write_pending(rec_path, record)
     meta = {
         "exam_id": task.exam_id,
         "patient_id": patient_id,
@@ -309,10 +181,25 @@ def _convert_one(task: _Task) -> dict:
         "voxel_dtype": schema.voxel_dtype_name(exam.volumes),
         "bytes": os.path.getsize(tmp),
     }
-    pending = (tmp, rec_path, meta_path, dict(meta))
-    _PENDING.append(pending)
-    meta.update(exam=task.exam, read_s=read_s, total_s=time.perf_counter() - start, pending=pending)
+    entry = record_cache.PendingRecord(tmp, rec_path, meta_path, dict(meta))
+    pending.add(entry)
+    meta.update(exam=task.exam, read_s=read_s, total_s=time.perf_counter() - start, pending=entry)
     return meta
+
+
+# The records a pool worker has written and not yet published; set up in each worker process
+# by the pool's initializer, so it lives as long as the worker.
+_worker_pending: record_cache.PendingRecords | None = None
+
+
+def _init_worker() -> None:
+    global _worker_pending
+    memory.tune_malloc()
+    _worker_pending = record_cache.PendingRecords()
+
+
+def _convert_in_worker(task: _Task) -> dict:
+    return _convert_one(task, _worker_pending)
 
 
 class _Progress:
@@ -356,149 +243,44 @@ def _pool(workers: int):
     # Fork keeps the already imported TensorFlow/pydicom modules (no per-worker import cost);
     # where fork is unavailable or unsafe (macOS, Windows) workers are spawned.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
+    context = multiprocessing.get_context(method)
     if method != "fork":
-        return multiprocessing.get_context(method).Pool(workers, initializer=tune_malloc)
-    # Frozen objects are left alone by the workers' garbage collector, which otherwise writes
-    # to (and so copies) most of the parent's memory pages in every worker.
-    gc.freeze()
-    try:
-        return multiprocessing.get_context(method).Pool(workers, initializer=tune_malloc)
-    finally:
-        gc.unfreeze()
+        return context.Pool(workers, initializer=_init_worker)
+    with memory.gc_frozen():  # Keeps the workers from copying the parent's memory.
+        return context.Pool(workers, initializer=_init_worker)
 
 
-def _plan_shards(split, metas, shard_bytes) -> list:
-    """Groups a split's exams (in order) into shards of about ``shard_bytes``.
+@dataclasses.dataclass
+class _Run:
+    """One conversion: its inputs, and the exams' results as they come in.
 
-    Returns:
-      list of (shard file name, [exam metas]).
+    Attributes:
+      config: ConvertConfig.
+      rows: list of labels_csv rows, in CSV order.
+      tasks: dict exam folder -> _Task, for every labelled exam.
+      cached: list of dict. Metadata of the exams resumed from the cache.
+      todo: list of _Task. The exams to read.
+      results: list of dict. Metadata of each exam converted or resumed, or its failure
+        (``reason``, ``detail``).
     """
-    groups: list = []
-    size = 0
-    for meta in metas:
-        if not groups or (size + meta["bytes"] > shard_bytes and groups[-1]):
-            groups.append([])
-            size = 0
-        groups[-1].append(meta)
-        size += meta["bytes"]
-    return [
-        (schema.SHARD_PATTERN.format(split=split, index=i, count=len(groups)), group)
-        for i, group in enumerate(groups)
-    ]
 
+    config: ConvertConfig
+    rows: list
+    tasks: dict
+    cached: list
+    todo: list
+    results: list = dataclasses.field(default_factory=list)
 
-def _assemble_shard(job) -> str:
-    """Concatenates cached one-record files into one shard (temporary name, then rename).
+    @property
+    def work_dir(self) -> str:
+        return os.path.join(self.config.output_dir, record_cache.WORK_DIR)
 
-    ``job`` is ``(output_dir, shard name, cached record paths, move_first)``. With
-    ``move_first`` (every exam converted, so the cache is dropped afterwards anyway) the first
-    record's cache file is renamed into the shard, only the others are copied, and their cache
-    files are removed once the shard is complete; a run killed during assembly then converts
-    those exams again.
-    """
-    output_dir, name, paths, move_first = job
-    tmp = os.path.join(output_dir, f".{name}.tmp")
-    if move_first and len(paths) > 1:
-        # A partial shard left under the temporary name by a kill is removed by the next run.
-        os.replace(paths[0], tmp)
-        with open(tmp, "ab") as out:
-            for path in paths[1:]:
-                with open(path, "rb") as src:
-                    _copy(src, out)
-            _sync(out.fileno())
-            _release(out.fileno())
-        os.replace(tmp, os.path.join(output_dir, name))
-        for path in paths[1:]:  # The cache goes anyway; dropping it here runs in parallel.
-            os.unlink(path)
-        return name
-    if len(paths) == 1:
-        # One record (exams of half the shard size or more): the cached file already is the
-        # shard; a hard link shares it without copying (the cache name is removed later).
-        try:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            os.link(paths[0], tmp)
-            os.replace(tmp, os.path.join(output_dir, name))
-            return name
-        except OSError:
-            pass  # No hard links here (another file system): copy instead.
-    with open(tmp, "wb") as out:
-        for path in paths:
-            with open(path, "rb") as src:
-                _copy(src, out)
-        _sync(out.fileno())
-        _release(out.fileno())
-    os.replace(tmp, os.path.join(output_dir, name))
-    return name
+    def good(self) -> list:
+        return [r for r in self.results if "reason" not in r]
 
-
-# Shard assembly copies in pieces of this size; each piece is released from the page cache once
-# written back (one piece later), so the copy keeps reusing a few pages instead of growing the
-# cache by the shard (see _release).
-_COPY_CHUNK = 32 * MB
-
-
-def _copy(src, dst) -> None:
-    """Appends all of ``src`` to ``dst`` (both binary files; ``dst`` at its end)."""
-    dst.flush()
-    sfd, dfd = src.fileno(), dst.fileno()
-    size = os.fstat(sfd).st_size
-    offset = 0
-    previous = None
-    while offset < size and hasattr(os, "copy_file_range"):
-        # In-kernel copy (no round trip through user space) where the OS offers it.
-        start = os.lseek(dfd, 0, os.SEEK_CUR)
-        try:
-            n = os.copy_file_range(sfd, dfd, min(_COPY_CHUNK, size - offset))
-        except OSError:
-            break  # E.g. across file systems on old kernels: finish with plain reads below.
-        if n == 0:
-            break
-        _release(sfd, offset, n)
-        _release(dfd, start, n)  # Starts the write-back of this piece...
-        if previous is not None:
-            _release(dfd, *previous)  # ...and drops the one before, written back by now.
-        previous = (start, n)
-        offset += n
-    if offset < size:
-        src.seek(offset)
-        shutil.copyfileobj(src, dst, 16 * MB)
-
-
-def _summary_stats(exams: list) -> dict:
-    if not exams:
-        return {"min": None, "max": None}
-    arr = np.asarray(exams, dtype=np.float64)
-    return {"min": arr.min(axis=0).tolist(), "max": arr.max(axis=0).tolist()}
-
-
-def _label_counts(labels: list) -> dict:
-    arr = np.asarray(labels, dtype=np.int64).reshape(-1, len(schema.LABELS))
-    return {name: int(arr[:, i].sum()) for i, name in enumerate(schema.LABELS)}
-
-
-def _prevalence(labels: list) -> dict:
-    n = len(labels)
-    counts = _label_counts(labels)
-    return {name: (counts[name] / n if n else None) for name in schema.LABELS}
-
-
-def _config_flags(config: ConvertConfig) -> dict:
-    flags = dataclasses.asdict(config)
-    flags["split_ratios"] = list(config.split_ratios)
-    flags["pseudonym_key_file"] = config.key_file()
-    flags["id_map"] = config.id_map_file()
-    flags.pop("progress")
-    flags.pop("num_workers")  # Does not change the output; keeps reruns byte-identical.
-    return flags
-
-
-def _write_csv(path: str, header, rows) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    _atomic_write_text(path, buf.getvalue())
+    def failed(self) -> list:
+        """The failures, in pseudonym order."""
+        return sorted((r for r in self.results if "reason" in r), key=lambda r: r["exam_id"])
 
 
 def convert(config: ConvertConfig, stream=None) -> ConvertResult:
@@ -517,6 +299,29 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
       ValueError: bad settings (key file inside the output directory, bad split ratios).
     """
     stream = stream or sys.stderr
+    run = _start(config)
+    progress = _Progress(len(run.rows), config.progress, stream)
+    run.results = list(run.cached)
+    for _ in run.cached:
+        progress.update(cached=True)
+    workers = min(config.workers(), len(run.rows))
+    pool = None
+    if workers > 1:
+        import tensorflow  # noqa: F401 - imported once before fork, shared by workers.
+
+        pool = _pool(workers)
+    try:
+        _convert_exams(run, pool, progress)
+        progress.update(force=True)
+        return _finish(run, pool, stream)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+def _start(config: ConvertConfig) -> _Run:
+    """Checks the inputs, prepares the output and cache directories, finds what is cached."""
     out_dir = config.output_dir
     if pseudonym.is_inside(config.id_map_file(), out_dir):
         raise ValueError(
@@ -534,234 +339,103 @@ def convert(config: ConvertConfig, stream=None) -> ConvertResult:
     os.makedirs(out_dir, exist_ok=True)
     key = pseudonym.load_or_create_key(config.key_file(), out_dir)
     pseudo = pseudonym.Pseudonymizer(key)
-    work_dir = os.path.join(out_dir, WORK_DIR)
+    work_dir = os.path.join(out_dir, record_cache.WORK_DIR)
     os.makedirs(work_dir, exist_ok=True)
-    for name in os.listdir(work_dir):  # Records a killed run never published.
-        if ".tmp-" in name:
-            os.unlink(os.path.join(work_dir, name))
-    _PENDING.clear()  # Left by an earlier conversion in this process that raised.
+    record_cache.remove_unpublished(work_dir)
     options = dicom_reader.ReaderOptions(max_obliquity_deg=config.max_obliquity_deg)
 
-    tasks, cached, by_exam = [], [], {}
+    run = _Run(config, rows, tasks={}, cached=[], todo=[])
     for row in rows:
         exam_dir = os.path.join(config.dicom_root, *row.exam.split("/"))
         exam_id = pseudo.exam(row.exam)
         ov = overrides.get(row.exam)
-        ckey = _cache_key(row.exam, exam_dir, row.labels, ov, pseudo.fingerprint(), options)
+        ckey = record_cache.cache_key(
+            row.exam, exam_dir, row.labels, ov, pseudo.fingerprint(), options
+        )
         task = _Task(row.exam, exam_dir, exam_id, row.labels, ov, ckey, work_dir, key, options)
-        by_exam[row.exam] = task
-        rec_path, meta_path = _cache_paths(work_dir, ckey)
-        if os.path.exists(meta_path) and os.path.exists(rec_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
+        run.tasks[row.exam] = task
+        meta = record_cache.load_meta(work_dir, ckey)
+        if meta is not None:
             meta["exam"] = row.exam
-            cached.append(meta)
+            run.cached.append(meta)
         else:
-            tasks.append(task)
-    if len({t.exam_id for t in by_exam.values()}) != len(by_exam):
+            run.todo.append(task)
+    if len({t.exam_id for t in run.tasks.values()}) != len(run.tasks):
         raise RuntimeError("pseudonym collision between two exam folders; use another key")
-
-    progress = _Progress(len(rows), config.progress, stream)
-    results = list(cached)
-    for _ in cached:
-        progress.update(cached=True)
-    workers = min(config.workers(), len(rows))
-    pool = None
-    if workers > 1:
-        import tensorflow  # noqa: F401 - imported once before fork, shared by workers.
-
-        pool = _pool(workers)
-    try:
-        if tasks:
-            if pool is None or len(tasks) == 1:
-                iterator = map(_convert_one, tasks)
-            else:
-                iterator = pool.imap_unordered(_convert_one, tasks)
-            for res in iterator:
-                results.append(res)
-                progress.update(failed="reason" in res)
-        _publish_pending()  # This process's own (no worker pool).
-        for res in results:  # Each worker's last record.
-            pending = res.pop("pending", None)
-            if pending is not None and os.path.exists(pending[0]):
-                _publish(*pending)
-        progress.update(force=True)
-        result = _finish(config, rows, results, by_exam, cached, work_dir, pool, stream)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    return result
+    return run
 
 
-def _finish(config, rows, results, by_exam, cached, work_dir, pool, stream) -> ConvertResult:
-    """Splits, shards, manifest, failures, id map; cache clean-up."""
-    out_dir = config.output_dir
-    good = [r for r in results if "reason" not in r]
-    failed = sorted((r for r in results if "reason" in r), key=lambda r: r["exam_id"])
+def _convert_exams(run: _Run, pool, progress: _Progress) -> None:
+    """Converts ``run.todo`` (in ``pool`` if any), then publishes every record still pending."""
+    pending = record_cache.PendingRecords()  # This process's own (no worker pool).
+    if run.todo:
+        if pool is None or len(run.todo) == 1:
+            iterator = (_convert_one(task, pending) for task in run.todo)
+        else:
+            iterator = pool.imap_unordered(_convert_in_worker, run.todo)
+        for res in iterator:
+            run.results.append(res)
+            progress.update(failed="reason" in res)
+    pending.publish_all()
+    for res in run.results:  # Each worker's last record.
+        entry = res.pop("pending", None)
+        if entry is not None and not entry.published():
+            entry.publish()
 
-    # Splits (patient level).
-    row_of = {r.exam: r for r in rows}
-    if rows and rows[0].split is not None:
-        patient_split: dict = {}
-        for r in sorted(good, key=lambda r: row_of[r["exam"]].line):
-            patient_split.setdefault(r["patient_id"], []).append(row_of[r["exam"]])
-        conflicts = [
-            ", ".join(f"line {lr.line} ({lr.exam!r}) split={lr.split}" for lr in lrs)
-            for lrs in patient_split.values()
-            if len({lr.split for lr in lrs}) > 1
-        ]
-        if conflicts:
-            raise labels_csv.InputError(
-                f"{config.labels}: the split column puts one patient (same DICOM PatientID) in "
-                "two splits; give all exams of a patient one split:"
-                + "".join(f"\n    {c}" for c in conflicts)
-            )
-        split_of = {p: lrs[0].split for p, lrs in patient_split.items()}
-    else:
+
+def _split_of(run: _Run, good: list) -> dict:
+    """Patient pseudonym -> split, from the CSV's split column or seeded and stratified."""
+    config, rows = run.config, run.rows
+    if not (rows and rows[0].split is not None):
         strata: dict = {}
         for r in good:
             malignant = int(r["labels"][1] or r["labels"][3])
             strata[r["patient_id"]] = max(strata.get(r["patient_id"], 0), malignant)
-        split_of = splits.assign_splits(strata, config.split_ratios, config.seed)
-
-    # Shards: exams in pseudonym order, assembled in parallel (each is independent).
-    recs = {r["exam_id"]: _cache_paths(work_dir, by_exam[r["exam"]].cache_key)[0] for r in good}
-    manifest_splits, written = {}, set()
-    shard_bytes = max(1, int(config.shard_size_mb * MB))
-    plans = {}
-    for split in schema.SPLITS:
-        metas = sorted(
-            (r for r in good if split_of[r["patient_id"]] == split), key=lambda r: r["exam_id"]
-        )
-        plans[split] = (metas, _plan_shards(split, metas, shard_bytes))
-    jobs = [
-        (out_dir, name, [recs[m["exam_id"]] for m in group], not failed)
-        for _, plan in plans.values()
-        for name, group in plan
+        return splits.assign_splits(strata, config.split_ratios, config.seed)
+    row_of = {r.exam: r for r in rows}
+    patient_split: dict = {}
+    for r in sorted(good, key=lambda r: row_of[r["exam"]].line):
+        patient_split.setdefault(r["patient_id"], []).append(row_of[r["exam"]])
+    conflicts = [
+        ", ".join(f"line {lr.line} ({lr.exam!r}) split={lr.split}" for lr in lrs)
+        for lrs in patient_split.values()
+        if len({lr.split for lr in lrs}) > 1
     ]
-    mapper = pool.imap_unordered if pool is not None and len(jobs) > 1 else map
-    written.update(mapper(_assemble_shard, jobs))
-    for split in schema.SPLITS:
-        metas, plan = plans[split]
-        names = [name for name, _ in plan]
-        manifest_splits[split] = {
-            "shards": names,
-            "num_exams": len(metas),
-            "num_patients": len({m["patient_id"] for m in metas}),
-            "exams": [
-                {k: m[k] for k in ("exam_id", "patient_id", "labels", "shape", "spacing")}
-                for m in metas
-            ],
-            "label_counts": _label_counts([m["labels"] for m in metas]),
-        }
-    all_labels = [r["labels"] for r in good]
-    manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "phases": list(schema.PHASES),
-        "labels": list(schema.LABELS),
-        "voxel_dtypes": {
-            name: sum(r["voxel_dtype"] == name for r in good)
-            for name in schema.VOXEL_DTYPES
-            if any(r["voxel_dtype"] == name for r in good)
-        },
-        "splits": manifest_splits,
-        "shapes": _summary_stats([r["shape"] for r in good]),
-        "spacings": _summary_stats([r["spacing"] for r in good]),
-        "prevalence": {
-            "all": _prevalence(all_labels),
-            **{
-                s: _prevalence([e["labels"] for e in manifest_splits[s]["exams"]])
-                for s in schema.SPLITS
-            },
-        },
-        "num_labelled": len(rows),
-        "num_exams": len(good),
-        "num_failures": len(failed),
-        "flags": _config_flags(config),
-    }
-    _write_csv(
-        os.path.join(out_dir, schema.FAILURES_NAME),
-        ("exam", "reason"),
-        [(r["exam_id"], scrub(r["reason"])) for r in failed],
-    )
-    _atomic_write_text(
-        os.path.join(out_dir, schema.MANIFEST_NAME),
-        json.dumps(manifest, indent=1, sort_keys=False) + "\n",
-    )
-    _remove_stale(out_dir, written)
+    if conflicts:
+        raise labels_csv.InputError(
+            f"{config.labels}: the split column puts one patient (same DICOM PatientID) in "
+            "two splits; give all exams of a patient one split:"
+            + "".join(f"\n    {c}" for c in conflicts)
+        )
+    return {p: lrs[0].split for p, lrs in patient_split.items()}
 
-    # Outside the output directory: pseudonym -> folder, and full failure messages.
-    id_map = config.id_map_file()
-    os.makedirs(os.path.dirname(os.path.abspath(id_map)), exist_ok=True)
+
+def _finish(run: _Run, pool, stream) -> ConvertResult:
+    """Splits, shards, manifest, failures, id map; cache clean-up."""
+    config, out_dir = run.config, run.config.output_dir
+    good, failed = run.good(), run.failed()
+    plans = shards.plan_splits(good, _split_of(run, good), max(1, int(config.shard_size_mb * MB)))
+    cache_key = {r["exam_id"]: run.tasks[r["exam"]].cache_key for r in good}
+    record_path = {e: record_cache.cache_paths(run.work_dir, k)[0] for e, k in cache_key.items()}
+    written = shards.write_shards(out_dir, plans, record_path, not failed, pool)
+    manifest = convert_report.build_manifest(
+        plans, good, len(run.rows), len(failed), config.manifest_flags()
+    )
+    failure_rows = convert_report.failure_rows(failed)
+    convert_report.write_failures(out_dir, failure_rows)
+    convert_report.write_manifest(out_dir, manifest)
+    shards.remove_stale(out_dir, written)
     patient_of = {r["exam"]: r["patient_id"] for r in good}
-    _write_csv(
-        id_map,
-        ("exam_id", "patient_id", "exam"),
-        [(by_exam[r.exam].exam_id, patient_of.get(r.exam, ""), r.exam) for r in rows],
-    )
-    detail_path = os.path.join(os.path.dirname(os.path.abspath(id_map)), "failures_detail.csv")
-    _write_csv(
-        detail_path,
-        ("exam_id", "exam", "detail"),
-        [(r["exam_id"], r["exam"], r["detail"]) for r in failed],
-    )
+    ids = [(run.tasks[r.exam].exam_id, patient_of.get(r.exam, ""), r.exam) for r in run.rows]
+    convert_report.write_private(config.id_map_file(), ids, failed)
 
     # The cache is dropped once every exam is in the shards; kept (pruned) otherwise, so a
     # rerun after fixing the failed exams reads only those.
-    keep = {by_exam[r["exam"]].cache_key for r in good}
     if failed:
-        for name in os.listdir(work_dir):
-            if name.split(".")[0] not in keep:
-                os.unlink(os.path.join(work_dir, name))
+        record_cache.keep_only(run.work_dir, set(cache_key.values()))
     else:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        record_cache.drop(run.work_dir)
 
-    result = ConvertResult(
-        len(rows),
-        len(good),
-        [(r["exam_id"], scrub(r["reason"])) for r in failed],
-        len(cached),
-        manifest,
-    )
-    _print_summary(result, config, stream)
+    result = ConvertResult(len(run.rows), len(good), failure_rows, len(run.cached), manifest)
+    convert_report.print_summary(result, out_dir, config.id_map_file(), stream)
     return result
-
-
-def _remove_stale(out_dir: str, written: set) -> None:
-    for name in os.listdir(out_dir):
-        stale_shard = (
-            name.endswith(".tfrecord")
-            and name not in written
-            and any(
-                re.fullmatch(f"{s}-\\d{{5}}-of-\\d{{5}}\\.tfrecord", name) for s in schema.SPLITS
-            )
-        )
-        temp = name.startswith(".") and name.endswith(".tmp") or name.startswith(".tmp-")
-        if stale_shard or temp:
-            os.unlink(os.path.join(out_dir, name))
-
-
-def _print_summary(result: ConvertResult, config: ConvertConfig, stream) -> None:
-    m = result.manifest
-    lines = [
-        f"converted {result.num_converted}/{result.num_labelled} exams into "
-        f"{config.output_dir} ({result.num_cached} resumed from an earlier run)",
-        "  "
-        + ", ".join(
-            f"{s}: {m['splits'][s]['num_exams']} exams / {m['splits'][s]['num_patients']} "
-            f"patients in {len(m['splits'][s]['shards'])} shards"
-            for s in schema.SPLITS
-        ),
-        f"  id map (pseudonym -> folder, keep private): {config.id_map_file()}",
-    ]
-    if result.failures:
-        lines.append(
-            f"  {len(result.failures)} exam(s) failed (see failures.csv; folder names "
-            f"in failures_detail.csv next to the id map):"
-        )
-        lines += [f"    {e}: {r}" for e, r in result.failures[:20]]
-        if len(result.failures) > 20:
-            lines.append(f"    ... and {len(result.failures) - 20} more")
-    stream.write("\n".join(lines) + "\n")
-    stream.flush()

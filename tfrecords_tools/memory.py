@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import os
 
 # Set to 1 to keep glibc's defaults (for measuring what the tuning buys: scripts/bench/epoch.py).
@@ -33,3 +35,18 @@ def tune_malloc() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def gc_frozen():
+    """Keeps the objects that exist now out of the garbage collector's reach inside the block.
+
+    Use it around forking worker processes: frozen objects are left alone by the workers'
+    garbage collector, which otherwise writes to (and so copies) most of the parent's memory
+    pages in every worker.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

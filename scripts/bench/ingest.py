@@ -21,7 +21,7 @@ the figures behind the voxel dtype choice in ``tfrecords_tools/schema.py``.
 ``--slices`` x ``--rows`` x ``--cols`` per phase): per exam, in this process, the CPU seconds of
 ``dicom_reader.load_exam`` (as the converter calls it) against ``pydicom.dcmread(f).pixel_array``
 on the same files, alternating, median of ``--repeats`` after a warm-up; target ratio <= 1.3.
-glibc malloc is tuned as in the converter (``convert_lib.tune_malloc``) for both passes.
+glibc malloc is tuned as in the converter (``memory.tune_malloc``) for both passes.
 
   .venv/bin/python scripts/bench/ingest.py --enhanced --slices=48 --rows=192 --cols=192
 
@@ -44,7 +44,14 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tfrecords_tools import convert_lib, dicom_reader, synthetic  # noqa: E402
+from tfrecords_tools import (  # noqa: E402
+    convert_lib,
+    dicom_reader,
+    durable_io,
+    memory,
+    record_cache,
+    synthetic,
+)
 
 flags.DEFINE_integer("num_patients", 4, "Patients in the synthetic cohort (1-3 exams each).")
 flags.DEFINE_integer("slices", 96, "Slices per phase.")
@@ -250,14 +257,14 @@ def _stages(exam_dir: str, repeats: int = 4) -> None:
 
     from tfrecords_tools import record_encoder
 
-    convert_lib.tune_malloc()
+    memory.tune_malloc()
     files = [os.path.join(exam_dir, f) for f in dicom_reader.list_files(exam_dir)]
     tmp = tempfile.mkdtemp(prefix="ingest-stages-")
     rec, shard = os.path.join(tmp, "rec"), os.path.join(tmp, "shard")
 
     def copy():
         with open(rec, "rb") as src, open(shard, "wb") as out:
-            convert_lib._copy(src, out)
+            durable_io.append_file(src, out)
 
     stages = {}
     for _ in range(repeats + 1):
@@ -281,7 +288,7 @@ def _stages(exam_dir: str, repeats: int = 4) -> None:
                     )
                 ),
             ),
-            ("cache_write", lambda: convert_lib._frame_record(rec, state["record"])),
+            ("cache_write", lambda: record_cache.frame_record(rec, state["record"])),
             ("shard_copy", copy),
             ("cleanup", lambda: os.unlink(shard)),
             # One exam per shard: the shard is a hard link of the cache, whose name is dropped.
@@ -314,7 +321,7 @@ def _enhanced(base: str, repeats: int) -> None:
     import pydicom
 
     FLAGS = flags.FLAGS
-    convert_lib.tune_malloc()  # As the converter's processes do (both passes gain from it).
+    memory.tune_malloc()  # As the converter's processes do (both passes gain from it).
     root = os.path.join(base, "enhanced")
     t = time.perf_counter()
     cohort = synthetic.generate_cohort(
@@ -398,7 +405,7 @@ def main(argv):
 
     # As the converter's command line does (it matters with --num_workers=1, where the
     # conversion runs in this process; worker processes call it themselves).
-    convert_lib.tune_malloc()
+    memory.tune_malloc()
 
     workers = FLAGS.num_workers or len(os.sched_getaffinity(0))
     base = FLAGS.work_dir or tempfile.mkdtemp(prefix="ingest-bench-")
