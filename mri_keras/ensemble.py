@@ -36,6 +36,7 @@ import numpy as np
 from mri_keras import evaluate as evaluate_lib
 from mri_keras import metrics as metrics_lib
 from mri_keras import predictions_io
+from tfrecords_tools import fileio
 
 METHODS = ("mean", "caruana")
 SELECTION_METRICS = ("malignant", "benign", "mean")
@@ -290,9 +291,10 @@ def run_ensemble(config: EnsembleConfig) -> dict:
                 "member": best,
                 **description["test_vs_members"][best]["malignant"],
             }
-    with open(os.path.join(config.output_dir, ENSEMBLE_FILENAME), "w") as f:
-        json.dump(evaluate_lib.json_safe(description), f, indent=2)
-        f.write("\n")
+    fileio.atomic_write_text(
+        os.path.join(config.output_dir, ENSEMBLE_FILENAME),
+        json.dumps(evaluate_lib.json_safe(description), indent=2) + "\n",
+    )
     return description
 
 

@@ -13,6 +13,9 @@ Usage::
     python -m mri_keras.evaluate --model=MODEL_DIR --data_dir=RECORDS --split=test \
         --output_dir=OUT [--n_bootstrap=2000] [--seed=0]
 
+``--split=val,test`` evaluates several splits with one loaded model, into ``OUT/val`` and
+``OUT/test``.
+
 ``--model`` is a training MODEL_DIR (its ``export/`` SavedModel is used, else ``best.keras``),
 an export directory, or a ``.keras`` file. The preprocessing is the model's own (see
 `mri_keras.inference`).
@@ -30,7 +33,7 @@ import numpy as np
 
 from mri_keras import constants, predictions_io
 from mri_keras import metrics as metrics_lib
-from tfrecords_tools import schema
+from tfrecords_tools import fileio, schema
 
 METRICS_FILENAME = "metrics.json"
 ROC_FILENAME = "roc.png"
@@ -187,11 +190,7 @@ def write_report(
         "roc": os.path.join(output_dir, ROC_FILENAME),
     }
     predictions_io.write_predictions(paths["predictions"], predictions)
-    tmp = paths["metrics"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(json_safe(summary), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, paths["metrics"])
+    fileio.atomic_write_text(paths["metrics"], json.dumps(json_safe(summary), indent=2) + "\n")
     plot_roc(predictions, summary, paths["roc"], title=title)
     return paths
 
@@ -214,13 +213,20 @@ def read_metrics(path: str) -> dict:
     return data
 
 
-def evaluate(config: EvalConfig) -> dict:
-    """Predicts one split and writes the report; returns the metrics dict."""
+def evaluate(config: EvalConfig, *, predictor=None) -> dict:
+    """Predicts one split and writes the report; returns the metrics dict.
+
+    Args:
+      config: EvalConfig.
+      predictor: optional ``inference.Predictor`` of ``config.model`` already loaded (several
+        splits of one model share it). Defaults to loading it.
+    """
     from mri_keras import inference, validation
 
     start = time.time()
     check_output_dir(config.output_dir)
-    predictor = inference.load_predictor(config.model, config.model_format)
+    if predictor is None:
+        predictor = inference.load_predictor(config.model, config.model_format)
     predictions = validation.predict_split(predictor, config.data_dir, config.split)
     if not predictions.exam_ids:
         raise ValueError(f"{config.data_dir}: split {config.split!r} holds no exams")
@@ -249,8 +255,17 @@ def define_flags():
 
     flags.DEFINE_string("model", None, "MODEL_DIR, its export/ SavedModel, or a .keras file.")
     flags.DEFINE_string("data_dir", None, "Converted records directory (with manifest.json).")
-    flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
-    flags.DEFINE_string("output_dir", None, "Where predictions.csv, metrics.json, roc.png go.")
+    flags.DEFINE_list(
+        "split",
+        ["test"],
+        "Split(s) to evaluate, e.g. test or val,test (the model is loaded once).",
+    )
+    flags.DEFINE_string(
+        "output_dir",
+        None,
+        "Where predictions.csv, metrics.json, roc.png go; with several splits, one "
+        "sub-directory per split (OUT/val, OUT/test).",
+    )
     flags.DEFINE_integer(
         "n_bootstrap",
         metrics_lib.DEFAULT_N_BOOTSTRAP,
@@ -276,29 +291,40 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     memory.tune_malloc()  # Reuse freed exam-sized blocks (tfrecords_tools.memory).
+    from mri_keras import inference
+
     f = flags.FLAGS
+    splits = list(dict.fromkeys(f.split))  # In the given order, each once.
+    if not splits:
+        raise app.UsageError("--split names no split.")
     try:  # Bad input (no model, no manifest, a bad split...): a message, not a traceback.
-        config = EvalConfig(
-            model=f.model,
-            data_dir=f.data_dir,
-            output_dir=f.output_dir,
-            split=f.split,
-            n_bootstrap=f.n_bootstrap,
-            seed=f.seed,
-            confidence=f.confidence,
-            model_format=f.model_format,
-            name=f.name,
-        )
-        summary = evaluate(config)
+        configs = [
+            EvalConfig(
+                model=f.model,
+                data_dir=f.data_dir,
+                output_dir=f.output_dir if len(splits) == 1 else os.path.join(f.output_dir, s),
+                split=s,
+                n_bootstrap=f.n_bootstrap,
+                seed=f.seed,
+                confidence=f.confidence,
+                model_format=f.model_format,
+                name=f.name,
+            )
+            for s in splits
+        ]
+        predictor = inference.load_predictor(f.model, f.model_format)
+        for config in configs:
+            summary = evaluate(config, predictor=predictor)
+            for task in ("malignant", "benign"):
+                print(
+                    f"{summary['name']} {config.split} breast-level {task} AUC: "
+                    f"{metrics_lib.format_auc(summary['breast_level'][task])}"
+                )
+            exam_auc = metrics_lib.format_auc(summary["exam_level"]["malignant"])
+            print(f"{summary['name']} {config.split} exam-level malignant AUC: {exam_auc}")
+            print(f"wrote {config.output_dir}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"mri_keras.evaluate: error: {e}")
-    for task in ("malignant", "benign"):
-        print(
-            f"{summary['name']} {config.split} breast-level {task} AUC: "
-            f"{metrics_lib.format_auc(summary['breast_level'][task])}"
-        )
-    print(f"exam-level malignant AUC: {metrics_lib.format_auc(summary['exam_level']['malignant'])}")
-    print(f"wrote {config.output_dir}")
 
 
 if __name__ == "__main__":

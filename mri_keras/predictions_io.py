@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 
 import numpy as np
 
 from mri_keras import constants
+from tfrecords_tools import fileio
 
 COLUMNS = (
     "exam_id",
@@ -91,26 +93,25 @@ def _column(side: str, task: str) -> int:
 def write_predictions(path: str, predictions: Predictions) -> None:
     """Writes ``predictions`` as a per-breast CSV (see module docstring)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        ids = zip(predictions.exam_ids, predictions.patient_ids)
-        for i, (exam_id, patient_id) in enumerate(ids):
-            for side in constants.SIDES:
-                b, m = _column(side, "benign"), _column(side, "malignant")
-                writer.writerow(
-                    [
-                        exam_id,
-                        patient_id,
-                        side,
-                        f"{predictions.probs[i, b]:.9g}",
-                        f"{predictions.probs[i, m]:.9g}",
-                        int(predictions.labels[i, b]),
-                        int(predictions.labels[i, m]),
-                    ]
-                )
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(COLUMNS)
+    ids = zip(predictions.exam_ids, predictions.patient_ids)
+    for i, (exam_id, patient_id) in enumerate(ids):
+        for side in constants.SIDES:
+            b, m = _column(side, "benign"), _column(side, "malignant")
+            writer.writerow(
+                [
+                    exam_id,
+                    patient_id,
+                    side,
+                    f"{predictions.probs[i, b]:.9g}",
+                    f"{predictions.probs[i, m]:.9g}",
+                    int(predictions.labels[i, b]),
+                    int(predictions.labels[i, m]),
+                ]
+            )
+    fileio.atomic_write_text(path, buf.getvalue())
 
 
 def read_predictions(path: str) -> Predictions:

@@ -20,6 +20,7 @@ import os
 import shutil
 
 from mri_keras.train_config import SetupError, TrainConfig
+from tfrecords_tools import fileio
 
 CONFIG_NAME = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -79,15 +80,6 @@ def config_differences(saved: dict, current: dict) -> list:
     return diffs
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare_model_dir(config: TrainConfig, is_chief: bool = True) -> bool:
     """Checks ``model_dir`` against this run; writes config.json. Returns True when resuming.
 
@@ -134,7 +126,8 @@ def prepare_model_dir(config: TrainConfig, is_chief: bool = True) -> bool:
         )
     if is_chief:
         os.makedirs(model_dir, exist_ok=True)
-        _atomic_write_text(config_path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(current, indent=2, sort_keys=True) + "\n"
+        fileio.atomic_write_text(config_path, text, durable=True)
     return resuming
 
 
@@ -145,7 +138,7 @@ def write_metrics_csv(path: str, history: dict) -> None:
         values = [str(epoch)] + [repr(float(history[k][i])) for k in METRIC_KEYS]
         values += [f"{history[k][i]:.2f}" for k in ("seconds",) + TIMING_KEYS]
         lines.append(",".join(values))
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    fileio.atomic_write_text(path, "\n".join(lines) + "\n", durable=True)
 
 
 def read_metrics_csv(path: str) -> list:

@@ -41,12 +41,7 @@ train_and_test() {  # train_and_test NAME RECORDS [training flags...]
   local name="$1" records="$2"; shift 2
   "$PYTHON" -m mri_keras.train "${FLAGFILES[@]}" "${SCALE_FLAGS[@]}" --seed="$SEED" \
     --data_dir="$records" --model_dir="$OUT/$name/model" --noprogress "$@" "${EXTRA[@]}"
-  local out="$OUT/$name/eval/test"
-  if [ ! -f "$out/metrics.json" ] || [ "$OUT/$name/model/best.keras" -nt "$out/metrics.json" ]; then
-    "$PYTHON" -m mri_keras.evaluate --model="$OUT/$name/model" --data_dir="$records" \
-      --split=test --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" \
-      --name="control_$name"
-  fi
+  evaluate_splits "$OUT/$name/model" "control_$name" "$OUT/$name/eval" "$records" test
 }
 
 mkdir -p "$OUT"

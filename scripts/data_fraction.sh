@@ -49,14 +49,7 @@ for seed in "${SEED_LIST[@]}"; do
     "$PYTHON" -m mri_keras.train --flagfile="$CONFIGS/$VARIANT.flags" "${SCALE_FLAGS[@]}" \
       $(seed_flags "$seed") --input="$VARIANT" --train_fraction="$fraction" \
       --data_dir="$DATA_DIR" --model_dir="$OUT/models/$name" "${EXTRA[@]}"
-    out="$OUT/eval/$name/test"
-    if [ -f "$out/metrics.json" ] && [ "$out/metrics.json" -nt "$OUT/models/$name/best.keras" ]; then
-      echo "  kept $out/metrics.json"
-    else
-      "$PYTHON" -m mri_keras.evaluate --model="$OUT/models/$name" --data_dir="$DATA_DIR" \
-        --split=test --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" \
-        --name="frac_$pct"
-    fi
+    evaluate_splits "$OUT/models/$name" "frac_$pct" "$OUT/eval/$name" "$DATA_DIR" test
   done
 done
 echo

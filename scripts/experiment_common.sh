@@ -1,10 +1,13 @@
-# Shared by scripts/table1.sh and scripts/data_fraction.sh (sourced, not run): working
+# Shared by the experiment drivers (table1, data_fraction, seeds, controls; sourced, not run): working
 # directories, the interpreter, and the arguments both drivers take.
 #   common_arg ARG     consumes one shared --flag=value; returns 1 for anything else.
 #   finish_args NAME   checks and resolves the shared arguments; sets SCALE_FLAGS and
 #                      SEED_LIST (one entry per training seed; "" = the single-run layout).
 #   run_dir SEED       "" for the single-run layout, else "seed_SEED" (models/<row>/seed_S).
 #   seed_flags SEED    the training flags of that seed (none for the single-run layout).
+#   evaluate_splits MODEL_DIR NAME OUT_ROOT DATA_DIR SPLIT...
+#                      evaluates MODEL_DIR on each SPLIT into OUT_ROOT/SPLIT/ in one process
+#                      (the model loaded once), keeping evaluations newer than its best.keras.
 ORIG_PWD="$PWD"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
@@ -55,3 +58,22 @@ finish_args() {
 
 run_dir() { if [ -n "$1" ]; then echo "seed_$1"; fi; }
 seed_flags() { if [ -n "$1" ]; then echo "--seed=$1"; fi; }
+
+evaluate_splits() {
+  local model="$1" name="$2" root="$3" data="$4" split todo=()
+  shift 4
+  for split in "$@"; do
+    if [ -f "$root/$split/metrics.json" ] && [ "$root/$split/metrics.json" -nt "$model/best.keras" ]; then
+      echo "  $name $split: kept $root/$split/metrics.json"
+    else
+      todo+=("$split")
+    fi
+  done
+  [ "${#todo[@]}" -gt 0 ] || return 0
+  local out="$root" splits
+  # One split writes into the directory given, several into one sub-directory each.
+  if [ "${#todo[@]}" -eq 1 ]; then out="$root/${todo[0]}"; fi
+  splits="$(IFS=,; echo "${todo[*]}")"
+  "$PYTHON" -m mri_keras.evaluate --model="$model" --data_dir="$data" --split="$splits" \
+    --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" --name="$name"
+}

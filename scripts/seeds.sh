@@ -51,15 +51,7 @@ for seed in "${SEED_LIST[@]}"; do
   echo "== training seed $seed"
   "$PYTHON" -m mri_keras.train "${FLAGFILES[@]}" "${SCALE_FLAGS[@]}" --seed="$seed" \
     --data_dir="$DATA_DIR" --model_dir="$model" --noprogress "${EXTRA[@]}"
-  for split in "${SPLIT_LIST[@]}"; do
-    out="$OUT/eval/seed_$seed/$split"
-    if [ -f "$out/metrics.json" ] && [ "$out/metrics.json" -nt "$model/best.keras" ]; then
-      echo "  seed $seed $split: kept $out/metrics.json"
-      continue
-    fi
-    "$PYTHON" -m mri_keras.evaluate --model="$model" --data_dir="$DATA_DIR" --split="$split" \
-      --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" --name="seed_$seed"
-  done
+  evaluate_splits "$model" "seed_$seed" "$OUT/eval/seed_$seed" "$DATA_DIR" "${SPLIT_LIST[@]}"
 done
 echo
 "$PYTHON" -m mri_keras.experiments --report=seeds --eval_root="$OUT/eval" --output_dir="$OUT" \

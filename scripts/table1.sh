@@ -44,15 +44,6 @@ for v in "${VARIANT_LIST[@]}"; do
 done
 mkdir -p "$OUT/models" "$OUT/eval"
 
-evaluate() {  # evaluate MODEL_DIR NAME SPLIT
-  local out="$OUT/eval/$2/$3"
-  if [ -f "$out/metrics.json" ] && [ "$out/metrics.json" -nt "$1/best.keras" ]; then
-    echo "  $2 $3: kept $out/metrics.json"; return
-  fi
-  "$PYTHON" -m mri_keras.evaluate --model="$1" --data_dir="$DATA_DIR" --split="$3" \
-    --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" --name="$2"
-}
-
 for seed in "${SEED_LIST[@]}"; do
   sub="$(run_dir "$seed")"
   for v in "${VARIANT_LIST[@]}"; do
@@ -63,9 +54,8 @@ for seed in "${SEED_LIST[@]}"; do
     "$PYTHON" -m mri_keras.train --flagfile="$CONFIGS/$v.flags" "${SCALE_FLAGS[@]}" \
       $(seed_flags "$seed") --input="$v" --data_dir="$DATA_DIR" \
       --model_dir="$OUT/models/$v${sub:+/$sub}" "${EXTRA[@]}"
-    for split in val test; do
-      evaluate "$OUT/models/$v${sub:+/$sub}" "$v${sub:+/$sub}" "$split"
-    done
+    evaluate_splits "$OUT/models/$v${sub:+/$sub}" "$v${sub:+/$sub}" \
+      "$OUT/eval/$v${sub:+/$sub}" "$DATA_DIR" val test
   done
 
   join() { local IFS=,; echo "$*"; }

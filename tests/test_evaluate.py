@@ -171,3 +171,22 @@ def test_cli(setup, tmp_path):
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert f"mri_keras.evaluate: error: No model at '{setup['records']}'" in bad.stderr
+    # Several splits with the model loaded once: one sub-directory per split, the same
+    # figures as one split at a time.
+    both = subprocess.run(
+        cmd + ["--split=val,test", f"--output_dir={tmp_path / 'both'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert both.returncode == 0, both.stderr[-2000:]
+    for split in ("val", "test"):
+        again = json.load(open(tmp_path / "both" / split / "metrics.json"))
+        assert again["split"] == split and f" {split} breast-level malignant AUC" in both.stdout
+    val_again = json.load(open(tmp_path / "both" / "val" / "metrics.json"))
+    assert val_again["breast_level"] == saved["breast_level"]
+    typo = subprocess.run(
+        cmd + ["--split=val,tset"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert typo.returncode != 0 and "split must be" in typo.stderr
