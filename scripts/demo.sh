@@ -4,7 +4,8 @@
 #   -> evaluation on the test split (AUCs with 95% CIs) -> prediction with heatmaps on one
 #   test exam -> a short report.
 # Creates .venv (with the python3 on PATH) and installs the package if needed. Idempotent:
-# a rerun reuses the cohort, the records, a finished training run and the evaluation.
+# a rerun reuses the cohort, the records, a finished training run, the evaluation and the
+# prediction.
 #
 # Usage: scripts/demo.sh [--output_dir=DIR] [--num_patients=N] [--seed=S]
 #                        [--size=SLICES,ROWS,COLS] [--train_flags="--epochs=3 ..."]
@@ -30,7 +31,7 @@ for arg in "$@"; do
     --size=*) SIZE="${arg#*=}" ;;
     --train_flags=*) TRAIN_FLAGS="${arg#*=}" ;;
     --n_bootstrap=*) N_BOOTSTRAP="${arg#*=}" ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "demo.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -108,8 +109,18 @@ step 3 "Train the Doubly Deep CNN (configs/demo.flags; resumes if interrupted)"
   --model_dir="$MODEL_DIR" $TRAIN_FLAGS
 
 step 4 "Evaluate on the test split (breast-level AUCs, 95% bootstrap CIs by patient)"
-"$PY" -m mri_keras.evaluate --model="$MODEL_DIR" --data_dir="$RECORDS" --split=test \
-  --output_dir="$EVAL_DIR" --n_bootstrap="$N_BOOTSTRAP" --name=demo
+# Kept when it evaluated this best.keras with these settings (a rerun of a finished demo).
+if [ "$EVAL_DIR/metrics.json" -nt "$MODEL_DIR/best.keras" ] && "$PY" - "$EVAL_DIR/metrics.json" "$N_BOOTSTRAP" <<'PYEOF' 2>/dev/null
+import json, sys
+m = json.load(open(sys.argv[1]))
+sys.exit(0 if m["breast_level"]["malignant"]["n_bootstrap"] == int(sys.argv[2]) else 1)
+PYEOF
+then
+  echo "Reusing $EVAL_DIR"
+else
+  "$PY" -m mri_keras.evaluate --model="$MODEL_DIR" --data_dir="$RECORDS" --split=test \
+    --output_dir="$EVAL_DIR" --n_bootstrap="$N_BOOTSTRAP" --name=demo
+fi
 
 step 5 "Predict one test exam from its DICOM folder, with heatmaps"
 EXAM_DIR="$("$PY" - "$RECORDS" "$PRIVATE/id_map.csv" "$COHORT" <<'PYEOF'
@@ -125,9 +136,16 @@ path = by_id[test[0]["exam_id"]]
 print(path if os.path.isabs(path) else os.path.join(cohort, path))
 PYEOF
 )"
-rm -rf "$PRED_DIR"; mkdir -p "$PRED_DIR"
-"$PY" -m mri_keras.predict --model="$MODEL_DIR/export" --exam_dir="$EXAM_DIR" \
-  --heatmap_dir="$PRED_DIR/heatmaps" | tee "$PRED_DIR/prediction.json"
+if [ "$PRED_DIR/prediction.json" -nt "$MODEL_DIR/export/saved_model.pb" ] \
+    && [ -f "$PRED_DIR/heatmaps/heatmap.npy" ]; then
+  echo "Reusing $PRED_DIR (exam $(basename "$EXAM_DIR"))"
+  cat "$PRED_DIR/prediction.json"
+else
+  rm -rf "$PRED_DIR"; mkdir -p "$PRED_DIR"
+  "$PY" -m mri_keras.predict --model="$MODEL_DIR/export" --exam_dir="$EXAM_DIR" \
+    --heatmap_dir="$PRED_DIR/heatmaps" | tee "$PRED_DIR/prediction.json.tmp"
+  mv "$PRED_DIR/prediction.json.tmp" "$PRED_DIR/prediction.json"
+fi
 
 step 6 "Report"
 "$PY" - "$EVAL_DIR/metrics.json" "$MODEL_DIR/metrics.csv" <<'PYEOF'

@@ -60,6 +60,9 @@ def test_reduced_demo_runs_end_to_end_and_reruns_idempotently(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "Reusing" in second.stdout
+    for what in ("cohort", "records", "evaluation", "prediction"):  # Nothing redone.
+        assert f"Reusing {out / what}" in second.stdout, what
+    assert json.loads((out / "evaluation" / "metrics.json").read_text()) == metrics
     assert (out / "records" / "manifest.json").stat().st_mtime_ns == mtime
 
 
