@@ -10,6 +10,8 @@ The work is in ``mri_keras.tune_lib``.
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import os
 import sys
 from collections.abc import Sequence
