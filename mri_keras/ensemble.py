@@ -25,6 +25,8 @@ directory is itself a valid ``--eval_dirs`` entry.
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import dataclasses
 import json
 import os

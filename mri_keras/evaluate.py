@@ -23,6 +23,8 @@ an export directory, or a ``.keras`` file. The preprocessing is the model's own 
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import dataclasses
 import json
 import os

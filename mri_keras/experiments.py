@@ -22,6 +22,8 @@ with the lowest seed named: one seed's figure is an anecdote.
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import csv
 import dataclasses
 import glob

@@ -7,7 +7,9 @@ with ``--flagfile=``.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
+import pathlib
 from collections.abc import Sequence
 
 from absl import flags
@@ -24,9 +26,64 @@ _PRECISIONS = {
 }
 
 
+def _configs_dirs() -> list[str]:
+    """The project's flagfile folders, in lookup order.
+
+    ``configs/`` inside the installed package (a wheel ships the top-level ``configs/`` as
+    ``mri_keras/configs/``, see setup.cfg), then the top-level ``configs/`` of the source
+    checkout this package is imported from (an editable install or ``PYTHONPATH``).
+    """
+    dirs = []
+    packaged = importlib.resources.files("mri_keras") / "configs"
+    if isinstance(packaged, pathlib.Path) and packaged.is_dir():
+        dirs.append(str(packaged))
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Only a checkout (setup.cfg beside it): never some other distribution's site-packages/configs.
+    if os.path.isfile(os.path.join(checkout, "setup.cfg")):
+        source = os.path.join(checkout, "configs")
+        if os.path.isdir(source):
+            dirs.append(source)
+    return dirs
+
+
+def _in_configs(name: str) -> str | None:
+    """``configs/NAME`` of the project when ``name`` is a bare file name found there."""
+    if not name or os.path.dirname(name):
+        return None
+    for directory in _configs_dirs():
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _not_found(path: str, places: list[str]) -> flags.CantOpenFlagFileError:
+    """The one-line error for a flagfile found nowhere: names it and where it was looked for."""
+    if not os.path.dirname(path):
+        dirs = _configs_dirs()
+        places.append(f"the project's configs {' and '.join(dirs) or '(none installed)'}")
+    looked = ", then ".join(places)
+    return flags.CantOpenFlagFileError(
+        f"Unable to open flagfile {path}: not found (looked in {looked})"
+    )
+
+
+def _resolve_top_level(path: str) -> str:
+    """A ``--flagfile`` of the command line: as given if it exists (absl: relative to the
+    working directory), else a bare name (no directory part) in the project's configs."""
+    path = os.path.expanduser(path)
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    found = _in_configs(path)
+    if found is None:
+        raise _not_found(path, [f"the working directory {os.getcwd()}"])
+    return found
+
+
 def _resolve_nested(path: str, including_file: str) -> str:
     """A nested flagfile path as given if it exists (absl: relative to the working directory),
-    else relative to the including flagfile's directory or the nearest parent that has it."""
+    else relative to the including flagfile's directory or the nearest parent that has it,
+    else (a bare name) in the project's configs."""
     path = os.path.expanduser(path)
     if os.path.isabs(path) or os.path.exists(path):
         return path
@@ -37,8 +94,18 @@ def _resolve_nested(path: str, including_file: str) -> str:
             return candidate
         parent = os.path.dirname(directory)
         if parent == directory:
-            return path  # Not found anywhere: absl reports it, naming the path.
+            break
         directory = parent
+    found = _in_configs(path)
+    if found is None:
+        raise _not_found(
+            path,
+            [
+                f"the working directory {os.getcwd()}",
+                f"the folder of {including_file} (which includes it) and its parents",
+            ],
+        )
+    return found
 
 
 def _flagfile_lines(path: str, stack: list[str]) -> list[str]:
@@ -69,13 +136,22 @@ def _flagfile_lines(path: str, stack: list[str]) -> list[str]:
 def expand_flagfiles(argv: Sequence[str]) -> list[str]:
     """Inlines every ``--flagfile=PATH`` of ``argv`` (``argv[0]`` is the program name).
 
-    As absl does, except that a nested ``--flagfile=`` inside a flagfile that does not exist
-    relative to the working directory is looked up relative to the including flagfile's
-    directory and its parents: ``configs/t2sub.flags`` includes ``configs/base.flags``, which
-    is then found from any working directory. Stops at ``--``.
+    As absl does, except where a flagfile is looked for when it does not exist relative to the
+    working directory:
+
+    - on the command line, a bare name (no directory part) is looked up in the project's
+      ``configs/`` (shipped inside the installed package, or the checkout's), so
+      ``--flagfile=t2sub.flags`` works from any working directory;
+    - a nested ``--flagfile=`` inside a flagfile is looked up relative to the including
+      flagfile's directory and its parents (``configs/t2sub.flags`` includes
+      ``configs/base.flags``, found from any working directory), then, a bare name, in the
+      project's ``configs/``.
+
+    Stops at ``--``.
 
     Raises:
-      absl.flags.CantOpenFlagFileError: a flagfile cannot be read (the message names it).
+      absl.flags.CantOpenFlagFileError: a flagfile cannot be found or read (the one-line
+        message names it and where it was looked for).
     """
     argv = list(argv)
     out = argv[:1]
@@ -88,9 +164,9 @@ def expand_flagfiles(argv: Sequence[str]) -> list[str]:
         if arg.startswith(("--flagfile=", "-flagfile=")):
             path = arg.split("=", 1)[1]
             if path:  # absl ignores an empty --flagfile=.
-                out.extend(_flagfile_lines(os.path.expanduser(path), []))
+                out.extend(_flagfile_lines(_resolve_top_level(path), []))
         elif arg in ("--flagfile", "-flagfile") and i + 1 < len(argv):
-            out.extend(_flagfile_lines(os.path.expanduser(argv[i + 1]), []))
+            out.extend(_flagfile_lines(_resolve_top_level(argv[i + 1]), []))
             i += 1
         else:
             out.append(arg)

@@ -26,6 +26,8 @@ gradient of the malignant heads' log-odds; HiResCAM / Grad-CAM on the 3D block a
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import dataclasses
 import json
 import os

@@ -6,6 +6,8 @@ Flags: ``mri_keras/flags.py`` (``--help`` lists them). The work is in
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import sys
 from collections.abc import Sequence
 

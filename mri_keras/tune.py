@@ -10,6 +10,8 @@ The work is in ``mri_keras.tune_lib``.
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import os
 import sys
 from collections.abc import Sequence
@@ -99,13 +101,17 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
 
 def _search_space_path(path: str) -> str:
     """``path`` as given, or, when it is relative and not found from the working directory,
-    the same path in this checkout (``configs/tune.flags`` names ``configs/tune_space.json``,
-    so the flagfile works from any directory)."""
+    the same path in the installed package or this checkout (``configs/tune.flags`` names
+    ``configs/tune_space.json``, so the flagfile works from any directory; a wheel ships
+    ``configs/`` inside the package)."""
     if not path or os.path.isabs(path) or os.path.exists(path):
         return path
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidate = os.path.join(checkout, path)
-    return candidate if os.path.exists(candidate) else path
+    package = os.path.dirname(os.path.abspath(__file__))
+    for root in (package, os.path.dirname(package)):
+        candidate = os.path.join(root, path)
+        if os.path.exists(candidate):
+            return candidate
+    return path
 
 
 def tune_config_from_flags(fv: absl_flags.FlagValues = absl_flags.FLAGS):

@@ -52,8 +52,6 @@ PRED_DIR="$OUT/prediction"
 START=$(date +%s)
 step() { echo; echo "==> [$1/6] $2  (+$(( $(date +%s) - START )) s)"; }
 
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-
 step 0 "Python environment"
 if [ ! -x .venv/bin/python ]; then
   echo "Creating .venv with $(command -v python3)"

@@ -13,7 +13,6 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$ORIG_PWD/$1" ;; esac; }
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 DATA_DIR="" OUT="" SCALE="paper" EPOCHS="" N_BOOTSTRAP=2000 SEED=0 SEEDS="" CONFIGS="" EXTRA=()
 

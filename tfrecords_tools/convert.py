@@ -11,6 +11,8 @@ see RECORDS/failures.csv); 2 when the inputs do not match (nothing was written).
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import sys
 
 from absl import app, flags

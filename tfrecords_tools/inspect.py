@@ -9,6 +9,8 @@ labels (4,) and spacing (3,); ``--png`` writes a mid-slice preview (t0, t2, t2-t
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import sys
 
 from absl import app, flags

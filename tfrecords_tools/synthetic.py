@@ -27,6 +27,8 @@ inside the DICOM files, never in the CSVs or ``cohort.json``.
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import csv
 import dataclasses
 import datetime
