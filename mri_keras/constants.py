@@ -16,10 +16,20 @@ INPUT_VARIANTS = ("t0", "t1", "t2", "t3", "t1-t0", "t2-t0", "t3-t0")
 # Flagfile-friendly aliases (configs/t2sub.flags uses --input=t2sub).
 INPUT_ALIASES = {"t1sub": "t1-t0", "t2sub": "t2-t0", "t3sub": "t3-t0"}
 
+# Per-exam intensity scaling (InputConfig.normalization).
+NORMALIZATIONS = ("zscore", "percentile")
+
+# How the 2D trunk meets the slices, and the Keras dtype policies a model may compute in.
+SLICE_MODES = ("fold", "time_distributed")
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+
 # Training options beyond the paper (the paper: "glorot", "none", "constant").
 INITS = ("glorot", "he_zero_residual")
 NORMS = ("none", "group")
 LR_SCHEDULES = ("constant", "cosine")
+
+# Search algorithms of mri_keras.tune.
+TUNERS = ("hyperband", "bayesian", "random")
 
 
 def canonical_input(name: str) -> str:
