@@ -44,6 +44,7 @@ import keras
 import keras_tuner as kt
 from absl import logging
 
+from mri_keras import flags as train_flags
 from mri_keras import train_lib, tune_space
 from tfrecords_tools import memory
 
@@ -659,77 +660,6 @@ def write_summary_csv(path: str, rows: Sequence[dict], names: Sequence[str]) -> 
     _write_atomic(path, buf.getvalue())
 
 
-def train_flag_lines(config) -> list[str]:
-    """``--flag=value`` lines that make ``mri_keras.train`` build exactly ``config``.
-
-    The inverse of ``mri_keras.flags.train_config_from_flags``; ``write_best_flagfile``
-    checks the round trip.
-    """
-    m, i = config.model, config.input
-    crop = i.crop
-    if crop is None:
-        crop_text = ""
-    elif isinstance(crop, (tuple, list)):
-        crop_text = f"{int(crop[0])},{int(crop[1])}"
-    else:
-        crop_text = repr(float(crop))
-    precision = (
-        m.dtype_policy[len("mixed_") :] if m.dtype_policy.startswith("mixed_") else (m.dtype_policy)
-    )
-
-    def b(name, value):
-        return f"--{name}" if value else f"--no{name}"
-
-    lines = [
-        f"--data_dir={config.data_dir}",
-        f"--model_dir={config.model_dir}",
-        f"--epochs={config.epochs}",
-        f"--learning_rate={config.learning_rate!r}",
-        f"--lr_schedule={config.lr_schedule}",
-        f"--warmup_epochs={config.warmup_epochs!r}",
-        f"--train_fraction={config.train_fraction!r}",
-        f"--seed={config.seed}",
-        f"--input={i.input_variant}",
-        f"--normalization={i.normalization}",
-        f"--percentiles={i.percentiles[0]!r},{i.percentiles[1]!r}",
-        b("flip", i.flip),
-        f"--crop={crop_text}",
-        f"--crop_slices={i.crop_slices}",
-        f"--shuffle_buffer={i.shuffle_buffer}",
-        f"--width={m.width}",
-        f"--blocks={','.join(str(v) for v in m.blocks_per_stage)}",
-        f"--stem_kernel={m.stem_kernel}",
-        f"--channels_3d={m.channels_3d}",
-        f"--dropout={m.dropout!r}",
-        f"--init={m.init}",
-        f"--norm={m.norm}",
-        f"--norm_groups={m.norm_groups}",
-        f"--slice_mode={m.slice_mode}",
-        f"--mixed_precision={precision}",
-        f"--remat={m.remat_chunk}",
-        b("jit_compile", config.jit_compile),
-        f"--strategy={config.strategy}",
-        f"--cpu_replicas={config.cpu_replicas}",
-    ]
-    if getattr(config, "init_weights", ""):
-        lines.append(f"--init_weights={config.init_weights}")
-    # --progress: verbose 2 (progress bars), --noprogress: 1; verbose 0 has no flag.
-    lines.append(b("progress", config.verbose > 1))
-    return lines
-
-
-def _config_from_flag_lines(lines: Sequence[str]):
-    """Parses flag lines the way ``mri_keras.train`` does (on a private FlagValues)."""
-    from absl import flags as absl_flags
-
-    from mri_keras import flags as train_flags
-
-    fv = absl_flags.FlagValues()
-    train_flags.define_flags(fv)
-    fv(["mri_keras.train"] + list(lines))
-    return train_flags.train_config_from_flags(fv)
-
-
 def best_trial_config(results: Sequence[TrialResult], base_config, model_dir: str):
     """The TrainConfig that retrains the best trial in ``model_dir``, and that trial."""
     best = next((r for r in results if r.status == "COMPLETED" and OBJECTIVE in r.metrics), None)
@@ -748,8 +678,8 @@ def write_best_flagfile(path: str, config, best: TrialResult, sweep_dir: str) ->
       RuntimeError: the flagfile would not rebuild ``config`` (a flag out of step with
         ``mri_keras.flags``).
     """
-    lines = train_flag_lines(config)
-    rebuilt = _config_from_flag_lines(lines)
+    lines = train_flags.train_flag_lines(config)
+    rebuilt = train_flags.train_config_from_flag_lines(lines)
     if config.verbose < 1:  # Display only, and not expressible as a flag.
         config = dataclasses.replace(config, verbose=rebuilt.verbose)
     if rebuilt != config:
