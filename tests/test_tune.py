@@ -108,6 +108,13 @@ def test_space_values_reach_the_training_config():
             "[2, 2, 2] is not an int >= 1 or a list of 4 ints",
         ),
         ({"crop": {"type": "choice", "values": [1.5]}}, "value 1.5 is not null, a fraction"),
+        ({"crop": {"type": "choice", "values": [[0, 4]]}}, "value [0, 4] is not null, a fraction"),
+        ({"crop": {"type": "fixed", "value": 1}}, "value 1 is not null, a fraction"),
+        (
+            {"init": {"type": "choice", "values": ["glorot", "orthogonal"]}},
+            "value \"orthogonal\" is not one of ['glorot', 'he_zero_residual']",
+        ),
+        ({"flip": {"type": "fixed", "value": 1}}, "value 1 is not true or false"),
         ({"channels_3d": {"type": "fixed"}}, "type 'fixed' needs ['value']"),
         ({"channels_3d": [32, 64]}, "must be an object"),
         ([1, 2], "must be a JSON object keyed by setting name"),
