@@ -45,7 +45,7 @@ import keras_tuner as kt
 from absl import logging
 
 from mri_keras import constants, train_lib, tune_report, tune_space
-from tfrecords_tools import memory
+from tfrecords_tools import memory, schema
 
 RUNS_LOG = "runs.jsonl"
 SWEEP_RECORD_NAME = "sweep.json"
@@ -507,7 +507,7 @@ def build_tuner(config: TuneConfig, *, hypermodel: kt.HyperModel | None = None):
         # the sweep's files with the run's (or the records').
         foreign = [
             n
-            for n in ("config.json", "best.keras", "manifest.json")
+            for n in (train_lib.CONFIG_NAME, train_lib.BEST_MODEL_NAME, schema.MANIFEST_NAME)
             if os.path.exists(os.path.join(sweep_dir, n))
         ]
         if foreign and not os.path.exists(os.path.join(sweep_dir, SWEEP_RECORD_NAME)):

@@ -294,6 +294,8 @@ def test_input_config_comes_from_the_two_files_the_project_writes(tmp_path):
     # The names inference reads are the names training and the export write.
     assert inference.CONFIG_FILENAME == train_lib.CONFIG_NAME
     assert inference.EXPORT_METADATA_PATH == export.METADATA_PATH
+    assert inference.KERAS_FILENAME == train_lib.BEST_MODEL_NAME
+    assert inference.EXPORT_DIRNAME == train_lib.EXPORT_DIR
     run_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "run" / "export")
     both = inference.ModelLocation(export_dir=export_dir, keras_path=None, model_dir=run_dir)
     # The export's metadata wins (it is what the SavedModel preprocesses with) ...
