@@ -4,6 +4,13 @@ Kept free of TensorFlow/tfrecords_tools imports so model code can use it on any 
 ``tests/test_constants.py`` checks these agree with ``tfrecords_tools.schema``.
 """
 
+# A training run's directory (``mri_keras.run_dir``) and its SavedModel export
+# (``mri_keras.export``): the writers and the loader (``mri_keras.inference``) share these.
+CONFIG_NAME = "config.json"  # The run's settings, {"input": {...}, "model": {...}, ...}.
+BEST_MODEL_NAME = "best.keras"
+EXPORT_DIR = "export"
+EXPORT_METADATA_PATH = "assets.extra/mri_keras.json"  # Inside the export: {"input_config": ...}.
+
 # Output heads / label columns, always in this order.
 LABELS = ("left_benign", "left_malignant", "right_benign", "right_malignant")
 SIDES = ("left", "right")
@@ -16,10 +23,20 @@ INPUT_VARIANTS = ("t0", "t1", "t2", "t3", "t1-t0", "t2-t0", "t3-t0")
 # Flagfile-friendly aliases (configs/t2sub.flags uses --input=t2sub).
 INPUT_ALIASES = {"t1sub": "t1-t0", "t2sub": "t2-t0", "t3sub": "t3-t0"}
 
+# Per-exam intensity scaling (InputConfig.normalization).
+NORMALIZATIONS = ("zscore", "percentile")
+
+# How the 2D trunk meets the slices, and the Keras dtype policies a model may compute in.
+SLICE_MODES = ("fold", "time_distributed")
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+
 # Training options beyond the paper (the paper: "glorot", "none", "constant").
 INITS = ("glorot", "he_zero_residual")
 NORMS = ("none", "group")
 LR_SCHEDULES = ("constant", "cosine")
+
+# Search algorithms of mri_keras.tune.
+TUNERS = ("hyperband", "bayesian", "random")
 
 
 def canonical_input(name: str) -> str:

@@ -38,7 +38,6 @@ from mri_keras import constants, input_pipeline
 from mri_keras import model as model_lib
 from tfrecords_tools import schema
 
-METADATA_PATH = os.path.join("assets.extra", "mri_keras.json")
 SIGNATURES = ("serving_default", "serving_example")
 
 
@@ -152,8 +151,8 @@ def export_model(
         ),
         **(metadata or {}),
     }
-    os.makedirs(os.path.join(tmp, os.path.dirname(METADATA_PATH)), exist_ok=True)
-    with open(os.path.join(tmp, METADATA_PATH), "w") as f:
+    os.makedirs(os.path.join(tmp, os.path.dirname(constants.EXPORT_METADATA_PATH)), exist_ok=True)
+    with open(os.path.join(tmp, constants.EXPORT_METADATA_PATH), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     # Swap in the complete export; a crash leaves either the old export or export.tmp.
     old = export_dir.rstrip("/") + ".old"
@@ -185,7 +184,7 @@ def export_from_keras_file(
 
 def read_metadata(export_dir: str) -> dict | None:
     """The export's ``assets.extra/mri_keras.json``, or None when there is no complete export."""
-    path = os.path.join(export_dir, METADATA_PATH)
+    path = os.path.join(export_dir, constants.EXPORT_METADATA_PATH)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
         return None
     with open(path) as f:
@@ -207,7 +206,8 @@ class ExportedModel:
         meta = read_metadata(path)
         if meta is None:
             raise FileNotFoundError(
-                f"{path} is not an mri_keras export (no saved_model.pb or {METADATA_PATH})."
+                f"{path} is not an mri_keras export (no saved_model.pb or "
+                f"{constants.EXPORT_METADATA_PATH})."
             )
         self.path = path
         self.saved = tf.saved_model.load(path)

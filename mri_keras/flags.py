@@ -3,14 +3,21 @@
 Defaults are neutral (the paper's model and recipe) so tests and flagfiles set only what they
 change. Flagfiles hold one ``--flag=value`` per line, ``#`` comments, and may include others
 with ``--flagfile=``.
+
+``TRAIN_FLAGS`` maps every flag to its TrainConfig field(s) and converts values both ways:
+``train_config_from_flags`` reads it flag -> config, ``train_flag_lines`` config -> flag lines
+(through each flag's own absl serializer). Flags only convert text; the config dataclasses
+check the values and name the field, re-worded here with the flag's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import flags
 
@@ -228,12 +235,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         **fv,
     )
     # Recipe.
-    flags.DEFINE_integer("epochs", 50, "Passes over the training exams.", lower_bound=1, **fv)
+    flags.DEFINE_integer("epochs", 50, "Passes over the training exams.", **fv)
     flags.DEFINE_float(
         "learning_rate",
         1e-5,
         "Adam learning rate (the peak of a schedule).",
-        lower_bound=0.0,
         **fv,
     )
     flags.DEFINE_enum(
@@ -248,16 +254,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "warmup_epochs",
         0.0,
         "Epochs of linear learning-rate warm-up at the start (0: none).",
-        lower_bound=0.0,
         **fv,
     )
     flags.DEFINE_float(
         "train_fraction",
         1.0,
-        "Fraction of training PATIENTS to train on (seeded subsample, for the data-size "
+        "Fraction in (0, 1] of training PATIENTS to train on (seeded subsample, for the data-size "
         "experiment of the paper's Figure 2). Validation is always the whole split.",
-        lower_bound=0.0,
-        upper_bound=1.0,
         **fv,
     )
     flags.DEFINE_integer("seed", 0, "Seed of initialisation, subsampling and augmentation.", **fv)
@@ -270,7 +273,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         **fv,
     )
     flags.DEFINE_enum(
-        "normalization", "zscore", ["zscore", "percentile"], "Per-exam intensity scaling.", **fv
+        "normalization",
+        "zscore",
+        list(constants.NORMALIZATIONS),
+        "Per-exam intensity scaling.",
+        **fv,
     )
     flags.DEFINE_list(
         "percentiles", ["0.5", "99.5"], "Low,high percentiles for --normalization=percentile.", **fv
@@ -289,7 +296,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "crop_slices",
         0,
         "Train-time random crop to this many slices (0: none).",
-        lower_bound=0,
         **fv,
     )
     flags.DEFINE_integer(
@@ -297,7 +303,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         64,
         "Training exams in the shuffle buffer; 0 buffers the whole training split (its "
         "records' bytes in memory), so every epoch is a true random permutation.",
-        lower_bound=0,
         **fv,
     )
     # Model.
@@ -305,24 +310,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "width",
         64,
         "Channels of the first trunk stage (stages: x1, x2, x4, x8).",
-        lower_bound=1,
         **fv,
     )
     flags.DEFINE_list(
         "blocks", ["2", "2", "2", "2"], "Basic blocks per trunk stage (4 ints).", **fv
     )
-    flags.DEFINE_integer(
-        "stem_kernel", 5, "Kernel size of the stride-2 stem conv.", lower_bound=1, **fv
-    )
-    flags.DEFINE_integer(
-        "channels_3d", 128, "Channels of the 3D residual block.", lower_bound=1, **fv
-    )
+    flags.DEFINE_integer("stem_kernel", 5, "Kernel size of the stride-2 stem conv.", **fv)
+    flags.DEFINE_integer("channels_3d", 128, "Channels of the 3D residual block.", **fv)
     flags.DEFINE_float(
         "dropout",
         0.0,
-        "Dropout before the heads (0: none).",
-        lower_bound=0.0,
-        upper_bound=1.0,
+        "Dropout before the heads, in [0, 1) (0: none).",
         **fv,
     )
     flags.DEFINE_enum(
@@ -341,13 +339,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "and residual branches (per-exam statistics; works with one exam per batch).",
         **fv,
     )
-    flags.DEFINE_integer(
-        "norm_groups", 8, "Groups per GroupNormalization (--norm=group).", lower_bound=1, **fv
-    )
+    flags.DEFINE_integer("norm_groups", 8, "Groups per GroupNormalization (--norm=group).", **fv)
     flags.DEFINE_enum(
         "slice_mode",
         "fold",
-        ["fold", "time_distributed"],
+        list(constants.SLICE_MODES),
         "How the 2D trunk meets the slices (same outputs; fold is faster).",
         **fv,
     )
@@ -384,7 +380,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         0,
         "Recompute the 2D trunk in the backward pass this many slices at a time (0: off); "
         "trades step time for activation memory on long exams.",
-        lower_bound=0,
         **fv,
     )
     # Devices.
@@ -400,7 +395,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "cpu_replicas",
         1,
         "Logical CPU replicas per worker when no GPU is visible (mirrored/multi_worker).",
-        lower_bound=1,
         **fv,
     )
     flags.DEFINE_bool(
@@ -412,100 +406,194 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Flags <-> TrainConfig: one table, read both ways.
+#
+# Converters only turn a flag's value into a field's value and back. Text they cannot convert
+# goes through unchanged, so the config class that owns the field rejects it (ConfigError);
+# the message is then re-worded with the flag's name and text. Nothing here checks ranges.
+
+
 def _parse_crop(text: str):
+    """--crop text -> InputConfig.crop: "" -> None, "0.875" -> 0.875, "224,192" or "224x192"
+    -> (224, 192), "96" -> (96, 96); anything else is returned as given."""
     text = text.strip()
     if not text:
         return None
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
     try:
-        if len(parts) == 1 and "." in parts[0]:
-            frac = float(parts[0])
-            if not 0.0 < frac <= 1.0:
-                raise ValueError
-            return frac
         sizes = tuple(int(p) for p in parts)
     except ValueError:
-        raise ValueError(
-            f"--crop must be a fraction in (0, 1] (e.g. 0.875), a size H,W (e.g. 224,224) or "
-            f"one size. Received: --crop={text!r}"
-        ) from None
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise ValueError(f"--crop size must be two positive ints H,W. Received: --crop={text!r}")
-    return sizes
+        try:
+            return float(text) if len(parts) == 1 else text
+        except ValueError:
+            return text
+    return sizes * 2 if len(sizes) == 1 else sizes
 
 
-def _ints(name, values, count):
-    try:
-        out = tuple(int(v) for v in values)
-    except ValueError:
-        out = ()
-    if len(out) != count or min(out, default=0) < 1:
-        raise ValueError(f"--{name} must be {count} positive ints. Received: {','.join(values)}")
-    return out
+def _format_crop(crop) -> str:
+    if crop is None:
+        return ""
+    if isinstance(crop, tuple):
+        return ",".join(str(v) for v in crop)
+    return repr(float(crop))
+
+
+def _numbers(kind):
+    """A list flag's strings -> a tuple of ``kind`` (an entry that is not one stays a string)."""
+
+    def parse(texts):
+        out = []
+        for text in texts:
+            try:
+                out.append(kind(text))
+            except ValueError:
+                out.append(text)
+        return tuple(out)
+
+    return parse
+
+
+def _texts(values) -> list[str]:
+    return [repr(v) if isinstance(v, float) else str(v) for v in values]
+
+
+def _buckets(name: str):
+    return lambda texts: buckets_lib.parse_buckets(",".join(texts), f"--{name}")
+
+
+def _same(value):
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagField:
+    """Where one training flag goes in ``train_lib.TrainConfig``.
+
+    Attributes:
+      paths: tuple of str. The fields the flag sets, dotted from TrainConfig ("epochs",
+        "model.width", "input.crop"); the first is the one the flag is written back from.
+      parse: callable. The flag's value (as absl parsed it) -> the field's value.
+      unparse: callable. The field's value -> the flag's value (for the flag's serializer).
+    """
+
+    paths: tuple[str, ...]
+    parse: Callable[[Any], Any] = _same
+    unparse: Callable[[Any], Any] = _same
+
+
+_PRECISION_OF_POLICY = {policy: name for name, policy in _PRECISIONS.items()}
+
+# Every flag ``define_flags`` defines, and only those (tests/test_flags.py checks both ways).
+TRAIN_FLAGS: dict[str, FlagField] = {
+    "data_dir": FlagField(("data_dir",)),
+    "model_dir": FlagField(("model_dir",)),
+    "overwrite": FlagField(("overwrite",)),
+    "init_weights": FlagField(("init_weights",)),
+    "epochs": FlagField(("epochs",)),
+    "learning_rate": FlagField(("learning_rate",)),
+    "lr_schedule": FlagField(("lr_schedule",)),
+    "warmup_epochs": FlagField(("warmup_epochs",)),
+    "train_fraction": FlagField(("train_fraction",)),
+    "seed": FlagField(("seed", "input.seed")),
+    "input": FlagField(("input.input_variant",)),
+    "normalization": FlagField(("input.normalization",)),
+    "percentiles": FlagField(("input.percentiles",), _numbers(float), _texts),
+    "flip": FlagField(("input.flip",)),
+    "crop": FlagField(("input.crop",), _parse_crop, _format_crop),
+    "crop_slices": FlagField(("input.crop_slices",)),
+    "shuffle_buffer": FlagField(("input.shuffle_buffer",)),
+    "width": FlagField(("model.width",)),
+    "blocks": FlagField(("model.blocks_per_stage",), _numbers(int), _texts),
+    "stem_kernel": FlagField(("model.stem_kernel",)),
+    "channels_3d": FlagField(("model.channels_3d",)),
+    "dropout": FlagField(("model.dropout",)),
+    "init": FlagField(("model.init",)),
+    "norm": FlagField(("model.norm",)),
+    "norm_groups": FlagField(("model.norm_groups",)),
+    "slice_mode": FlagField(("model.slice_mode",)),
+    "mixed_precision": FlagField(
+        ("model.dtype_policy",), _PRECISIONS.__getitem__, _PRECISION_OF_POLICY.__getitem__
+    ),
+    "jit_compile": FlagField(("jit_compile",)),
+    "slice_buckets": FlagField(("slice_buckets",), _buckets("slice_buckets"), _texts),
+    "size_buckets": FlagField(("size_buckets",), _buckets("size_buckets"), _texts),
+    "remat": FlagField(("model.remat_chunk",)),
+    "strategy": FlagField(("strategy",)),
+    "cpu_replicas": FlagField(("cpu_replicas",)),
+    # --progress: verbose 2 (progress bars), --noprogress: 1; verbose 0 has no flag.
+    "progress": FlagField(("verbose",), lambda progress: 2 if progress else 1, lambda v: v > 1),
+}
+_FLAG_OF_PATH = {path: name for name, field in TRAIN_FLAGS.items() for path in field.paths}
+
+
+def _flag_error(error: config_lib.ConfigError, section: str, fv: flags.FlagValues) -> ValueError:
+    """``error`` re-worded with flag names and the flag text given."""
+    names = [error.field, *error.others]
+    flag_names = [_FLAG_OF_PATH.get(f"{section}.{n}") for n in names]
+    if None in flag_names:
+        return error
+    received = ", ".join(fv[name].serialize() for name in flag_names)
+    return ValueError(f"--{flag_names[0]} must be {error.requirement}. Received: {received}")
 
 
 def train_config_from_flags(fv: flags.FlagValues = flags.FLAGS):
     """Converts parsed flags into a ``train_lib.TrainConfig`` (the only place flags are read).
 
     Raises:
-      ValueError: a missing or malformed flag value, naming the flag.
+      ValueError: a missing or bad flag value, naming the flag (or the TrainConfig field).
     """
     from mri_keras import train_lib  # Deferred: flags stay importable without TensorFlow work.
 
     for name in ("data_dir", "model_dir"):
         if not fv[name].value:
             raise ValueError(f"--{name} is required.")
-    try:
-        percentiles = tuple(float(p) for p in fv.percentiles)
-    except ValueError:
-        percentiles = ()
-    if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
-        raise ValueError(
-            f"--percentiles must be low,high with 0 <= low < high <= 100. "
-            f"Received: {','.join(fv.percentiles)}"
-        )
-    model = config_lib.ModelConfig(
-        width=fv.width,
-        blocks_per_stage=_ints("blocks", fv.blocks, 4),
-        stem_kernel=fv.stem_kernel,
-        channels_3d=fv.channels_3d,
-        dropout=fv.dropout,
-        slice_mode=fv.slice_mode,
-        remat_chunk=fv.remat,
-        dtype_policy=_PRECISIONS[fv.mixed_precision],
-        init=fv.init,
-        norm=fv.norm,
-        norm_groups=fv.norm_groups,
-    )
-    inputs = config_lib.InputConfig(
-        input_variant=fv.input,
-        normalization=fv.normalization,
-        percentiles=percentiles,
-        flip=fv.flip,
-        crop=_parse_crop(fv.crop),
-        crop_slices=fv.crop_slices,
-        shuffle_buffer=fv.shuffle_buffer,
-        seed=fv.seed,
-    )
-    return train_lib.TrainConfig(
-        data_dir=fv.data_dir,
-        model_dir=fv.model_dir,
-        model=model,
-        input=inputs,
-        epochs=fv.epochs,
-        learning_rate=fv.learning_rate,
-        lr_schedule=fv.lr_schedule,
-        warmup_epochs=fv.warmup_epochs,
-        train_fraction=fv.train_fraction,
-        seed=fv.seed,
-        strategy=fv.strategy,
-        cpu_replicas=fv.cpu_replicas,
-        jit_compile=fv.jit_compile,
-        slice_buckets=buckets_lib.parse_buckets(",".join(fv.slice_buckets), "--slice_buckets"),
-        size_buckets=buckets_lib.parse_buckets(",".join(fv.size_buckets), "--size_buckets"),
-        overwrite=fv.overwrite,
-        init_weights=fv.init_weights,
-        verbose=2 if fv.progress else 1,
-    )
+    values = {"": {}, "model": {}, "input": {}}
+    for name, field in TRAIN_FLAGS.items():
+        value = field.parse(fv[name].value)
+        for path in field.paths:
+            section, _, attr = path.rpartition(".")
+            values[section][attr] = value
+    top = values[""]
+    for section, cls in (("model", config_lib.ModelConfig), ("input", config_lib.InputConfig)):
+        try:
+            top[section] = cls(**values[section])
+        except config_lib.ConfigError as e:
+            raise _flag_error(e, section, fv) from None
+    return train_lib.TrainConfig(**top)
+
+
+def _get(config, path: str):
+    for attr in path.split("."):
+        config = getattr(config, attr)
+    return config
+
+
+def train_flag_lines(config) -> list[str]:
+    """``--flag=value`` lines, one per training flag, that make ``train_config_from_flags``
+    build ``config`` (a ``train_lib.TrainConfig``) again.
+
+    Each value is written by its flag's own absl serializer, from the field ``TRAIN_FLAGS``
+    names for it. ``TrainConfig.val_split`` has no flag, and ``verbose=0`` reads back as 1.
+
+    Raises:
+      KeyError: a flag of ``define_flags`` has no entry in ``TRAIN_FLAGS``.
+    """
+    fv = flags.FlagValues()
+    define_flags(fv)
+    lines = []
+    for name in fv:
+        if name not in TRAIN_FLAGS:
+            raise KeyError(f"--{name} has no entry in mri_keras.flags.TRAIN_FLAGS.")
+        field = TRAIN_FLAGS[name]
+        setattr(fv, name, field.unparse(_get(config, field.paths[0])))
+        lines.append(fv[name].serialize())
+    return lines
+
+
+def train_config_from_flag_lines(lines: Sequence[str]):
+    """The ``TrainConfig`` that ``mri_keras.train`` builds from ``lines`` (no flagfiles)."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv(["mri_keras.train", *lines])
+    return train_config_from_flags(fv)

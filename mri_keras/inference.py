@@ -23,11 +23,6 @@ from mri_keras import config as config_lib
 from mri_keras import constants
 
 SAVED_MODEL_PB = "saved_model.pb"
-EXPORT_DIRNAME = "export"
-KERAS_FILENAME = "best.keras"
-CONFIG_FILENAME = "config.json"
-# Files an export may carry to describe its input; checked in this order.
-EXPORT_METADATA_FILES = ("mri_keras.json", "input_config.json", "metadata.json", "config.json")
 MODEL_FORMATS = ("auto", "export", "keras")
 
 
@@ -58,7 +53,7 @@ def locate_model(path: str) -> ModelLocation:
     path = os.path.abspath(path.rstrip("/") or "/")
     if os.path.isfile(path) and path.endswith(".keras"):
         model_dir = os.path.dirname(path)
-        export = os.path.join(model_dir, EXPORT_DIRNAME)
+        export = os.path.join(model_dir, constants.EXPORT_DIR)
         return ModelLocation(
             export_dir=export if os.path.isfile(os.path.join(export, SAVED_MODEL_PB)) else None,
             keras_path=path,
@@ -66,8 +61,8 @@ def locate_model(path: str) -> ModelLocation:
         )
     if os.path.isfile(os.path.join(path, SAVED_MODEL_PB)):
         parent = os.path.dirname(path)
-        keras_path = os.path.join(parent, KERAS_FILENAME)
-        has_run = os.path.isfile(os.path.join(parent, CONFIG_FILENAME)) or os.path.isfile(
+        keras_path = os.path.join(parent, constants.BEST_MODEL_NAME)
+        has_run = os.path.isfile(os.path.join(parent, constants.CONFIG_NAME)) or os.path.isfile(
             keras_path
         )
         return ModelLocation(
@@ -75,8 +70,8 @@ def locate_model(path: str) -> ModelLocation:
             keras_path=keras_path if os.path.isfile(keras_path) else None,
             model_dir=parent if has_run else None,
         )
-    export = os.path.join(path, EXPORT_DIRNAME)
-    keras_path = os.path.join(path, KERAS_FILENAME)
+    export = os.path.join(path, constants.EXPORT_DIR)
+    keras_path = os.path.join(path, constants.BEST_MODEL_NAME)
     has_export = os.path.isfile(os.path.join(export, SAVED_MODEL_PB))
     has_keras = os.path.isfile(keras_path)
     if has_export or has_keras:
@@ -86,55 +81,37 @@ def locate_model(path: str) -> ModelLocation:
             model_dir=path,
         )
     raise FileNotFoundError(
-        f"No model at {path!r}: expected a training MODEL_DIR (with {EXPORT_DIRNAME}/ or "
-        f"{KERAS_FILENAME}), an exported SavedModel directory (with {SAVED_MODEL_PB}) or a "
-        ".keras file."
+        f"No model at {path!r}: expected a training MODEL_DIR (with {constants.EXPORT_DIR}/ or "
+        f"{constants.BEST_MODEL_NAME}), an exported SavedModel directory (with {SAVED_MODEL_PB}) "
+        "or a .keras file."
     )
 
 
 def _input_config_from_dict(d: Mapping) -> config_lib.InputConfig:
     """Builds an InputConfig from a saved dict, ignoring keys this version does not know."""
     fields = {f.name for f in dataclasses.fields(config_lib.InputConfig)}
-    kwargs = {k: v for k, v in d.items() if k in fields}
-    for key in ("percentiles", "crop"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
-    return config_lib.InputConfig(**kwargs)
-
-
-def _find_input_dict(obj) -> Mapping | None:
-    """Finds the input-config dict in a saved config (``{"input": {...}}`` or flat)."""
-    if not isinstance(obj, Mapping):
-        return None
-    for key in ("input", "input_config"):
-        if isinstance(obj.get(key), Mapping) and "input_variant" in obj[key]:
-            return obj[key]
-    if "input_variant" in obj:
-        return obj
-    for value in obj.values():
-        found = _find_input_dict(value) if isinstance(value, Mapping) else None
-        if found is not None:
-            return found
-    return None
+    return config_lib.InputConfig(**{k: v for k, v in d.items() if k in fields})
 
 
 def load_input_config(location: ModelLocation) -> config_lib.InputConfig:
     """The input config a model was trained with.
 
-    Looked up in the export's metadata files (``assets.extra/`` or the export root), then in
-    MODEL_DIR/config.json.
+    Read from the two files the project writes: the export's
+    ``assets.extra/mri_keras.json`` (key ``input_config``, written by ``mri_keras.export``),
+    else ``MODEL_DIR/config.json`` (key ``input``, written by training).
 
     Raises:
-      FileNotFoundError: no saved config names the model's input variant.
+      FileNotFoundError: neither file exists or holds its key (the message names both).
+      ValueError: a file is not valid JSON, or holds an invalid input config.
     """
-    candidates = []
+    sources = []
     if location.export_dir:
-        for sub in ("assets.extra", "assets", ""):
-            for name in EXPORT_METADATA_FILES:
-                candidates.append(os.path.join(location.export_dir, sub, name))
+        sources.append(
+            (os.path.join(location.export_dir, constants.EXPORT_METADATA_PATH), "input_config")
+        )
     if location.model_dir:
-        candidates.append(os.path.join(location.model_dir, CONFIG_FILENAME))
-    for path in candidates:
+        sources.append((os.path.join(location.model_dir, constants.CONFIG_NAME), "input"))
+    for path, key in sources:
         if not os.path.isfile(path):
             continue
         with open(path) as f:
@@ -142,12 +119,16 @@ def load_input_config(location: ModelLocation) -> config_lib.InputConfig:
                 saved = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from None
-        found = _find_input_dict(saved)
-        if found is not None:
-            return _input_config_from_dict(found)
+        if isinstance(saved, Mapping) and isinstance(saved.get(key), Mapping):
+            try:
+                return _input_config_from_dict(saved[key])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: {key!r} is not a valid input config: {e}") from None
+    directory = location.model_dir or location.export_dir or "the model"
+    expected = " or ".join(f"{path} (with an {key!r} object)" for path, key in sources)
     raise FileNotFoundError(
-        "Cannot tell which input variant / preprocessing the model expects: none of "
-        f"{[c for c in candidates]} exists or names an input_variant."
+        f"Cannot tell which input variant / preprocessing the model in {directory} expects: "
+        f"expected {expected or 'an export or a training run directory'}."
     )
 
 
@@ -195,7 +176,7 @@ class Predictor:
         if model_format == "export" and location.export_dir is None:
             raise FileNotFoundError(f"No exported SavedModel found for {location}")
         if model_format == "keras" and location.keras_path is None:
-            raise FileNotFoundError(f"No {KERAS_FILENAME} found for {location}")
+            raise FileNotFoundError(f"No {constants.BEST_MODEL_NAME} found for {location}")
         self.source = "export" if use_export else "keras"
         if use_export:
             self._init_export(location.export_dir)

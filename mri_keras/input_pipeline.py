@@ -15,7 +15,6 @@ so training and serving cannot disagree.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 import tensorflow as tf
@@ -182,41 +181,19 @@ def preprocess(phases: Mapping[str, tf.Tensor], config: InputConfig) -> tf.Tenso
 
 
 def crop_spec(crop) -> tuple[str, object] | None:
-    """Validates ``InputConfig.crop``.
+    """How ``augment`` reads ``InputConfig.crop`` (which InputConfig has already checked).
 
     Args:
-      crop: None, a fraction in (0, 1], an int ``n`` (an ``n x n`` crop) or a pair of positive
-        ints ``(h, w)``.
+      crop: None, a float fraction in (0, 1] or a pair of ints ``(h, w)``.
 
     Returns:
       None, ``("fraction", f)`` or ``("size", (h, w))``.
-
-    Raises:
-      ValueError: anything else.
     """
     if crop is None:
         return None
-    received = crop
-
-    def is_int(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    if is_int(crop):
-        crop = (crop, crop)
-    elif isinstance(crop, numbers.Real) and not isinstance(crop, bool):
-        if not 0.0 < float(crop) <= 1.0:
-            raise ValueError(f"A crop fraction must be in (0, 1]. Received: crop={crop!r}")
-        return ("fraction", float(crop))
-    if (
-        isinstance(crop, (tuple, list))
-        and len(crop) == 2
-        and all(is_int(v) and v > 0 for v in crop)
-    ):
-        return ("size", (int(crop[0]), int(crop[1])))
-    raise ValueError(
-        "crop must be None, a fraction in (0, 1], an int or a pair of positive ints (h, w). "
-        f"Received: crop={received!r}"
-    )
+    if isinstance(crop, tuple):
+        return ("size", crop)
+    return ("fraction", crop)
 
 
 def _random_offset(room: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

@@ -29,10 +29,6 @@ from keras import layers, ops
 from mri_keras import constants, remat_tf
 from mri_keras.config import ModelConfig
 
-SLICE_MODES = ("fold", "time_distributed")
-DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
-INITS = constants.INITS
-NORMS = constants.NORMS
 STAGE_MULTIPLIERS = (1, 2, 4, 8)
 
 
@@ -107,50 +103,14 @@ def _check_positive_int(name, value):
         raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
 
 
-def validate_config(config: ModelConfig) -> None:
-    """Raises ValueError naming the first invalid ModelConfig field."""
-    _check_positive_int("width", config.width)
-    _check_positive_int("stem_kernel", config.stem_kernel)
-    _check_positive_int("channels_3d", config.channels_3d)
-    blocks = tuple(config.blocks_per_stage)
-    if len(blocks) != len(STAGE_MULTIPLIERS) or any(
-        not isinstance(b, int) or b < 1 for b in blocks
-    ):
-        raise ValueError(
-            "blocks_per_stage must be 4 positive ints. "
-            f"Received: blocks_per_stage={config.blocks_per_stage!r}"
-        )
-    if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1). Received: dropout={config.dropout!r}")
-    if config.slice_mode not in SLICE_MODES:
-        raise ValueError(
-            f"slice_mode must be one of {SLICE_MODES}. Received: slice_mode={config.slice_mode!r}"
-        )
-    if not isinstance(config.remat_chunk, int) or config.remat_chunk < 0:
-        raise ValueError(
-            f"remat_chunk must be an int >= 0. Received: remat_chunk={config.remat_chunk!r}"
-        )
-    if config.remat_chunk and config.slice_mode != "fold":
-        raise ValueError(
-            "remat_chunk > 0 recomputes the folded trunk and needs slice_mode='fold'. "
-            f"Received: slice_mode={config.slice_mode!r}, remat_chunk={config.remat_chunk}"
-        )
+def _check_backend(config: ModelConfig) -> None:
+    """The one model requirement a ModelConfig cannot check itself: the Keras backend."""
     if config.remat_chunk and keras.backend.backend() != "tensorflow":
         raise ValueError(
             "Slice-chunked recomputation (remat_chunk > 0) is implemented for the TensorFlow "
             "backend only; set KERAS_BACKEND=tensorflow or remat_chunk=0. "
             f"Received: backend={keras.backend.backend()!r}, remat_chunk={config.remat_chunk}"
         )
-    if config.dtype_policy not in DTYPE_POLICIES:
-        raise ValueError(
-            f"dtype_policy must be one of {DTYPE_POLICIES}. "
-            f"Received: dtype_policy={config.dtype_policy!r}"
-        )
-    if config.init not in INITS:
-        raise ValueError(f"init must be one of {INITS}. Received: init={config.init!r}")
-    if config.norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}. Received: norm={config.norm!r}")
-    _check_positive_int("norm_groups", config.norm_groups)
 
 
 def _groups(channels: int, groups: int) -> int:
@@ -172,10 +132,6 @@ class _Blocks:
     """
 
     def __init__(self, init="glorot", norm="none", groups=8, dtype=None):
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}. Received: init={init!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}. Received: norm={norm!r}")
         self.init, self.norm, self.groups, self.dtype = init, norm, groups, dtype
 
     def conv(self, rank, filters, kernel, name, *, strides=1, relu=False, last=False):
@@ -289,7 +245,6 @@ def build_trunk(config: ModelConfig) -> keras.Model:
     Returns:
       keras.Model named "trunk": (n, H, W, 1) -> (n, ceil(H/32), ceil(W/32), 1).
     """
-    validate_config(config)
     dtype = config.dtype_policy
     layer_maker = _blocks_of(config)
     image = keras.Input(shape=(None, None, 1), name="slice")  # (n, H, W, 1)
@@ -328,9 +283,10 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:  # noqa: B0
       {label: (batch, 2) float32 softmax} keyed by constants.LABELS.
 
     Raises:
-      ValueError: an invalid config field, or remat_chunk > 0 on a non-TensorFlow backend.
+      ValueError: remat_chunk > 0 on a non-TensorFlow backend (ModelConfig checks its fields
+        itself when it is made).
     """
-    validate_config(config)
+    _check_backend(config)
     dtype = config.dtype_policy
     trunk = build_trunk(config)
     volume = keras.Input(shape=(None, None, None, 1), name="volume")  # (batch, S, H, W, 1)
@@ -406,7 +362,6 @@ def count_flops(config: ModelConfig, slices: int, height: int, width: int) -> in
     Returns:
       int FLOPs for one exam (batch 1).
     """
-    validate_config(config)
     for name, value in (("slices", slices), ("height", height), ("width", width)):
         _check_positive_int(name, value)
     macs = 0

@@ -108,7 +108,7 @@ def predict_exam(config: PredictConfig, predictor: inference.Predictor | None = 
     predictor = predictor or inference.load_predictor(config.model, config.model_format)
     if config.heatmap_dir and predictor.location.keras_path is None:
         raise FileNotFoundError(
-            f"Heatmaps need the Keras model ({inference.KERAS_FILENAME}) next to the export "
+            f"Heatmaps need the Keras model ({constants.BEST_MODEL_NAME}) next to the export "
             f"({predictor.location.model_dir or config.model}): a SavedModel has no "
             "intermediate layers to compute Grad-CAM on."
         )

@@ -19,13 +19,11 @@ import json
 import os
 import shutil
 
+from mri_keras.constants import BEST_MODEL_NAME, CONFIG_NAME, EXPORT_DIR
 from mri_keras.train_config import SetupError, TrainConfig
 from tfrecords_tools import fileio
 
-CONFIG_NAME = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-BEST_MODEL_NAME = "best.keras"
-EXPORT_DIR = "export"
 METRICS_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 RUN_FILES = (

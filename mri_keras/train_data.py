@@ -86,7 +86,7 @@ def inspect_data(config: TrainConfig) -> DataInfo:
     variant = config.input.input_variant
     needed = constants.phases_needed(variant)
     try:
-        records = Records.open(data_dir)
+        records = Records.open(data_dir, name="data_dir")
         records.check_phases(needed, f"Input variant {variant!r} (--input)")
         counts = records.counts()
         shards = {}

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags as absl_flags
 
+from mri_keras import constants
 from mri_keras import flags as flags_lib
 from tfrecords_tools import memory
-
-TUNERS = ("hyperband", "bayesian", "random")
 
 
 def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
@@ -34,7 +33,7 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
     absl_flags.DEFINE_enum(
         "tuner",
         "hyperband",
-        list(TUNERS),
+        list(constants.TUNERS),
         "Search algorithm: hyperband (successive halving over epochs), bayesian (Gaussian "
         "process) or random.",
         **fv,
@@ -44,7 +43,6 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
         20,
         "Trials in the sweep (a rerun with a larger number extends it). 0 with "
         "--tuner=hyperband runs Hyperband's whole schedule.",
-        lower_bound=0,
         **fv,
     )
     absl_flags.DEFINE_integer(
@@ -52,7 +50,6 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
         None,
         "Epochs of the longest trial: Hyperband's maximum, every trial's epochs for "
         "random/bayesian. Defaults to --epochs.",
-        lower_bound=1,
         **fv,
     )
     absl_flags.DEFINE_string(
@@ -62,27 +59,21 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
         "for the built-in default (the same as that file).",
         **fv,
     )
+    absl_flags.DEFINE_integer("hyperband_factor", 3, "Hyperband's reduction factor.", **fv)
     absl_flags.DEFINE_integer(
-        "hyperband_factor", 3, "Hyperband's reduction factor.", lower_bound=2, **fv
-    )
-    absl_flags.DEFINE_integer(
-        "hyperband_iterations", 1, "Hyperband sweeps over all its brackets.", lower_bound=1, **fv
+        "hyperband_iterations", 1, "Hyperband sweeps over all its brackets.", **fv
     )
     absl_flags.DEFINE_integer(
         "num_initial_points",
         0,
         "Bayesian: random trials before the Gaussian process (0: 3 x searched settings).",
-        lower_bound=0,
         **fv,
     )
-    absl_flags.DEFINE_integer(
-        "max_retries_per_trial", 0, "Reruns of a trial that crashed.", lower_bound=0, **fv
-    )
+    absl_flags.DEFINE_integer("max_retries_per_trial", 0, "Reruns of a trial that crashed.", **fv)
     absl_flags.DEFINE_integer(
         "max_consecutive_failed_trials",
         3,
         "Stop the sweep after this many failed trials in a row.",
-        lower_bound=1,
         **fv,
     )
     absl_flags.DEFINE_bool(
@@ -94,9 +85,7 @@ def define_tune_flags(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> 
         "per trial).",
         **fv,
     )
-    absl_flags.DEFINE_integer(
-        "top_trials", 10, "Trials listed in summary.csv and printed.", lower_bound=1, **fv
-    )
+    absl_flags.DEFINE_integer("top_trials", 10, "Trials listed in summary.csv and printed.", **fv)
 
 
 def _search_space_path(path: str) -> str:
@@ -131,7 +120,7 @@ def tune_config_from_flags(fv: absl_flags.FlagValues = absl_flags.FLAGS):
         search_space=tune_space.load_search_space(_search_space_path(fv.search_space)),
         tuner=fv.tuner,
         max_trials=fv.max_trials,
-        max_epochs=fv.max_epochs or train.epochs,
+        max_epochs=train.epochs if fv.max_epochs is None else fv.max_epochs,
         hyperband_factor=fv.hyperband_factor,
         hyperband_iterations=fv.hyperband_iterations,
         num_initial_points=fv.num_initial_points,
@@ -146,7 +135,7 @@ def tune_config_from_flags(fv: absl_flags.FlagValues = absl_flags.FLAGS):
 
 
 def _tune(flag_values):
-    from mri_keras import tune_lib
+    from mri_keras import tune_lib, tune_report
 
     try:
         config = tune_config_from_flags(flag_values)
@@ -159,7 +148,7 @@ def _tune(flag_values):
     if result.role == "worker":
         print("mri_keras.tune: worker finished: the oracle has no more trials.", flush=True)
         return result
-    print(f"\nTop trials ({tune_lib.OBJECTIVE}, max):\n{result.table}", flush=True)
+    print(f"\nTop trials ({tune_report.OBJECTIVE}, max):\n{result.table}", flush=True)
     print(f"\nSummary:            {result.summary_path}")
     if result.best_flags_path:
         print(f"Best-trial flags:   {result.best_flags_path}")
@@ -176,7 +165,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run(argv: Sequence[str]):
     """Parses ``argv`` (flags and ``--flagfile``s, without the program name) into fresh flag
-    values and runs the sweep; returns the ``tune_lib.SweepResult``.
+    values and runs the sweep; returns the ``tune_report.SweepResult``.
 
     For in-process use (tests, notebooks): the global ``absl.flags.FLAGS`` is not touched.
     Exits (``SystemExit``) on bad flags or settings, with the command line's message.

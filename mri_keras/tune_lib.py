@@ -16,6 +16,8 @@ Layout of a sweep directory (``TuneConfig.train.model_dir``)::
     summary.csv                   the top trials: hyper-parameters, val AUC, epochs
     best_trial.flags              the best trial as a flagfile for ``mri_keras.train``
 
+(the last two written by ``mri_keras.tune_report``, which reads the sweep's results).
+
 Distributed search uses keras-tuner's chief/worker mode: the process whose
 ``KERASTUNER_TUNER_ID`` contains "chief" runs the oracle behind a gRPC server at
 ``KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT``; every other process with those variables
@@ -25,18 +27,16 @@ set is a worker that asks it for trials. All of them must see the same sweep dir
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import datetime
 import gc
-import io
 import json
 import math
 import multiprocessing
 import os
 import shutil
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent import futures
 from typing import Any
 
@@ -44,16 +44,11 @@ import keras
 import keras_tuner as kt
 from absl import logging
 
+from mri_keras import constants, train_data, train_lib, tune_report, tune_space, validation
 from mri_keras import run_dir as run_dir_lib
-from mri_keras import train_data, train_lib, tune_space, validation
-from tfrecords_tools import memory
+from tfrecords_tools import fileio, memory, schema
 
-OBJECTIVE = "val_malignant_auc"
-TUNERS = ("hyperband", "bayesian", "random")
-TRIAL_MODEL_DIR = "model"
 RUNS_LOG = "runs.jsonl"
-SUMMARY_NAME = "summary.csv"
-BEST_FLAGS_NAME = "best_trial.flags"
 SWEEP_RECORD_NAME = "sweep.json"
 # Settings a resumed sweep must share with the run that started it (others, e.g. the strategy
 # or the number of trials, may change between runs).
@@ -129,8 +124,10 @@ class TuneConfig:
     isolate_trials: bool = False
 
     def __post_init__(self):
-        if self.tuner not in TUNERS:
-            raise ValueError(f"tuner must be one of {TUNERS}. Received: tuner={self.tuner!r}")
+        if self.tuner not in constants.TUNERS:
+            raise ValueError(
+                f"tuner must be one of {constants.TUNERS}. Received: tuner={self.tuner!r}"
+            )
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1. Received: max_epochs={self.max_epochs}")
         if self.max_trials < 0 or (self.max_trials == 0 and self.tuner != "hyperband"):
@@ -147,6 +144,15 @@ class TuneConfig:
                 "hyperband_iterations must be >= 1. "
                 f"Received: hyperband_iterations={self.hyperband_iterations}"
             )
+        for name, minimum in (
+            ("num_initial_points", 0),
+            ("max_retries_per_trial", 0),
+            ("max_consecutive_failed_trials", 1),
+        ):
+            if getattr(self, name) < minimum:
+                raise ValueError(
+                    f"{name} must be >= {minimum}. Received: {name}={getattr(self, name)}"
+                )
         if self.top_trials < 1:
             raise ValueError(f"top_trials must be >= 1. Received: top_trials={self.top_trials}")
         if not self.train.model_dir:
@@ -190,11 +196,6 @@ def release_memory() -> None:
 # HyperModel and tuners.
 
 
-def trial_model_dir(sweep_dir: str, trial_id: str) -> str:
-    """The training run directory of one trial."""
-    return os.path.join(sweep_dir, f"trial_{trial_id}", TRIAL_MODEL_DIR)
-
-
 def metrics_from_history(history: Mapping[str, Any]) -> dict:
     """The values a trial reports, from ``train_lib.train``'s history.
 
@@ -210,13 +211,13 @@ def metrics_from_history(history: Mapping[str, Any]) -> dict:
       keras_tuner.errors.FatalValueError: the validation AUC was never defined (a validation
         split without both malignant and non-malignant breasts), which no trial can fix.
     """
-    aucs = [float(v) for v in history.get(OBJECTIVE, [])]
+    aucs = [float(v) for v in history.get(tune_report.OBJECTIVE, [])]
     finite = [(v, i) for i, v in enumerate(aucs) if math.isfinite(v)]
     if not finite:
         raise kt.errors.FatalValueError(
-            f"Training reported no finite {OBJECTIVE} (per epoch: {aucs}). The validation split "
-            "needs breasts with and without malignancy for the AUC to exist; check the "
-            "converter's manifest.json label_counts for 'val'."
+            f"Training reported no finite {tune_report.OBJECTIVE} (per epoch: {aucs}). The "
+            "validation split needs breasts with and without malignancy for the AUC to exist; "
+            "check the converter's manifest.json label_counts for 'val'."
         )
     # Training's own model selection (first epoch of the highest AUC) when it reports it.
     best_index = int(history.get("best_epoch") or 0) - 1
@@ -225,7 +226,7 @@ def metrics_from_history(history: Mapping[str, Any]) -> dict:
     best_value = aucs[best_index]
     benign = list(history.get("val_benign_auc", []))
     return {
-        OBJECTIVE: best_value,
+        tune_report.OBJECTIVE: best_value,
         "val_benign_auc": float(benign[best_index]) if best_index < len(benign) else float("nan"),
         "best_epoch": best_index + 1,
         "epochs": len(aucs),
@@ -288,7 +289,7 @@ class DoublyDeepHyperModel(kt.HyperModel):
           metrics_from_history(...) of the run.
         """
         del hp, kwargs
-        run_dir = os.path.join(trial_dir, TRIAL_MODEL_DIR)
+        run_dir = os.path.join(trial_dir, tune_report.TRIAL_MODEL_DIR)
         if model.lr_schedule == "cosine":
             # A cosine schedule spans its run: a 3-epoch run's rate has decayed to 0 where a
             # 9-epoch run's is still high, so Hyperband's later rounds train from the start.
@@ -359,7 +360,7 @@ def _retarget_run(copy_dir: str, run_dir: str) -> None:
         with open(path) as f:
             saved = json.load(f)
         saved["model_dir"] = run_dir
-        _write_atomic(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        fileio.atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def _now() -> str:
@@ -386,7 +387,9 @@ class _TrainLibTrials:
         kwargs.pop("epochs", None)
         warm_start_dir = None
         if hp.values.get("tuner/trial_id"):
-            warm_start_dir = trial_model_dir(self.project_dir, hp.values["tuner/trial_id"])
+            warm_start_dir = tune_report.trial_model_dir(
+                self.project_dir, hp.values["tuner/trial_id"]
+            )
         callbacks = self._deepcopy_callbacks(kwargs.pop("callbacks", []))
         release_memory()
         try:
@@ -409,7 +412,7 @@ class _TrainLibTrials:
         """The best model of a finished trial (its ``best.keras``)."""
         from mri_keras import inference  # Deferred: only needed to load models.
 
-        run_dir = trial_model_dir(self.project_dir, trial.trial_id)
+        run_dir = tune_report.trial_model_dir(self.project_dir, trial.trial_id)
         return inference.load_keras_model(os.path.join(run_dir, run_dir_lib.BEST_MODEL_NAME))
 
 
@@ -436,7 +439,7 @@ def _sweep_record(config: TuneConfig) -> dict:
         )
     record = {
         "tuner": config.tuner,
-        "objective": OBJECTIVE,
+        "objective": tune_report.OBJECTIVE,
         "search_space": config.search_space.to_json(),
         "max_epochs": config.max_epochs,
         "hyperband_factor": config.hyperband_factor if config.tuner == "hyperband" else None,
@@ -468,7 +471,7 @@ def _check_or_write_sweep_record(config: TuneConfig, resuming: bool) -> None:
             )
         return
     os.makedirs(config.train.model_dir, exist_ok=True)
-    _write_atomic(path, json.dumps(record, indent=2) + "\n")
+    fileio.atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def build_tuner(config: TuneConfig, *, hypermodel: kt.HyperModel | None = None):
@@ -503,7 +506,7 @@ def build_tuner(config: TuneConfig, *, hypermodel: kt.HyperModel | None = None):
         # the sweep's files with the run's (or the records').
         foreign = [
             n
-            for n in ("config.json", "best.keras", "manifest.json")
+            for n in (run_dir_lib.CONFIG_NAME, run_dir_lib.BEST_MODEL_NAME, schema.MANIFEST_NAME)
             if os.path.exists(os.path.join(sweep_dir, n))
         ]
         if foreign and not os.path.exists(os.path.join(sweep_dir, SWEEP_RECORD_NAME)):
@@ -523,7 +526,7 @@ def build_tuner(config: TuneConfig, *, hypermodel: kt.HyperModel | None = None):
     )
     common = dict(
         hypermodel=hypermodel,
-        objective=kt.Objective(OBJECTIVE, direction="max"),
+        objective=kt.Objective(tune_report.OBJECTIVE, direction="max"),
         seed=config.seed + 1,
         max_retries_per_trial=config.max_retries_per_trial,
         max_consecutive_failed_trials=config.max_consecutive_failed_trials,
@@ -555,251 +558,10 @@ def build_tuner(config: TuneConfig, *, hypermodel: kt.HyperModel | None = None):
 
 
 # --------------------------------------------------------------------------------------------
-# Results.
+# The search.
 
 
-@dataclasses.dataclass(frozen=True)
-class TrialResult:
-    """One finished trial as the summary shows it."""
-
-    trial_id: str
-    status: str
-    values: Mapping[str, Any]  # {setting: config value} of the searched settings.
-    metrics: Mapping[str, float]
-    continued_from: str | None
-    model_dir: str
-
-
-def trial_results(tuner, search_space: tune_space.SearchSpace) -> list[TrialResult]:
-    """Every trial of the sweep, completed ones first, best first."""
-    oracle = tuner.oracle
-    completed, other = [], []
-    for trial in oracle.trials.values():
-        metrics = {}
-        for name in (OBJECTIVE, "val_benign_auc", "best_epoch", "epochs"):
-            if trial.metrics.exists(name):
-                metrics[name] = trial.metrics.get_last_value(name)
-        result = TrialResult(
-            trial_id=trial.trial_id,
-            status=str(trial.status),
-            values=search_space.decode_values(trial.hyperparameters.values),
-            metrics=metrics,
-            continued_from=trial.hyperparameters.values.get("tuner/trial_id"),
-            model_dir=trial_model_dir(tuner.project_dir, trial.trial_id),
-        )
-        done = str(trial.status) == "COMPLETED" and OBJECTIVE in metrics
-        (completed if done else other).append(result)
-    completed.sort(key=lambda r: (-r.metrics[OBJECTIVE], r.trial_id))
-    other.sort(key=lambda r: r.trial_id)
-    return completed + other
-
-
-def _format_value(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (tuple, list)):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def summary_rows(results: Sequence[TrialResult], names: Sequence[str], top: int) -> list[dict]:
-    """CSV rows of the top completed trials."""
-    rows = []
-    for rank, r in enumerate(
-        [r for r in results if r.status == "COMPLETED" and OBJECTIVE in r.metrics][:top], 1
-    ):
-        row = {
-            "rank": rank,
-            "trial_id": r.trial_id,
-            OBJECTIVE: f"{r.metrics[OBJECTIVE]:.6f}",
-            "val_benign_auc": f"{r.metrics.get('val_benign_auc', float('nan')):.6f}",
-            "best_epoch": int(r.metrics.get("best_epoch", 0)),
-            "epochs": int(r.metrics.get("epochs", 0)),
-        }
-        row.update({name: _format_value(r.values.get(name)) for name in names})
-        row["continued_from"] = r.continued_from or ""
-        row["model_dir"] = r.model_dir
-        rows.append(row)
-    return rows
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """A fixed-width text table of summary rows (without the model_dir column)."""
-    if not rows:
-        return "No completed trials yet."
-    columns = [c for c in rows[0] if c != "model_dir"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r[c]).rjust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_summary_csv(path: str, rows: Sequence[dict], names: Sequence[str]) -> None:
-    columns = (
-        ["rank", "trial_id", OBJECTIVE, "val_benign_auc", "best_epoch", "epochs"]
-        + list(names)
-        + ["continued_from", "model_dir"]
-    )
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(path, buf.getvalue())
-
-
-def train_flag_lines(config) -> list[str]:
-    """``--flag=value`` lines that make ``mri_keras.train`` build exactly ``config``.
-
-    The inverse of ``mri_keras.flags.train_config_from_flags``; ``write_best_flagfile``
-    checks the round trip.
-    """
-    m, i = config.model, config.input
-    crop = i.crop
-    if crop is None:
-        crop_text = ""
-    elif isinstance(crop, (tuple, list)):
-        crop_text = f"{int(crop[0])},{int(crop[1])}"
-    else:
-        crop_text = repr(float(crop))
-    precision = (
-        m.dtype_policy[len("mixed_") :] if m.dtype_policy.startswith("mixed_") else (m.dtype_policy)
-    )
-
-    def b(name, value):
-        return f"--{name}" if value else f"--no{name}"
-
-    lines = [
-        f"--data_dir={config.data_dir}",
-        f"--model_dir={config.model_dir}",
-        f"--epochs={config.epochs}",
-        f"--learning_rate={config.learning_rate!r}",
-        f"--lr_schedule={config.lr_schedule}",
-        f"--warmup_epochs={config.warmup_epochs!r}",
-        f"--train_fraction={config.train_fraction!r}",
-        f"--seed={config.seed}",
-        f"--input={i.input_variant}",
-        f"--normalization={i.normalization}",
-        f"--percentiles={i.percentiles[0]!r},{i.percentiles[1]!r}",
-        b("flip", i.flip),
-        f"--crop={crop_text}",
-        f"--crop_slices={i.crop_slices}",
-        f"--shuffle_buffer={i.shuffle_buffer}",
-        f"--width={m.width}",
-        f"--blocks={','.join(str(v) for v in m.blocks_per_stage)}",
-        f"--stem_kernel={m.stem_kernel}",
-        f"--channels_3d={m.channels_3d}",
-        f"--dropout={m.dropout!r}",
-        f"--init={m.init}",
-        f"--norm={m.norm}",
-        f"--norm_groups={m.norm_groups}",
-        f"--slice_mode={m.slice_mode}",
-        f"--mixed_precision={precision}",
-        f"--remat={m.remat_chunk}",
-        b("jit_compile", config.jit_compile),
-        f"--strategy={config.strategy}",
-        f"--cpu_replicas={config.cpu_replicas}",
-    ]
-    if getattr(config, "init_weights", ""):
-        lines.append(f"--init_weights={config.init_weights}")
-    # --progress: verbose 2 (progress bars), --noprogress: 1; verbose 0 has no flag.
-    lines.append(b("progress", config.verbose > 1))
-    return lines
-
-
-def _config_from_flag_lines(lines: Sequence[str]):
-    """Parses flag lines the way ``mri_keras.train`` does (on a private FlagValues)."""
-    from absl import flags as absl_flags
-
-    from mri_keras import flags as train_flags
-
-    fv = absl_flags.FlagValues()
-    train_flags.define_flags(fv)
-    fv(["mri_keras.train"] + list(lines))
-    return train_flags.train_config_from_flags(fv)
-
-
-def best_trial_config(results: Sequence[TrialResult], base_config, model_dir: str):
-    """The TrainConfig that retrains the best trial in ``model_dir``, and that trial."""
-    best = next((r for r in results if r.status == "COMPLETED" and OBJECTIVE in r.metrics), None)
-    if best is None:
-        return None, None
-    config = tune_space.apply_values(base_config, best.values)
-    epochs = int(best.metrics.get("epochs") or base_config.epochs)
-    config = dataclasses.replace(config, model_dir=model_dir, epochs=epochs, overwrite=False)
-    return config, best
-
-
-def write_best_flagfile(path: str, config, best: TrialResult, sweep_dir: str) -> None:
-    """Writes ``config`` as a flagfile for ``python -m mri_keras.train --flagfile=path``.
-
-    Raises:
-      RuntimeError: the flagfile would not rebuild ``config`` (a flag out of step with
-        ``mri_keras.flags``).
-    """
-    lines = train_flag_lines(config)
-    rebuilt = _config_from_flag_lines(lines)
-    if config.verbose < 1:  # Display only, and not expressible as a flag.
-        config = dataclasses.replace(config, verbose=rebuilt.verbose)
-    if rebuilt != config:
-        diff = {
-            f.name: (getattr(config, f.name), getattr(rebuilt, f.name))
-            for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(rebuilt, f.name)
-        }
-        raise RuntimeError(f"best_trial.flags would not rebuild the trial's config: {diff}")
-    m = best.metrics
-    header = [
-        f"# Best trial of the sweep in {sweep_dir}: trial {best.trial_id}, "
-        f"{OBJECTIVE}={m[OBJECTIVE]:.6f} at epoch {int(m.get('best_epoch', 0))} of "
-        f"{int(m.get('epochs', 0))}.",
-        f"# The trial's own run (best.keras, export/): {best.model_dir}",
-        "# Retrain it with: python -m mri_keras.train --flagfile=" + path,
-    ]
-    _write_atomic(path, "\n".join(header + lines) + "\n")
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepResult:
-    """What a search produced (for the chief/local process; workers get ``rows=[]``)."""
-
-    role: str
-    results: Sequence[TrialResult]
-    rows: Sequence[dict]
-    table: str
-    summary_path: str | None
-    best_flags_path: str | None
-
-
-def summarize(tuner, config: TuneConfig) -> SweepResult:
-    """Writes ``summary.csv`` and ``best_trial.flags`` for the sweep so far."""
-    sweep_dir = tuner.project_dir
-    names = config.search_space.names
-    results = trial_results(tuner, config.search_space)
-    rows = summary_rows(results, names, config.top_trials)
-    summary_path = os.path.join(sweep_dir, SUMMARY_NAME)
-    write_summary_csv(summary_path, rows, names)
-    best_config, best = best_trial_config(
-        results, config.train, os.path.join(sweep_dir, "best_trial")
-    )
-    flags_path = None
-    if best is not None:
-        flags_path = os.path.join(sweep_dir, BEST_FLAGS_NAME)
-        write_best_flagfile(flags_path, best_config, best, sweep_dir)
-    return SweepResult(tuner_role(), results, rows, format_table(rows), summary_path, flags_path)
-
-
-def run_search(config: TuneConfig, *, callbacks: list | None = None) -> SweepResult:
+def run_search(config: TuneConfig, *, callbacks: list | None = None) -> tune_report.SweepResult:
     """Runs (or resumes, or joins as a worker) a sweep.
 
     Args:
@@ -820,5 +582,5 @@ def run_search(config: TuneConfig, *, callbacks: list | None = None) -> SweepRes
     tuner.search(epochs=config.max_epochs, callbacks=copy.copy(callbacks or []))
     role = tuner_role()
     if role == "worker":
-        return SweepResult(role, [], [], "", None, None)
-    return summarize(tuner, config)
+        return tune_report.SweepResult(role, [], [], "", None, None)
+    return tune_report.summarize(tuner, config, role)

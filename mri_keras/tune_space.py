@@ -36,6 +36,7 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mri_keras import config as config_lib
 from mri_keras import constants
 
 ENTRY_TYPES = ("float", "int", "choice", "boolean", "fixed")
@@ -68,72 +69,20 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# Each setting: (where it lives in TrainConfig, the entry types it accepts, a checker that
-# returns None for a good value or a description of what a good value is, and a function that
-# turns a (decoded) value into what the config field holds).
+# Each setting: where it lives in TrainConfig, the entry types it accepts, what a good value
+# is (as the search-space file writes it), how a file value becomes the field's value, and, for
+# TrainConfig fields (whose class needs TensorFlow) or rules of the search itself, a check.
+# Model and input values are checked by ModelConfig / InputConfig, the classes that own them.
 def _check_learning_rate(v):
-    return None if _is_number(v) and 0 < v < 1 else "a number in (0, 1)"
-
-
-def _check_positive_int(v):
-    return None if _is_int(v) and v >= 1 else "an int >= 1"
-
-
-def _check_blocks(v):
-    if _is_int(v) and v >= 1:
-        return None
-    if isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_int(b) and b >= 1 for b in v):
-        return None
-    return "an int >= 1 or a list of 4 ints >= 1"
-
-
-def _check_stem_kernel(v):
-    return None if _is_int(v) and v >= 1 and v % 2 == 1 else "an odd int >= 1 (e.g. 3, 5, 7)"
-
-
-def _check_dropout(v):
-    return None if _is_number(v) and 0 <= v < 1 else "a number in [0, 1)"
-
-
-def _check_crop(v):
-    if v is None:
-        return None
-    if _is_int(v) and v > 1:
-        return None
-    if _is_number(v) and 0 < v <= 1:
-        return None
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(s) and s >= 1 for s in v):
-        return None
-    return "null, a fraction in (0, 1], a size in pixels (int > 1) or [height, width]"
-
-
-def _check_flip(v):
-    return None if isinstance(v, bool) else "true or false"
-
-
-def _one_of(values):
-    def check(v):
-        return None if v in values else f"one of {list(values)}"
-
-    return check
+    return _is_number(v) and 0 < v < 1
 
 
 def _check_warmup(v):
-    return None if _is_number(v) and v >= 0 else "a number >= 0 (epochs)"
+    return _is_number(v) and v >= 0
 
 
 def _to_blocks(v):
-    return (int(v),) * 4 if _is_int(v) else tuple(int(b) for b in v)
-
-
-def _to_crop(v):
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)):
-        return (int(v[0]), int(v[1]))
-    if _is_int(v) and v > 1:
-        return (int(v), int(v))
-    return float(v)
+    return (v,) * 4 if _is_int(v) else v  # One count for all four stages, or a list of four.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,27 +90,77 @@ class _Setting:
     section: str | None  # None: a TrainConfig field; else "model" or "input".
     field: str
     types: tuple[str, ...]
-    check: Callable[[Any], str | None]
-    convert: Callable[[Any], Any]
+    describe: str  # What a good value is, e.g. "an int >= 1".
+    convert: Callable[[Any], Any] = lambda v: v  # File value -> field value.
+    check: Callable[[Any], bool] | None = None  # Besides the config class's own checks.
+
+    def to_config(self, value):
+        """The field's value for a value of the search-space file.
+
+        Raises:
+          ValueError: the value is not one this setting takes (``describe``).
+        """
+        if self.check is not None and not self.check(value):
+            raise ValueError(self.describe)
+        value = self.convert(value)
+        if self.section is not None:  # The config class checks and normalises it.
+            cls = {"model": config_lib.ModelConfig, "input": config_lib.InputConfig}[self.section]
+            try:
+                value = getattr(cls(**{self.field: value}), self.field)
+            except config_lib.ConfigError:
+                raise ValueError(self.describe) from None
+        return value
+
+    def problem(self, value) -> str | None:
+        """None for a good value, else what a good value is."""
+        try:
+            self.to_config(value)
+        except ValueError:
+            return self.describe
+        return None
 
 
 _NUMERIC = ("float", "choice", "fixed")
 _INTEGER = ("int", "choice", "fixed")
+_NAMED = ("choice", "fixed")
+_POSITIVE = "an int >= 1"
 SETTINGS = {
-    "learning_rate": _Setting(None, "learning_rate", _NUMERIC, _check_learning_rate, float),
-    "width": _Setting("model", "width", _INTEGER, _check_positive_int, int),
-    "blocks_per_stage": _Setting("model", "blocks_per_stage", _INTEGER, _check_blocks, _to_blocks),
-    "stem_kernel": _Setting("model", "stem_kernel", _INTEGER, _check_stem_kernel, int),
-    "channels_3d": _Setting("model", "channels_3d", _INTEGER, _check_positive_int, int),
-    "dropout": _Setting("model", "dropout", _NUMERIC, _check_dropout, float),
-    "crop": _Setting("input", "crop", _NUMERIC, _check_crop, _to_crop),
-    "flip": _Setting("input", "flip", ("boolean", "choice", "fixed"), _check_flip, bool),
-    "lr_schedule": _Setting(
-        None, "lr_schedule", ("choice", "fixed"), _one_of(constants.LR_SCHEDULES), str
+    "learning_rate": _Setting(
+        None, "learning_rate", _NUMERIC, "a number in (0, 1)", float, _check_learning_rate
     ),
-    "warmup_epochs": _Setting(None, "warmup_epochs", _NUMERIC, _check_warmup, float),
-    "init": _Setting("model", "init", ("choice", "fixed"), _one_of(constants.INITS), str),
-    "norm": _Setting("model", "norm", ("choice", "fixed"), _one_of(constants.NORMS), str),
+    "width": _Setting("model", "width", _INTEGER, _POSITIVE),
+    "blocks_per_stage": _Setting(
+        "model", "blocks_per_stage", _INTEGER, "an int >= 1 or a list of 4 ints >= 1", _to_blocks
+    ),
+    "stem_kernel": _Setting(
+        "model",
+        "stem_kernel",
+        _INTEGER,
+        "an odd int >= 1 (e.g. 3, 5, 7)",
+        check=lambda v: not _is_int(v) or v % 2 == 1,
+    ),
+    "channels_3d": _Setting("model", "channels_3d", _INTEGER, _POSITIVE),
+    "dropout": _Setting("model", "dropout", _NUMERIC, "a number in [0, 1)"),
+    "crop": _Setting(
+        "input",
+        "crop",
+        _NUMERIC,
+        "null, a fraction in (0, 1], a size in pixels (int > 1) or [height, width]",
+        check=lambda v: not _is_int(v) or v > 1,  # 1 (one pixel) is surely a typo for 1.0.
+    ),
+    "flip": _Setting("input", "flip", ("boolean", "choice", "fixed"), "true or false"),
+    "lr_schedule": _Setting(
+        None,
+        "lr_schedule",
+        _NAMED,
+        f"one of {list(constants.LR_SCHEDULES)}",
+        check=lambda v: v in constants.LR_SCHEDULES,
+    ),
+    "warmup_epochs": _Setting(
+        None, "warmup_epochs", _NUMERIC, "a number >= 0 (epochs)", float, _check_warmup
+    ),
+    "init": _Setting("model", "init", _NAMED, f"one of {list(constants.INITS)}"),
+    "norm": _Setting("model", "norm", _NAMED, f"one of {list(constants.NORMS)}"),
 }
 
 # The search of the issue: the paper's settings and the ranges around them it never searched.
@@ -262,7 +261,7 @@ class Param:
     def decode(self, raw):
         """The config value for a value keras-tuner produced for this entry."""
         value = _decode(raw) if self.encoded and isinstance(raw, str) else raw
-        return SETTINGS[self.name].convert(value)
+        return SETTINGS[self.name].to_config(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +343,7 @@ def _validate_entry(source: str, name: str, entry) -> Param:
         _fail(source, name, f"type {kind!r} needs {missing}", entry)
 
     def check_value(value, what):
-        problem = setting.check(value)
+        problem = setting.problem(value)
         if problem is not None:
             _fail(source, name, f"{what} {json.dumps(value)} is not {problem}", entry)
 

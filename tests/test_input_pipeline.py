@@ -296,11 +296,18 @@ def test_crops_stay_inside_and_have_the_requested_size(crop, crop_slices, expect
         assert len(offsets) > 1, "the crop window never moves"
 
 
-def test_bad_crop_is_rejected(tmp_path):
-    d = write_records(tmp_path / "rec", [_exam(0)])
+def test_bad_crop_is_rejected():
     for crop in [0.0, 1.5, (3,), (0, 4), (2.5, 3), "96", True, -2]:
         with pytest.raises(ValueError, match="crop"):
-            input_pipeline.make_dataset(d, "train", InputConfig(crop=crop), training=True)
+            InputConfig(crop=crop)
+
+
+@pytest.mark.parametrize(
+    "crop, spec",
+    [(None, None), (0.5, ("fraction", 0.5)), (1, ("size", (1, 1))), ([3, 4], ("size", (3, 4)))],
+)
+def test_crop_spec_reads_the_parsed_crop(crop, spec):
+    assert input_pipeline.crop_spec(InputConfig(crop=crop).crop) == spec
 
 
 def test_same_seed_same_stream_different_seed_different(tmp_path):

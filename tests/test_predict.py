@@ -278,3 +278,49 @@ def test_heatmap_needs_the_keras_model(tmp_path):
             )
         )
     assert (tmp_path / "a_file").read_text() == "keep"
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def test_input_config_comes_from_the_two_files_the_project_writes(tmp_path):
+    from mri_keras import constants
+
+    run_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "run" / "export")
+    both = inference.ModelLocation(export_dir=export_dir, keras_path=None, model_dir=run_dir)
+    # The export's metadata wins (it is what the SavedModel preprocesses with) ...
+    _write_json(
+        os.path.join(export_dir, constants.EXPORT_METADATA_PATH),
+        {"input_variant": "t1-t0", "input_config": {"input_variant": "t1-t0", "crop": [8, 8]}},
+    )
+    _write_json(
+        os.path.join(run_dir, constants.CONFIG_NAME),
+        {"input": {"input_variant": "t3", "normalization": "percentile", "new_field": 1}},
+    )
+    config = inference.load_input_config(both)
+    assert (config.input_variant, config.crop) == ("t1-t0", (8, 8))
+    # ... and a run without an export reads config.json (keys it does not know are ignored).
+    keras_only = inference.ModelLocation(export_dir=None, keras_path=None, model_dir=run_dir)
+    config = inference.load_input_config(keras_only)
+    assert (config.input_variant, config.normalization) == ("t3", "percentile")
+
+
+def test_missing_input_config_names_the_directory_and_the_expected_files(tmp_path):
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    _write_json(os.path.join(run_dir, "config.json"), {"model": {}})  # No "input".
+    location = inference.ModelLocation(
+        export_dir=os.path.join(run_dir, "export"), keras_path=None, model_dir=run_dir
+    )
+    with pytest.raises(FileNotFoundError) as e:
+        inference.load_input_config(location)
+    message = str(e.value)
+    assert f"model in {run_dir} expects" in message
+    assert os.path.join(run_dir, "export", "assets.extra", "mri_keras.json") in message
+    assert os.path.join(run_dir, "config.json") + " (with an 'input' object)" in message
+    _write_json(os.path.join(run_dir, "config.json"), {"input": {"crop": 1.5}})
+    with pytest.raises(ValueError, match=r"config.json: 'input' is not a valid input config: crop"):
+        inference.load_input_config(location)

@@ -349,7 +349,7 @@ def test_options_round_trip_through_flags_and_the_tuner():
         1.5,
         0,
     )
-    assert tune_lib._config_from_flag_lines(tune_lib.train_flag_lines(config)) == config
+    assert flags_lib.train_config_from_flag_lines(flags_lib.train_flag_lines(config)) == config
     # The paper's defaults stay the paper's.
     paper = _config(["--data_dir=d", "--model_dir=m"])
     assert (paper.model.init, paper.model.norm, paper.lr_schedule, paper.warmup_epochs) == (

@@ -108,6 +108,13 @@ def test_space_values_reach_the_training_config():
             "[2, 2, 2] is not an int >= 1 or a list of 4 ints",
         ),
         ({"crop": {"type": "choice", "values": [1.5]}}, "value 1.5 is not null, a fraction"),
+        ({"crop": {"type": "choice", "values": [[0, 4]]}}, "value [0, 4] is not null, a fraction"),
+        ({"crop": {"type": "fixed", "value": 1}}, "value 1 is not null, a fraction"),
+        (
+            {"init": {"type": "choice", "values": ["glorot", "orthogonal"]}},
+            "value \"orthogonal\" is not one of ['glorot', 'he_zero_residual']",
+        ),
+        ({"flip": {"type": "fixed", "value": 1}}, "value 1 is not true or false"),
         ({"channels_3d": {"type": "fixed"}}, "type 'fixed' needs ['value']"),
         ({"channels_3d": [32, 64]}, "must be an object"),
         ([1, 2], "must be a JSON object keyed by setting name"),
@@ -224,6 +231,10 @@ def test_distributed_role_from_keras_tuner_environment(monkeypatch):
         (dict(tuner="random", max_trials=0), "max_trials must be >= 1 for tuner='random'"),
         (dict(max_epochs=0), "max_epochs must be >= 1"),
         (dict(hyperband_factor=1), "hyperband_factor must be >= 2"),
+        (dict(num_initial_points=-1), "num_initial_points must be >= 0"),
+        (dict(max_retries_per_trial=-1), "max_retries_per_trial must be >= 0"),
+        (dict(max_consecutive_failed_trials=0), "max_consecutive_failed_trials must be >= 1"),
+        (dict(top_trials=0), "top_trials must be >= 1"),
     ],
 )
 def test_bad_sweep_settings_are_refused(changes, expected):
@@ -256,10 +267,19 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_sweep(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "notes.txt"]
 
 
-def test_tuner_names_agree():
-    from mri_keras import tune, tune_lib
+def test_sweep_flags_are_read_once_by_tune_config(tmp_path):
+    from absl import flags
 
-    assert tune.TUNERS == tune_lib.TUNERS
+    from mri_keras import constants, tune
+
+    fv = flags.FlagValues()
+    tune.define_tune_flags(fv)
+    assert fv["tuner"].parser.enum_values == list(constants.TUNERS)
+    fv(["mri_keras.tune", "--data_dir=/d", f"--model_dir={tmp_path}", "--epochs=7"])
+    assert tune.tune_config_from_flags(fv).max_epochs == 7  # --max_epochs defaults to --epochs.
+    fv["max_epochs"].parse("0")  # Not "0 or --epochs": TuneConfig refuses it.
+    with pytest.raises(ValueError, match="max_epochs must be >= 1. Received: max_epochs=0"):
+        tune.tune_config_from_flags(fv)
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -45,8 +45,13 @@ class Records:
     manifest: dict
 
     @classmethod
-    def open(cls, directory) -> Records:
+    def open(cls, directory, name: str = "records directory") -> Records:
         """Reads ``directory/manifest.json``.
+
+        Args:
+          directory: str or path. The records directory.
+          name: str. What the directory is to the caller, for the messages (e.g. the flag
+            ``data_dir``). Defaults to "records directory".
 
         Raises:
           FileNotFoundError: no such directory, or no manifest in it.
@@ -54,9 +59,9 @@ class Records:
         """
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"records directory {directory!r} does not exist.")
+            raise FileNotFoundError(f"{name} {directory!r} does not exist.")
         if not os.listdir(directory):
-            raise RecordsError(f"records directory {directory!r} is empty; {CONVERT_HINT}.")
+            raise RecordsError(f"{name} {directory!r} is empty; {CONVERT_HINT}.")
         try:
             manifest = schema.read_manifest(directory)
         except ValueError as e:  # Schema version.
