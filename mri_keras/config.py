@@ -152,7 +152,8 @@ class InputConfig:
       shuffle_buffer: int. Exams in the train shuffle buffer; 0 holds the whole training
         split (its serialized records), which makes every epoch a uniformly random
         permutation of all training exams whatever the sharding. Defaults to 64.
-      seed: int. Seed of shuffling and augmentation. Defaults to 0.
+    The seed of shuffling and augmentation is not an input setting: it is the run's one seed
+    (``TrainConfig.seed``), given to ``input_pipeline.make_dataset`` per epoch.
     """
 
     input_variant: str = "t2-t0"
@@ -162,7 +163,6 @@ class InputConfig:
     crop: float | tuple[int, int] | None = None
     crop_slices: int = 0
     shuffle_buffer: int = 64
-    seed: int = 0
 
     def __post_init__(self):
         try:

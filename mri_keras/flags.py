@@ -495,7 +495,7 @@ TRAIN_FLAGS: dict[str, FlagField] = {
     "lr_schedule": FlagField(("lr_schedule",)),
     "warmup_epochs": FlagField(("warmup_epochs",)),
     "train_fraction": FlagField(("train_fraction",)),
-    "seed": FlagField(("seed", "input.seed")),
+    "seed": FlagField(("seed",)),
     "input": FlagField(("input.input_variant",)),
     "normalization": FlagField(("input.normalization",)),
     "percentiles": FlagField(("input.percentiles",), _numbers(float), _texts),

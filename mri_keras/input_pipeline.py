@@ -340,6 +340,7 @@ def make_dataset(
     repeat: bool = False,
     with_ids: bool = False,
     num_exams: int | None = None,
+    seed: int | None = 0,
 ) -> tf.data.Dataset:
     """The dataset of one split: one preprocessed exam per batch.
 
@@ -347,7 +348,7 @@ def make_dataset(
       records_dir: str (or an open ``tfrecords_tools.records.Records``). Directory written by
         ``python -m tfrecords_tools.convert``.
       split: str. ``train``, ``val`` or ``test``.
-      config: InputConfig. Input variant, normalisation, augmentation, shuffle buffer, seed.
+      config: InputConfig. Input variant, normalisation, augmentation, shuffle buffer.
       training: bool. Shuffle files and records and augment (flip/crop). Evaluation
         (``False``) reads the shards in manifest order, interleaved deterministically.
       exam_ids: optional exam ids (pseudonyms, as in the manifest) to keep; the others are
@@ -366,6 +367,8 @@ def make_dataset(
         the iterator at the end of an epoch costs nothing; without it, prefetching would
         already be refilling the shuffle buffer with the next pass, and a whole-split buffer
         took 7-28 s to tear down (measured on the demo). Defaults to None (no limit).
+      seed: optional int. Seed of the training stream's shuffling and augmentation (training
+        derives one per epoch from its run's seed); None draws them unseeded. Defaults to 0.
 
     Returns:
       ``tf.data.Dataset`` of ``(volume, targets)`` or ``(volume, targets, ids)``: volume
@@ -387,7 +390,6 @@ def make_dataset(
     if config.crop_slices < 0:
         raise ValueError(f"crop_slices must be >= 0. Received: {config.crop_slices}")
     phases = constants.phases_needed(config.input_variant)
-    seed = config.seed
     seeded = seed is not None
 
     num_pipelines, pipeline_id = 1, 0

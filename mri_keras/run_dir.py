@@ -52,6 +52,10 @@ RESUMABLE_FIELDS = (
     "verbose",
     "model.remat_chunk",
 )
+# Settings earlier versions saved that no longer exist: ignored in a saved config.json, so
+# those runs still resume. ``input.seed`` duplicated the run's ``seed`` (the per-epoch streams
+# were always drawn from the latter).
+RETIRED_FIELDS = ("input.seed",)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -72,6 +76,8 @@ def config_differences(saved: dict, current: dict) -> list:
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in RESUMABLE_FIELDS and not (key == "epochs" and fixed_length):
+            continue
+        if key in RETIRED_FIELDS and key not in b:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: saved {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}")

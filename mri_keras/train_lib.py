@@ -23,7 +23,6 @@ the exams and augmentations the uninterrupted run would have.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -203,18 +202,18 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
         replicas_per_pipeline = max(
             1, input_context.num_replicas_in_sync // input_context.num_input_pipelines
         )
-        # One seeded stream per epoch: a resumed epoch sees what the original run would have.
-        epoch_input = dataclasses.replace(config.input, seed=config.seed * 100_003 + epoch)
         ds = input_pipeline.make_dataset(
             config.data_dir,
             "train",
-            epoch_input,
+            config.input,
             training=True,
             exam_ids=info.train_exam_ids,
             input_context=input_context,
             repeat=True,
             # Exactly this epoch's exams for this pipeline: nothing read ahead into the next.
             num_exams=steps * replicas_per_pipeline,
+            # One seeded stream per epoch: a resumed epoch sees what the original run would.
+            seed=config.seed * 100_003 + epoch,
         )
         if config.jit_compile:
             spec = buckets_lib.BucketSpec(config.slice_buckets, config.size_buckets)

@@ -81,7 +81,6 @@ def _configs():
                 crop=0.875,
                 crop_slices=16,
                 shuffle_buffer=0,
-                seed=3,
             ),
             epochs=7,
             learning_rate=3e-4,

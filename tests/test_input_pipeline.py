@@ -315,10 +315,10 @@ def test_same_seed_same_stream_different_seed_different(tmp_path):
     d = write_records(tmp_path / "rec", exams, num_shards=3)
 
     def stream(seed):
-        config = InputConfig("t2-t0", crop=(4, 5), crop_slices=2, seed=seed)
+        config = InputConfig("t2-t0", crop=(4, 5), crop_slices=2)
         return _collect(
             input_pipeline.make_dataset(
-                d, "train", config, training=True, with_ids=True, repeat=True
+                d, "train", config, training=True, with_ids=True, repeat=True, seed=seed
             ).take(16)
         )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -164,6 +165,17 @@ def test_a_moved_run_directory_resumes_but_other_data_does_not():
     assert run_dir.config_differences(saved, other_data) == ["data_dir: saved 'd', now 'e'"]
 
 
+def test_one_seed_and_runs_saved_with_the_retired_input_seed_still_resume():
+    config = train_lib.TrainConfig(data_dir="d", model_dir="m", seed=7)
+    saved = config.to_json_dict()
+    assert "seed" not in saved["input"] and saved["seed"] == 7  # The run's seed, once.
+    older = json.loads(json.dumps(saved))
+    older["input"]["seed"] = 7  # What runs saved before the seed was one setting.
+    assert run_dir.config_differences(older, saved) == []
+    other = train_lib.TrainConfig(data_dir="d", model_dir="m", seed=8).to_json_dict()
+    assert run_dir.config_differences(older, other) == ["seed: saved 7, now 8"]
+
+
 # --------------------------------------------------------------------------- selection rule
 
 
@@ -198,9 +210,9 @@ def _ids(dataset, n):
 
 
 def test_whole_split_buffer_makes_each_epoch_a_permutation(sharded_dir):
-    config = config_lib.InputConfig(input_variant="t2-t0", shuffle_buffer=0, seed=3)
+    config = config_lib.InputConfig(input_variant="t2-t0", shuffle_buffer=0)
     ds = input_pipeline.make_dataset(
-        sharded_dir, "train", config, training=True, repeat=True, with_ids=True
+        sharded_dir, "train", config, training=True, repeat=True, with_ids=True, seed=3
     )
     ids = _ids(ds, 36)
     every = sorted(f"train-e{i}" for i in range(12))
@@ -219,9 +231,10 @@ def test_whole_split_buffer_makes_each_epoch_a_permutation(sharded_dir):
             input_pipeline.make_dataset(
                 sharded_dir,
                 "train",
-                config_lib.InputConfig(input_variant="t2-t0", shuffle_buffer=0, seed=s),
+                config,
                 training=True,
                 with_ids=True,
+                seed=s,
             ),
             1,
         )[0]
@@ -266,11 +279,13 @@ def test_two_training_epochs_visit_every_exam_once_each(sharded_dir, tmp_path, m
     assert retired == [False, False]
     # The dataset of each epoch, as the loop builds it, is a permutation of the split.
     for epoch in range(2):
-        epoch_input = config.input.__class__(
-            **{**config.input.__dict__, "seed": config.seed * 100_003 + epoch}
-        )
         ds = input_pipeline.make_dataset(
-            sharded_dir, "train", epoch_input, training=True, with_ids=True
+            sharded_dir,
+            "train",
+            config.input,
+            training=True,
+            with_ids=True,
+            seed=config.seed * 100_003 + epoch,
         )
         assert sorted(_ids(ds, 100)) == sorted(f"train-e{i}" for i in range(12))
     assert history["epoch"] == [1, 2]
