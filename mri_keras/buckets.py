@@ -15,7 +15,7 @@ zero border), so evaluation and prediction should use the same buckets as traini
 All functions are TensorFlow ops, usable inside ``tf.data`` ``map`` (no Python on the hot
 path)::
 
-    spec = BucketSpec.from_strings("32,64,96,128,160,192", "256,320,384,448,512")
+    spec = BucketSpec((32, 64, 96, 128, 160, 192), (256, 320, 384, 448, 512))
     dataset = dataset.map(bucket_map_fn(spec), num_parallel_calls=tf.data.AUTOTUNE)
 """
 
@@ -30,27 +30,21 @@ DEFAULT_SIZE_BUCKETS = (128, 192, 256, 320, 384, 448, 512)
 
 
 def parse_buckets(text: str, name: str = "buckets") -> tuple[int, ...]:
-    """Parses ``"32,64,128"`` into a sorted tuple of distinct positive ints.
+    """Reads ``"32,64,128"`` as a tuple of ints (``BucketSpec`` checks them).
 
     Args:
       text: str. Comma-separated sizes.
       name: str. What the sizes are, for the error message. Defaults to "buckets".
 
-    Returns:
-      tuple of ints, ascending.
-
     Raises:
-      ValueError: empty, non-integer or non-positive entries.
+      ValueError: an entry that is not an integer.
     """
     try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         raise ValueError(
             f"{name} must be comma-separated positive ints. Received: {name}={text!r}"
         ) from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"{name} must be comma-separated positive ints. Received: {name}={text!r}")
-    return tuple(sorted(set(values)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +67,6 @@ class BucketSpec:
             if not value or any(not isinstance(v, int) or v < 1 for v in value):
                 raise ValueError(f"{name} must be positive ints. Received: {name}={value!r}")
             object.__setattr__(self, name, tuple(sorted(set(value))))
-
-    @classmethod
-    def from_strings(cls, slice_buckets: str, size_buckets: str, pad_value: float = 0.0):
-        """Builds a spec from flag strings such as ``"32,64,128"``."""
-        return cls(
-            parse_buckets(slice_buckets, "slice_buckets"),
-            parse_buckets(size_buckets, "size_buckets"),
-            pad_value,
-        )
 
     @property
     def max_shapes(self) -> int:

@@ -255,6 +255,8 @@ def define_flags():
     """Defines this entry point's flags."""
     from absl import flags
 
+    from mri_keras import inference
+
     flags.DEFINE_string("model", None, "MODEL_DIR, its export/ SavedModel, or a .keras file.")
     flags.DEFINE_string("data_dir", None, "Converted records directory (with manifest.json).")
     flags.DEFINE_list(
@@ -278,7 +280,7 @@ def define_flags():
     flags.DEFINE_enum(
         "model_format",
         "auto",
-        ["auto", "export", "keras"],
+        list(inference.MODEL_FORMATS),
         "auto: export/ SavedModel if present, else best.keras.",
     )
     flags.DEFINE_string("name", None, "Name of the model in the report (default: its dir name).")

@@ -162,21 +162,11 @@ def preprocess(phases: Mapping[str, tf.Tensor], config: InputConfig) -> tf.Tenso
       ``[percentiles[0], percentiles[1]]`` percentiles and scaled to ``[0, 1]``.
     """
     x = input_image(phases, config.input_variant)
+    # InputConfig has checked the normalisation and the percentiles.
     if config.normalization == "zscore":
         x = _zscore(x)
-    elif config.normalization == "percentile":
-        low, high = (float(v) for v in config.percentiles)
-        if not 0.0 <= low <= high <= 100.0:
-            raise ValueError(
-                "percentiles must satisfy 0 <= low <= high <= 100. "
-                f"Received: percentiles={config.percentiles!r}"
-            )
-        x = _percentile_scale(x, low, high)
     else:
-        raise ValueError(
-            "normalization must be 'zscore' or 'percentile'. "
-            f"Received: normalization={config.normalization!r}"
-        )
+        x = _percentile_scale(x, *config.percentiles)
     return x[..., tf.newaxis]
 
 
@@ -247,8 +237,6 @@ def augment(
         c0 = _random_offset(cols - crop_cols, stream(_SEED_CROP_COLS))
         volume = volume[:, r0 : r0 + crop_rows, c0 : c0 + crop_cols, :]
     if config.crop_slices:
-        if config.crop_slices < 0:
-            raise ValueError(f"crop_slices must be >= 0. Received: {config.crop_slices}")
         slices = shape[0]
         crop_slices = tf.minimum(int(config.crop_slices), slices)
         s0 = _random_offset(slices - crop_slices, stream(_SEED_CROP_SLICES))
@@ -386,9 +374,6 @@ def make_dataset(
     keep = None
     if exam_ids is not None:
         keep = _checked_exam_ids(exam_ids, records, split)
-    crop_spec(config.crop)  # Fail here, not inside the graph.
-    if config.crop_slices < 0:
-        raise ValueError(f"crop_slices must be >= 0. Received: {config.crop_slices}")
     phases = constants.phases_needed(config.input_variant)
     seeded = seed is not None
 
