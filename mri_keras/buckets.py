@@ -25,6 +25,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from mri_keras import config as config_lib
+
 DEFAULT_SLICE_BUCKETS = (32, 48, 64, 96, 128, 160, 192, 256)
 DEFAULT_SIZE_BUCKETS = (128, 192, 256, 320, 384, 448, 512)
 
@@ -65,7 +67,7 @@ class BucketSpec:
         for name in ("slice_buckets", "size_buckets"):
             value = tuple(getattr(self, name))
             if not value or any(not isinstance(v, int) or v < 1 for v in value):
-                raise ValueError(f"{name} must be positive ints. Received: {name}={value!r}")
+                raise config_lib.ConfigError(name, "positive ints", value)
             object.__setattr__(self, name, tuple(sorted(set(value))))
 
     @property

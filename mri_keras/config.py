@@ -38,21 +38,21 @@ class ConfigError(ValueError):
         return (type(self), (self.field, self.requirement, self.value, self.others))
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_int(config, name: str, minimum: int) -> None:
+def check_int(config, name: str, minimum: int) -> None:
     value = getattr(config, name)
-    if not (_is_int(value) and value >= minimum):
+    if not (is_int(value) and value >= minimum):
         raise ConfigError(name, f"an int >= {minimum}", value)
 
 
-def _check_choice(config, name: str, choices) -> None:
+def check_choice(config, name: str, choices) -> None:
     value = getattr(config, name)
     if value not in choices:
         raise ConfigError(name, f"one of {tuple(choices)}", value)
@@ -106,19 +106,19 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("width", "stem_kernel", "channels_3d", "norm_groups"):
-            _check_int(self, name, 1)
+            check_int(self, name, 1)
         blocks = self.blocks_per_stage
         if not (
             isinstance(blocks, (tuple, list))
             and len(blocks) == 4
-            and all(_is_int(b) and b >= 1 for b in blocks)
+            and all(is_int(b) and b >= 1 for b in blocks)
         ):
             raise ConfigError("blocks_per_stage", "4 positive ints", blocks)
         _set(self, "blocks_per_stage", tuple(int(b) for b in blocks))
-        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
+        if not (is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError("dropout", "a number in [0, 1)", self.dropout)
-        _check_choice(self, "slice_mode", constants.SLICE_MODES)
-        _check_int(self, "remat_chunk", 0)
+        check_choice(self, "slice_mode", constants.SLICE_MODES)
+        check_int(self, "remat_chunk", 0)
         if self.remat_chunk and self.slice_mode != "fold":
             raise ConfigError(
                 "remat_chunk",
@@ -126,9 +126,9 @@ class ModelConfig:
                 self.remat_chunk,
                 {"slice_mode": self.slice_mode},
             )
-        _check_choice(self, "dtype_policy", constants.DTYPE_POLICIES)
-        _check_choice(self, "init", constants.INITS)
-        _check_choice(self, "norm", constants.NORMS)
+        check_choice(self, "dtype_policy", constants.DTYPE_POLICIES)
+        check_choice(self, "init", constants.INITS)
+        check_choice(self, "norm", constants.NORMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +173,12 @@ class InputConfig:
                 f"one of {constants.INPUT_VARIANTS} or an alias {tuple(constants.INPUT_ALIASES)}",
                 self.input_variant,
             ) from None
-        _check_choice(self, "normalization", constants.NORMALIZATIONS)
+        check_choice(self, "normalization", constants.NORMALIZATIONS)
         percentiles = self.percentiles
         if (
             isinstance(percentiles, (tuple, list))
             and len(percentiles) == 2
-            and all(_is_real(p) for p in percentiles)
+            and all(is_real(p) for p in percentiles)
             and 0.0 <= percentiles[0] <= percentiles[1] <= 100.0
         ):
             _set(self, "percentiles", (float(percentiles[0]), float(percentiles[1])))
@@ -189,8 +189,8 @@ class InputConfig:
         if not isinstance(self.flip, bool):
             raise ConfigError("flip", "True or False", self.flip)
         _set(self, "crop", _crop_value(self.crop))
-        _check_int(self, "crop_slices", 0)
-        if not _is_int(self.shuffle_buffer) or self.shuffle_buffer < 0:
+        check_int(self, "crop_slices", 0)
+        if not is_int(self.shuffle_buffer) or self.shuffle_buffer < 0:
             raise ConfigError(
                 "shuffle_buffer", "an int >= 0 (0: the whole split)", self.shuffle_buffer
             )
@@ -200,15 +200,15 @@ def _crop_value(crop):
     """``InputConfig.crop`` in its one parsed form: None, a float fraction or (h, w) ints."""
     if crop is None:
         return None
-    if _is_real(crop) and not _is_int(crop):
+    if is_real(crop) and not is_int(crop):
         if 0.0 < crop <= 1.0:
             return float(crop)
     else:
-        size = (crop, crop) if _is_int(crop) else crop
+        size = (crop, crop) if is_int(crop) else crop
         if (
             isinstance(size, (tuple, list))
             and len(size) == 2
-            and all(_is_int(v) and v >= 1 for v in size)
+            and all(is_int(v) and v >= 1 for v in size)
         ):
             return (int(size[0]), int(size[1]))
     raise ConfigError(

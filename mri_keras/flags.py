@@ -530,7 +530,7 @@ _FLAG_OF_PATH = {path: name for name, field in TRAIN_FLAGS.items() for path in f
 def _flag_error(error: config_lib.ConfigError, section: str, fv: flags.FlagValues) -> ValueError:
     """``error`` re-worded with flag names and the flag text given."""
     names = [error.field, *error.others]
-    flag_names = [_FLAG_OF_PATH.get(f"{section}.{n}") for n in names]
+    flag_names = [_FLAG_OF_PATH.get(f"{section}.{n}" if section else n) for n in names]
     if None in flag_names:
         return error
     received = ", ".join(fv[name].serialize() for name in flag_names)
@@ -560,7 +560,10 @@ def train_config_from_flags(fv: flags.FlagValues = flags.FLAGS):
             top[section] = cls(**values[section])
         except config_lib.ConfigError as e:
             raise _flag_error(e, section, fv) from None
-    return train_lib.TrainConfig(**top)
+    try:
+        return train_lib.TrainConfig(**top)
+    except config_lib.ConfigError as e:
+        raise _flag_error(e, "", fv) from None
 
 
 def _get(config, path: str):

@@ -10,7 +10,6 @@ from mri_keras import buckets as buckets_lib
 from mri_keras import config as config_lib
 from mri_keras import constants
 from mri_keras import strategy as strategy_lib
-from tfrecords_tools import schema
 
 LR_SCHEDULES = constants.LR_SCHEDULES
 
@@ -79,37 +78,26 @@ class TrainConfig:
     verbose: int = 2
 
     def __post_init__(self):
-        if not self.data_dir or not self.model_dir:
-            raise ValueError(
-                f"data_dir and model_dir are required. Received: data_dir={self.data_dir!r}, "
-                f"model_dir={self.model_dir!r}"
-            )
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1. Received: epochs={self.epochs}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0. Received: {self.learning_rate}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr_schedule must be one of {LR_SCHEDULES}. Received: {self.lr_schedule!r}"
-            )
-        if not self.warmup_epochs >= 0.0:
-            raise ValueError(f"warmup_epochs must be >= 0. Received: {self.warmup_epochs}")
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise ValueError(
-                f"train_fraction must be in (0, 1]. Received: train_fraction={self.train_fraction}"
-            )
-        if self.strategy not in strategy_lib.STRATEGIES:
-            raise ValueError(
-                f"strategy must be one of {strategy_lib.STRATEGIES}. Received: {self.strategy!r}"
-            )
-        if self.cpu_replicas < 1:
-            raise ValueError(f"cpu_replicas must be >= 1. Received: {self.cpu_replicas}")
-        # Validates and normalises (sorted, distinct) the buckets.
+        # ConfigError names the field; the flag layer re-words it with the flag's name.
+        ConfigError = config_lib.ConfigError  # noqa: N806
+        for name in ("data_dir", "model_dir"):
+            if not getattr(self, name):
+                raise ConfigError(name, "a directory path (required)", getattr(self, name))
+        config_lib.check_int(self, "epochs", 1)
+        if not (config_lib.is_real(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError("learning_rate", "a number > 0", self.learning_rate)
+        config_lib.check_choice(self, "lr_schedule", LR_SCHEDULES)
+        if not (config_lib.is_real(self.warmup_epochs) and self.warmup_epochs >= 0.0):
+            raise ConfigError("warmup_epochs", "a number >= 0", self.warmup_epochs)
+        if not (config_lib.is_real(self.train_fraction) and 0.0 < self.train_fraction <= 1.0):
+            raise ConfigError("train_fraction", "a number in (0, 1]", self.train_fraction)
+        config_lib.check_choice(self, "strategy", strategy_lib.STRATEGIES)
+        config_lib.check_int(self, "cpu_replicas", 1)
+        # Validates (ConfigError) and normalises (sorted, distinct) the buckets.
         spec = buckets_lib.BucketSpec(tuple(self.slice_buckets), tuple(self.size_buckets))
         object.__setattr__(self, "slice_buckets", spec.slice_buckets)
         object.__setattr__(self, "size_buckets", spec.size_buckets)
-        if self.val_split not in schema.SPLITS or self.val_split == "train":
-            raise ValueError(f"val_split must be 'val' or 'test'. Received: {self.val_split!r}")
+        config_lib.check_choice(self, "val_split", ("val", "test"))
 
     def to_json_dict(self) -> dict:
         """The settings as plain JSON values (what config.json holds)."""

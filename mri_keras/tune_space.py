@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,12 +60,11 @@ class SearchSpaceError(ValueError):
     """A search-space file or entry is malformed; the message names the file and entry."""
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+_is_int = config_lib.is_int
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    return config_lib.is_real(v) and math.isfinite(v)
 
 
 # Each setting: where it lives in TrainConfig, the entry types it accepts, what a good value

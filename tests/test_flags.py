@@ -185,8 +185,9 @@ def test_crop_flag_forms(text, crop):
         ("--dropout=1", "--dropout must be a number in [0, 1). Received: --dropout=1.0"),
         ("--crop_slices=-1", "--crop_slices must be an int >= 0. Received: --crop_slices=-1"),
         ("--shuffle_buffer=-2", "--shuffle_buffer must be an int >= 0"),
-        ("--epochs=0", "epochs must be >= 1. Received: epochs=0"),
-        ("--train_fraction=1.5", "train_fraction must be in (0, 1]"),
+        ("--epochs=0", "--epochs must be an int >= 1. Received: --epochs=0"),
+        ("--train_fraction=1.5", "--train_fraction must be a number in (0, 1]. Received: --tr"),
+        ("--slice_buckets=0,8", "--slice_buckets must be positive ints. Received: --slice_b"),
     ],
 )
 def test_bad_values_are_refused_naming_the_flag_and_the_value(flag, message):
