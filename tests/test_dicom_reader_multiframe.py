@@ -189,6 +189,33 @@ def test_compressed_multiframe_decoded_once_per_file(tmp_path, monkeypatch, synt
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("syntax", [None, RLELossless], ids=["native", "rle"])
+def test_values_read_after_the_header_give_the_same_exam(tmp_path, monkeypatch, syntax):
+    """Large values (pixel data, long functional-group sequences) are not read with the
+    header: uncompressed pixels are mapped from the file, sequences read raw on demand,
+    compressed pixels decoded by pydicom. With every value deferred the exam is the same, and
+    a truncated file still fails with its reason."""
+    canon = _canonical(8)
+    ds = _one_file(canon)
+    if syntax is not None:
+        ds.compress(syntax)
+    _save(ds, tmp_path / "dyn.dcm")
+    monkeypatch.setattr(dicom_reader, "_DEFER_BYTES", 16)  # Everything above 16 bytes.
+    mapped = []
+    pixel_bytes = dicom_reader._pixel_bytes
+    monkeypatch.setattr(
+        dicom_reader, "_pixel_bytes", lambda d: mapped.append(pixel_bytes(d)) or mapped[-1]
+    )
+    _assert_canonical(load_exam(str(tmp_path)), canon)
+    if syntax is None:
+        assert isinstance(mapped[0], memoryview)  # Mapped, not read into memory.
+        path = tmp_path / "dyn.dcm"
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 1000])
+        with pytest.raises(ExamError, match="truncated file"):
+            load_exam(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "broken,reason",
     [

@@ -213,10 +213,26 @@ class SharedHeader(NamedTuple):
     temporal_dimension: int | None  # Index into DimensionIndexValues, or None.
 
 
+def element_value(ds, tag):
+    """The value of ``tag`` in ``ds`` (None when absent), as read: raw bytes for a sequence
+    pydicom has not parsed. A value larger than the reader's ``defer_size`` is read from the
+    file as raw bytes too, not parsed into pydicom Datasets (which the fast path cannot read
+    and which costs far more)."""
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return None
+    if elem.value is None and isinstance(ds.filename, str) and elem.length != 0xFFFFFFFF:
+        with open(ds.filename, "rb") as f:
+            f.seek(elem.value_tell)
+            data = f.read(elem.length)
+        if len(data) == elem.length:
+            return data
+    return ds.get_item(tag).value
+
+
 def shared_header(ds, implicit: bool) -> SharedHeader:
     """Reads the shared functional groups and the temporal dimension of ``ds``."""
-    shared_item = ds.get_item(T_SHARED_GROUPS)
-    shared = _items(shared_item.value, implicit) if shared_item is not None else []
+    shared = _items(element_value(ds, T_SHARED_GROUPS), implicit)
     shared = shared[0] if shared else {}
     orientation = _first(shared, _T_PLANE_ORIENTATION, implicit)
     measures = _first(shared, _T_PIXEL_MEASURES, implicit)
@@ -233,8 +249,7 @@ def shared_header(ds, implicit: bool) -> SharedHeader:
         _number(timing.get(_T_FLIP, unassigned.get(_T_FLIP))),
     )
     temporal_dimension = None
-    dims_item = ds.get_item(T_DIMENSION_INDEX)
-    dims = _items(dims_item.value, implicit) if dims_item is not None else []
+    dims = _items(element_value(ds, T_DIMENSION_INDEX), implicit)
     for k, dim in enumerate(dims):
         pointer = dim.get(_T_DIMENSION_INDEX_POINTER)
         if isinstance(pointer, (bytes, bytearray, memoryview)):
@@ -558,8 +573,7 @@ def frame_headers(ds, shared: SharedHeader, implicit: bool) -> Frames:
     Raises:
       ValueError: malformed functional groups.
     """
-    element = ds.get_item(T_PER_FRAME_GROUPS)
-    columns = _frame_columns(element.value if element is not None else None, implicit)
+    columns = _frame_columns(element_value(ds, T_PER_FRAME_GROUPS), implicit)
     n = columns[None]
 
     def column(tag):

