@@ -223,6 +223,11 @@ def test_values_read_after_the_header_give_the_same_exam(tmp_path, monkeypatch, 
         ("repeated_index", "TemporalPositionIndex 2 repeated at one slice position"),
         ("no_temporal", "several frames at one slice position and nothing tells its phases apart"),
         (
+            "partial_datetime",
+            "nothing tells its phases apart (FrameAcquisitionDateTime missing in 1 of 16 frames, "
+            "no TemporalPositionIndex or temporal dimension)",
+        ),
+        (
             "mixed_spacing",
             "frames of different geometry in one phase of a multi-frame series: "
             "they differ in pixel spacing",
@@ -243,10 +248,13 @@ def test_broken_multiframe_objects_fail_with_reasons(tmp_path, broken, reason):
     elif broken == "repeated_index":  # A t3 frame labelled t2 (t2 then has two at one slice).
         j = next(i for i, c in enumerate(content) if c.TemporalPositionIndex == 4)
         content[j].TemporalPositionIndex = 2
-    elif broken == "no_temporal":
+    elif broken in ("no_temporal", "partial_datetime"):
         _drop(ds, "TemporalPositionIndex")
-        _drop(ds, "FrameAcquisitionDateTime")
         del ds.DimensionIndexSequence[1]
+        if broken == "no_temporal":
+            _drop(ds, "FrameAcquisitionDateTime")
+        else:  # Times on all frames but one: not enough to tell the phases apart.
+            del content[5].FrameAcquisitionDateTime
     else:
         j = next(i for i, c in enumerate(content) if c.TemporalPositionIndex == 3)
         shared = ds.SharedFunctionalGroupsSequence[0]

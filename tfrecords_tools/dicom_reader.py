@@ -658,11 +658,17 @@ def _frame_phases(exam_dir, rel, frames, keep: list, temporal_dimension) -> tupl
     for key, where in zip(keys, slices):
         if (key, where) in seen:
             if source is None:
+                dated = sum(t is not None for t in times)
+                why = (
+                    f"FrameAcquisitionDateTime missing in {n - dated} of {n} frames, no "
+                    "TemporalPositionIndex or temporal dimension"
+                    if dated
+                    else "no TemporalPositionIndex, FrameAcquisitionDateTime or temporal dimension"
+                )
                 raise ExamError(
                     exam_dir,
                     "multi-frame object holds several frames at one slice position "
-                    "and nothing tells its phases apart (no TemporalPositionIndex, "
-                    "FrameAcquisitionDateTime or temporal dimension)",
+                    f"and nothing tells its phases apart ({why})",
                     rel,
                 )
             shown = key if isinstance(key, int) else "one value"
