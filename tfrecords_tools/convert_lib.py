@@ -15,6 +15,10 @@ Steps (``convert``):
    manifest and failures.csv are replaced atomically (``convert_report``), then stale shards are
    removed.
 
+The Beam converter (``beam_lib``) runs the same steps on a Beam runner and calls the same
+functions for everything that decides an output byte: ``read_exam`` (one exam), ``plan`` (the
+split and the shards) and ``publish`` (manifest, failures, id map, cache clean-up).
+
 Nothing from the DICOM headers but pixels, geometry and the (pseudonymised) PatientID is used;
 failure reasons written under the output directory carry no file names or UIDs. The folder
 names and full error messages go to ``failures_detail.csv`` next to the id map, outside the

@@ -8,7 +8,8 @@ alternately ``--repeats`` times as a user would (a fresh process each: start-up 
 ``--num_workers`` processes each (``--num_workers`` / ``--direct_num_workers``). Prints JSON
 lines: per cohort the median wall seconds and exams/s of each; with two cohort sizes, also the
 marginal rate (extra exams / extra seconds between the two), which leaves out fixed start-up
-costs (Beam's worker processes each import TensorFlow).
+costs (Beam's worker processes each import TensorFlow). CPU seconds (the command and its worker
+processes) are reported too: on a machine shared with other jobs they move less than wall time.
 
   .venv/bin/python scripts/bench/beam_ingest.py --num_patients=8,24 --work_dir=/tmp/beam_bench
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -74,8 +76,15 @@ def _cohort(base: str, patients: int) -> tuple:
     return root, labels, len(exams)
 
 
-def _run(module: str, args: list) -> float:
-    start = time.perf_counter()
+def _cpu() -> float:
+    """CPU seconds of the reaped children: the command and its workers (robust to a busy
+    machine, unlike wall time)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
+
+
+def _run(module: str, args: list) -> tuple:
+    start, cpu = time.perf_counter(), _cpu()
     proc = subprocess.run(
         [sys.executable, "-m", f"tfrecords_tools.{module}", *args],
         capture_output=True,
@@ -83,10 +92,10 @@ def _run(module: str, args: list) -> float:
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=REPO),
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu() - cpu
     if proc.returncode != 0:
         raise RuntimeError(f"{module} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return seconds
+    return seconds, cpu
 
 
 def main(argv):
@@ -114,17 +123,22 @@ def main(argv):
             ):
                 shutil.rmtree(out, ignore_errors=True)
                 runs[name].append(_run(module, common + extra))
-        for name, seconds in runs.items():
-            wall = statistics.median(seconds)
-            rates.setdefault(name, []).append((exams, wall))
+        for name, timed in runs.items():
+            wall = statistics.median(w for w, _ in timed)
+            cpu = statistics.median(c for _, c in timed)
+            rates.setdefault(name, []).append((exams, wall, cpu))
             _emit(
-                what=name, exams=exams, workers=n, wall_s=[round(s, 2) for s in seconds],
+                what=name, exams=exams, workers=n, wall_s=[round(w, 2) for w, _ in timed],
                 median_s=round(wall, 2), exams_per_s=round(exams / wall, 2),
+                cpu_s=[round(c, 2) for _, c in timed], cpu_s_per_exam=round(cpu / exams, 3),
             )  # fmt: skip
     for name, points in rates.items():
-        if len(points) >= 2:
-            (e0, s0), (e1, s1) = points[0], points[-1]
-            _emit(what=f"{name}_marginal", exams_per_s=round((e1 - e0) / (s1 - s0), 2))
+        if len(points) >= 2:  # Fixed start-up costs cancel out.
+            (e0, w0, c0), (e1, w1, c1) = points[0], points[-1]
+            _emit(
+                what=f"{name}_marginal", exams_per_s=round((e1 - e0) / (w1 - w0), 2),
+                cpu_s_per_exam=round((c1 - c0) / (e1 - e0), 3),
+            )  # fmt: skip
     with open("/proc/loadavg") as f:
         _emit(what="machine", cpus=os.cpu_count(), loadavg=f.read().split()[:3])
     if not F.keep and not F.work_dir:
