@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test,dicom-codecs,distributed-tuning]"
+.venv/bin/python -m pip install --quiet -e ".[test,dicom-codecs,distributed-tuning,beam]"
 # Lint and format check first (configured in pyproject.toml): a failure fails CI.
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .

@@ -20,8 +20,14 @@ from absl import app, flags
 from tfrecords_tools import convert_lib, labels_csv, memory, splits
 
 
-def define_flags() -> None:
-    """Defines the converter's flags (once)."""
+def define_flags(local: bool = True) -> None:
+    """Defines the converter's flags (once).
+
+    Args:
+      local: bool. Also the flags of the local process pool (``--num_workers``,
+        ``--progress``); the Beam converter leaves them to the runner's options (Dataflow's
+        own ``--num_workers``, ``--direct_num_workers``). Defaults to True.
+    """
     flags.DEFINE_string("dicom_root", None, "Folder holding one folder per exam.")
     flags.DEFINE_string(
         "labels",
@@ -57,14 +63,15 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("seed", 0, "Seed of the patient-level split.")
     flags.DEFINE_float("shard_size_mb", 200.0, "Target shard size in MiB.")
-    flags.DEFINE_integer("num_workers", 0, "Worker processes; 0 = all cores.")
     flags.DEFINE_float(
         "max_obliquity_deg",
         15.0,
         "Largest tilt of an image axis from a patient axis that is reoriented "
         "without resampling; more oblique exams fail.",
     )
-    flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+    if local:
+        flags.DEFINE_integer("num_workers", 0, "Worker processes; 0 = all cores.")
+        flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 
 def config_from_flags(FLAGS) -> convert_lib.ConvertConfig:
@@ -79,9 +86,9 @@ def config_from_flags(FLAGS) -> convert_lib.ConvertConfig:
         split_ratios=splits.parse_ratios(FLAGS.split_ratios),
         seed=FLAGS.seed,
         shard_size_mb=FLAGS.shard_size_mb,
-        num_workers=FLAGS.num_workers,
+        num_workers=FLAGS.num_workers if "num_workers" in FLAGS else 0,
         max_obliquity_deg=FLAGS.max_obliquity_deg,
-        progress=FLAGS.progress,
+        progress=FLAGS.progress if "progress" in FLAGS else False,
     )
 
 

@@ -15,6 +15,10 @@ Steps (``convert``):
    manifest and failures.csv are replaced atomically (``convert_report``), then stale shards are
    removed.
 
+The Beam converter (``beam_lib``) runs the same steps on a Beam runner and calls the same
+functions for everything that decides an output byte: ``read_exam`` (one exam), ``plan`` (the
+split and the shards) and ``publish`` (manifest, failures, id map, cache clean-up).
+
 Nothing from the DICOM headers but pixels, geometry and the (pseudonymised) PatientID is used;
 failure reasons written under the output directory carry no file names or UIDs. The folder
 names and full error messages go to ``failures_detail.csv`` next to the id map, outside the
@@ -28,10 +32,12 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from tfrecords_tools import (
     convert_report,
     dicom_reader,
+    fileio,
     labels_csv,
     memory,
     pseudonym,
@@ -43,6 +49,10 @@ from tfrecords_tools import (
 )
 
 MB = 1 << 20
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +90,17 @@ class ConvertConfig:
     def key_file(self) -> str:
         if self.pseudonym_key_file:
             return self.pseudonym_key_file
+        if _is_url(self.output_dir):  # Object storage (the Beam converter): no local paths.
+            return self.output_dir.rstrip("/") + "_private/pseudonym.key"
         out = os.path.abspath(self.output_dir).rstrip(os.sep)
         return os.path.join(out + "_private", "pseudonym.key")
 
     def id_map_file(self) -> str:
-        return self.id_map or os.path.join(
-            os.path.dirname(os.path.abspath(self.key_file())), "id_map.csv"
-        )
+        if self.id_map:
+            return self.id_map
+        if _is_url(self.key_file()):
+            return self.key_file().rsplit("/", 1)[0] + "/id_map.csv"
+        return os.path.join(os.path.dirname(os.path.abspath(self.key_file())), "id_map.csv")
 
     def workers(self) -> int:
         if self.num_workers > 0:
@@ -143,6 +157,65 @@ class _Task:
     options: dicom_reader.ReaderOptions
 
 
+@dataclasses.dataclass(frozen=True)
+class ExamRecord:
+    """One exam read and encoded (``read_exam``), or why it could not be.
+
+    Attributes:
+      meta: dict. The record's metadata as the cache keeps it (``exam_id``, ``patient_id``,
+        ``labels``, ``shape``, ``spacing``, ``voxel_dtype``; the caller adds ``bytes``, the
+        framed record's size), or the failure (``exam``, ``exam_id``, ``reason``, ``detail``).
+      record: bytes or None (failed). The serialized example.
+      read_s: float. Seconds spent reading the DICOM files.
+    """
+
+    meta: dict
+    record: bytes | None = None
+    read_s: float = 0.0
+
+
+def read_exam(exam, exam_dir, exam_id, labels, overrides, key, options) -> ExamRecord:
+    """Reads one exam folder and encodes its record: the one conversion of an exam that both
+    converters run (``convert`` in its worker processes, ``beam_lib`` in its DoFn).
+
+    Args:
+      exam: str. Exam folder relative to the DICOM root (for the failure detail only).
+      exam_dir: str. The folder to read.
+      exam_id: str. The exam's pseudonym.
+      labels: tuple of 4 ints.
+      overrides: dict or None. The exam's phase map entries.
+      key: bytes. The pseudonym key (the patient pseudonym is made here).
+      options: dicom_reader.ReaderOptions.
+
+    Returns:
+      ExamRecord; a broken exam gives a failure, never an exception.
+    """
+    start = time.perf_counter()
+    try:
+        exam_data = dicom_reader.load_exam(exam_dir, overrides, options, keep_stored=True)
+    except dicom_reader.ExamError as e:
+        return ExamRecord({"exam": exam, "exam_id": exam_id, "reason": e.reason, "detail": str(e)})
+    except Exception as e:  # noqa: BLE001 - one broken exam never stops the others.
+        reason = f"unexpected error while reading ({type(e).__name__})"
+        detail = f"exam {exam_dir}: {type(e).__name__}: {e}"
+        return ExamRecord({"exam": exam, "exam_id": exam_id, "reason": reason, "detail": detail})
+    read_s = time.perf_counter() - start
+    patient_id = pseudonym.Pseudonymizer(key).patient(exam_data.patient_id)
+    # Byte for byte schema.encode_example, without its three copies of the voxels.
+    record = record_encoder.encode_record(
+        exam_id, patient_id, exam_data.volumes, exam_data.spacing, labels, exam_data.rescale
+    )
+    meta = {
+        "exam_id": exam_id,
+        "patient_id": patient_id,
+        "labels": list(labels),
+        "shape": [int(s) for s in exam_data.shape],
+        "spacing": [float(s) for s in exam_data.spacing],
+        "voxel_dtype": schema.voxel_dtype_name(exam_data.volumes),
+    }
+    return ExamRecord(meta, record, read_s)
+
+
 def _convert_one(task: _Task, pending: record_cache.PendingRecords) -> dict:
     """Reads, encodes and caches one exam.
 
@@ -153,37 +226,18 @@ def _convert_one(task: _Task, pending: record_cache.PendingRecords) -> dict:
     pending.publish_all()
     start = time.perf_counter()
     rec_path, meta_path = record_cache.cache_paths(task.work_dir, task.cache_key)
-    try:
-        exam = dicom_reader.load_exam(task.exam_dir, task.overrides, task.options, keep_stored=True)
-    except dicom_reader.ExamError as e:
-        return {"exam": task.exam, "exam_id": task.exam_id, "reason": e.reason, "detail": str(e)}
-    except Exception as e:  # noqa: BLE001 - one broken exam never stops the others.
-        reason = f"unexpected error while reading ({type(e).__name__})"
-        return {
-            "exam": task.exam,
-            "exam_id": task.exam_id,
-            "reason": reason,
-            "detail": f"exam {task.exam_dir}: {type(e).__name__}: {e}",
-        }
-    read_s = time.perf_counter() - start
-    patient_id = pseudonym.Pseudonymizer(task.key).patient(exam.patient_id)
-    # Byte for byte schema.encode_example, without its three copies of the voxels.
-    record = record_encoder.encode_record(
-        task.exam_id, patient_id, exam.volumes, exam.spacing, task.labels, exam.rescale
+    done = read_exam(
+        task.exam, task.exam_dir, task.exam_id, task.labels, task.overrides, task.key, task.options
     )
-    tmp = record_cache.write_pending(rec_path, record)
-    meta = {
-        "exam_id": task.exam_id,
-        "patient_id": patient_id,
-        "labels": list(task.labels),
-        "shape": [int(s) for s in exam.shape],
-        "spacing": [float(s) for s in exam.spacing],
-        "voxel_dtype": schema.voxel_dtype_name(exam.volumes),
-        "bytes": os.path.getsize(tmp),
-    }
+    if done.record is None:
+        return done.meta
+    tmp = record_cache.write_pending(rec_path, done.record)
+    meta = dict(done.meta, bytes=os.path.getsize(tmp))
     entry = record_cache.PendingRecord(tmp, rec_path, meta_path, dict(meta))
     pending.add(entry)
-    meta.update(exam=task.exam, read_s=read_s, total_s=time.perf_counter() - start, pending=entry)
+    meta.update(
+        exam=task.exam, read_s=done.read_s, total_s=time.perf_counter() - start, pending=entry
+    )
     return meta
 
 
@@ -383,9 +437,18 @@ def _convert_exams(run: _Run, pool, progress: _Progress) -> None:
             entry.publish()
 
 
-def _split_of(run: _Run, good: list) -> dict:
-    """Patient pseudonym -> split, from the CSV's split column or seeded and stratified."""
-    config, rows = run.config, run.rows
+def split_of(config: ConvertConfig, rows: list, good: list) -> dict:
+    """Patient pseudonym -> split, from the CSV's split column or seeded and stratified.
+
+    Args:
+      config: ConvertConfig.
+      rows: list of labels_csv rows, in CSV order.
+      good: list of dict. Metadata of the converted exams (``exam``, ``patient_id``,
+        ``labels``), in any order.
+
+    Raises:
+      labels_csv.InputError: the split column puts one patient in two splits.
+    """
     if not (rows and rows[0].split is not None):
         strata: dict = {}
         for r in good:
@@ -410,32 +473,94 @@ def _split_of(run: _Run, good: list) -> dict:
     return {p: lrs[0].split for p, lrs in patient_split.items()}
 
 
+def plan(config: ConvertConfig, rows: list, good: list) -> dict:
+    """Every split's exams and shards (split -> ``shards.SplitPlan``): the patient split, then
+    each split's exams in pseudonym order cut into shards of about ``config.shard_size_mb``."""
+    return shards.plan_splits(
+        good, split_of(config, rows, good), max(1, int(config.shard_size_mb * MB))
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFiles:
+    """How ``publish`` changes files: local files by default; ``beam_files`` gives the same
+    operations over Beam's file systems for object storage.
+
+    Attributes:
+      write_text: callable(path, text, private=bool). Replaces a file in one step.
+      remove_stale: callable(output_dir, written). See ``shards.remove_stale``.
+      keep_cache: callable(work_dir, keys). See ``record_cache.keep_only``.
+      drop_cache: callable(work_dir). See ``record_cache.drop``.
+    """
+
+    write_text: Callable = fileio.atomic_write_text
+    remove_stale: Callable = shards.remove_stale
+    keep_cache: Callable = record_cache.keep_only
+    drop_cache: Callable = record_cache.drop
+
+
+def publish(
+    config: ConvertConfig,
+    rows: list,
+    exam_ids: dict,
+    plans: dict,
+    good: list,
+    failed: list,
+    written: set,
+    cache_keys: set,
+    files: OutputFiles = OutputFiles(),
+) -> tuple:
+    """Once the shards are written: failures.csv, the manifest, stale shards removed, the id map
+    and failure details, the cache pruned (or dropped when every exam converted).
+
+    Args:
+      config: ConvertConfig.
+      rows: list of labels_csv rows, in CSV order.
+      exam_ids: dict exam folder -> exam pseudonym, for every labelled exam.
+      plans: dict split -> shards.SplitPlan (``plan``).
+      good: list of dict. Metadata of the converted exams.
+      failed: list of dict. The failures, in pseudonym order.
+      written: set of the shard file names written.
+      cache_keys: set of the cache keys of the converted exams.
+      files: OutputFiles.
+
+    Returns:
+      (manifest dict, failure rows as failures.csv lists them).
+    """
+    out_dir = config.output_dir
+    manifest = convert_report.build_manifest(
+        plans, good, len(rows), len(failed), config.manifest_flags()
+    )
+    failure_rows = convert_report.failure_rows(failed)
+    convert_report.write_failures(out_dir, failure_rows, files.write_text)
+    convert_report.write_manifest(out_dir, manifest, files.write_text)
+    files.remove_stale(out_dir, written)
+    patient_of = {r["exam"]: r["patient_id"] for r in good}
+    ids = [(exam_ids[r.exam], patient_of.get(r.exam, ""), r.exam) for r in rows]
+    convert_report.write_private(config.id_map_file(), ids, failed, files.write_text)
+
+    # The cache is dropped once every exam is in the shards; kept (pruned) otherwise, so a
+    # rerun after fixing the failed exams reads only those.
+    work_dir = os.path.join(out_dir, record_cache.WORK_DIR)
+    if failed:
+        files.keep_cache(work_dir, cache_keys)
+    else:
+        files.drop_cache(work_dir)
+    return manifest, failure_rows
+
+
 def _finish(run: _Run, pool, stream) -> ConvertResult:
     """Splits, shards, manifest, failures, id map; cache clean-up."""
     config, out_dir = run.config, run.config.output_dir
     good, failed = run.good(), run.failed()
-    plans = shards.plan_splits(good, _split_of(run, good), max(1, int(config.shard_size_mb * MB)))
+    plans = plan(config, run.rows, good)
     cache_key = {r["exam_id"]: run.tasks[r["exam"]].cache_key for r in good}
     record_path = {e: record_cache.cache_paths(run.work_dir, k)[0] for e, k in cache_key.items()}
     written = shards.write_shards(out_dir, plans, record_path, not failed, pool)
-    manifest = convert_report.build_manifest(
-        plans, good, len(run.rows), len(failed), config.manifest_flags()
+    exam_ids = {exam: task.exam_id for exam, task in run.tasks.items()}
+    manifest, failure_rows = publish(
+        config, run.rows, exam_ids, plans, good, failed, written, set(cache_key.values())
     )
-    failure_rows = convert_report.failure_rows(failed)
-    convert_report.write_failures(out_dir, failure_rows)
-    convert_report.write_manifest(out_dir, manifest)
-    shards.remove_stale(out_dir, written)
-    patient_of = {r["exam"]: r["patient_id"] for r in good}
-    ids = [(run.tasks[r.exam].exam_id, patient_of.get(r.exam, ""), r.exam) for r in run.rows]
-    convert_report.write_private(config.id_map_file(), ids, failed)
-
-    # The cache is dropped once every exam is in the shards; kept (pruned) otherwise, so a
-    # rerun after fixing the failed exams reads only those.
-    if failed:
-        record_cache.keep_only(run.work_dir, set(cache_key.values()))
-    else:
-        record_cache.drop(run.work_dir)
-
     result = ConvertResult(len(run.rows), len(good), failure_rows, len(run.cached), manifest)
     convert_report.print_summary(result, out_dir, config.id_map_file(), stream)
     return result

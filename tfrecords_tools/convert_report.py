@@ -99,46 +99,51 @@ def build_manifest(plans: dict, metas: list, num_labelled: int, num_failures: in
     }
 
 
-def _write_csv(path: str, header, rows, *, private: bool = False) -> None:
+def _write_csv(path: str, header, rows, write, *, private: bool = False) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    fileio.atomic_write_text(path, buf.getvalue(), private=private)
+    write(path, buf.getvalue(), private=private)
 
 
-def write_failures(output_dir: str, failure_list: list) -> None:
-    """failures.csv: ``exam,reason`` (pseudonym, scrubbed reason)."""
-    _write_csv(os.path.join(output_dir, schema.FAILURES_NAME), ("exam", "reason"), failure_list)
+def write_failures(output_dir: str, failure_list: list, write=fileio.atomic_write_text) -> None:
+    """failures.csv: ``exam,reason`` (pseudonym, scrubbed reason).
+
+    ``write(path, text, private=...)`` replaces a file in one step: ``fileio`` here, Beam's
+    file systems for object storage (``beam_files.write_text``).
+    """
+    path = os.path.join(output_dir, schema.FAILURES_NAME)
+    _write_csv(path, ("exam", "reason"), failure_list, write)
 
 
-def write_manifest(output_dir: str, manifest: dict) -> None:
-    fileio.atomic_write_text(
-        os.path.join(output_dir, schema.MANIFEST_NAME),
-        json.dumps(manifest, indent=1, sort_keys=False) + "\n",
-    )
+def write_manifest(output_dir: str, manifest: dict, write=fileio.atomic_write_text) -> None:
+    text = json.dumps(manifest, indent=1, sort_keys=False) + "\n"
+    write(os.path.join(output_dir, schema.MANIFEST_NAME), text, private=False)
 
 
-def write_private(id_map: str, ids: list, failed: list) -> None:
+def write_private(id_map: str, ids: list, failed: list, write=fileio.atomic_write_text) -> None:
     """The id map and, next to it, ``failures_detail.csv`` (kept outside the output directory).
 
     Args:
-      id_map: str. The id map's path.
+      id_map: str. The id map's path (a local path, or a URL such as ``gs://...``).
       ids: list of (exam pseudonym, patient pseudonym or "", exam folder), one per labelled
         exam.
       failed: list of dict. The failed exams (``exam_id``, ``exam``, ``detail``).
+      write: how to replace a file (see ``write_failures``).
     """
-    directory = os.path.dirname(os.path.abspath(id_map))
-    os.makedirs(directory, exist_ok=True)
+    if "://" in id_map:  # Object storage: no folders to make, no local permissions.
+        directory = id_map.rsplit("/", 1)[0]
+        detail = f"{directory}/{DETAIL_NAME}"
+    else:
+        directory = os.path.dirname(os.path.abspath(id_map))
+        os.makedirs(directory, exist_ok=True)
+        detail = os.path.join(directory, DETAIL_NAME)
     # Both map pseudonyms back to exam folders (and the details may quote header text):
     # readable by the owner only, like the pseudonym key.
-    _write_csv(id_map, ("exam_id", "patient_id", "exam"), ids, private=True)
-    _write_csv(
-        os.path.join(directory, DETAIL_NAME),
-        ("exam_id", "exam", "detail"),
-        [(r["exam_id"], r["exam"], r["detail"]) for r in failed],
-        private=True,
-    )
+    _write_csv(id_map, ("exam_id", "patient_id", "exam"), ids, write, private=True)
+    rows = [(r["exam_id"], r["exam"], r["detail"]) for r in failed]
+    _write_csv(detail, ("exam_id", "exam", "detail"), rows, write, private=True)
 
 
 def print_summary(result, output_dir: str, id_map: str, stream) -> None:

@@ -377,6 +377,11 @@ def looks_like_bare_dicom(path: str) -> bool:
             head = f.read(8)
     except OSError:
         return False
+    return head_is_bare_dicom(head)
+
+
+def head_is_bare_dicom(head: bytes) -> bool:
+    """``looks_like_bare_dicom`` of a file's first 8 (or more) bytes."""
     if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
         return False
     return head[4:6].isalpha() and head[4:6].isupper() or head[6:8] == b"\x00\x00"

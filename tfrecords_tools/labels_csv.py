@@ -84,12 +84,74 @@ def _header_hint(header: Sequence[str]) -> str:
     return ""
 
 
-def read_labels(path: str, dicom_root: str) -> list:
+class LocalTree:
+    """The exam folders under a local DICOM root, as ``read_labels`` checks them."""
+
+    def __init__(self, dicom_root: str):
+        self.root = dicom_root
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.root)
+
+    def has_folder(self, exam: str) -> bool:
+        return os.path.isdir(os.path.join(self.root, *exam.split("/")))
+
+    def unlabelled_folders(self, labelled: Sequence[str]) -> list:
+        return find_unlabelled_folders(self.root, labelled)
+
+
+class ListedTree:
+    """The exam folders under a DICOM root known from a listing of its files (object storage,
+    where there are no folders to walk).
+
+    Args:
+      files: relative paths ("/"-separated) of every file under the root.
+      read_head: callable(relative path) -> the file's first 132 bytes (b"" if unreadable).
+    """
+
+    def __init__(self, files: Sequence[str], read_head):
+        self.files = sorted(files)
+        self.read_head = read_head
+        self.folders = {f.rsplit("/", 1)[0] for f in self.files if "/" in f}
+        self.folders |= {d.rsplit("/", i)[0] for d in self.folders for i in range(d.count("/") + 1)}
+
+    def exists(self) -> bool:
+        return bool(self.files)
+
+    def has_folder(self, exam: str) -> bool:
+        return exam in self.folders
+
+    def walk(self):
+        """Like ``os.walk`` (top-down, relative paths, ``dirs`` may be pruned in place)."""
+        children: dict = {}
+        for f in self.files:
+            parent, name = f.rsplit("/", 1) if "/" in f else ("", f)
+            children.setdefault(parent, ([], []))[1].append(name)
+        for d in sorted(self.folders):
+            parent, name = d.rsplit("/", 1) if "/" in d else ("", d)
+            children.setdefault(parent, ([], []))[0].append(name)
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            dirs, names = children.get(rel, ([], []))
+            dirs = sorted(dirs)
+            yield rel, dirs, sorted(names)
+            stack += [posixpath.join(rel, d) for d in reversed(dirs)]
+
+    def unlabelled_folders(self, labelled: Sequence[str]) -> list:
+        def looks_like_dicom(rel: str) -> bool:
+            return _head_looks_like_dicom(self.read_head(rel))
+
+        return _unlabelled(self.walk(), labelled, looks_like_dicom)
+
+
+def read_labels(path: str, dicom_root: str, tree=None) -> list:
     """Reads the labels CSV and checks it against the folders under ``dicom_root``.
 
     Args:
       path: str. CSV with ``exam`` and the four label columns (0/1), optional ``split``.
       dicom_root: str. Folder holding the exam folders.
+      tree: LocalTree or ListedTree of ``dicom_root``. Defaults to LocalTree(dicom_root).
 
     Returns:
       LabelRow per exam, in file order.
@@ -98,7 +160,8 @@ def read_labels(path: str, dicom_root: str) -> list:
       InputError: listing every problem (missing columns, values other than 0/1, duplicate
         exams, exams with no folder, unknown split values, DICOM folders with no labels).
     """
-    if not os.path.isdir(dicom_root):
+    tree = LocalTree(dicom_root) if tree is None else tree
+    if not tree.exists():
         raise InputError(f"--dicom_root={dicom_root}: not a directory.")
     header, rows = _read_csv(path)
     missing = [c for c in (EXAM_COLUMN,) + schema.LABELS if c not in header]
@@ -138,12 +201,12 @@ def read_labels(path: str, dicom_root: str) -> list:
             problem("duplicate exams", f"{where} repeats line {seen[exam]}")
             continue
         seen[exam] = line
-        if not os.path.isdir(os.path.join(dicom_root, *exam.split("/"))):
+        if not tree.has_folder(exam):
             problem(f"exams with no folder under {dicom_root}", where)
         if not bad:
             labels = tuple(int(row[c]) for c in schema.LABELS)
             out.append(LabelRow(exam, labels, split or None, line))
-    unlabelled = find_unlabelled_folders(dicom_root, seen)
+    unlabelled = tree.unlabelled_folders(list(seen))
     if unlabelled:
         problems[f"folders with DICOM files and no labels in {path}"] = unlabelled
     if problems:
@@ -154,15 +217,19 @@ def read_labels(path: str, dicom_root: str) -> list:
     return out
 
 
+def _head_looks_like_dicom(head: bytes) -> bool:
+    if len(head) == 132 and head[128:] == b"DICM":
+        return True
+    return dicom_reader.head_is_bare_dicom(head)
+
+
 def _looks_like_dicom(path: str) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
         return False
-    if len(head) == 132 and head[128:] == b"DICM":
-        return True
-    return dicom_reader.looks_like_bare_dicom(path)
+    return _head_looks_like_dicom(head)
 
 
 def find_unlabelled_folders(dicom_root: str, labelled: Sequence[str]) -> list:
@@ -171,16 +238,33 @@ def find_unlabelled_folders(dicom_root: str, labelled: Sequence[str]) -> list:
     Labelled exam folders are not descended into. Each unlabelled finding is reported as the
     highest folder whose subtree holds no labelled exam (that is how a user names an exam).
     """
+
+    def walk():
+        for root, dirs, files in os.walk(dicom_root):
+            yield (
+                normalise_exam(os.path.relpath(root, dicom_root).replace(os.sep, "/")),
+                dirs,
+                files,
+            )
+
+    def looks_like_dicom(rel: str) -> bool:
+        return _looks_like_dicom(os.path.join(dicom_root, *rel.split("/")))
+
+    return _unlabelled(walk(), labelled, looks_like_dicom)
+
+
+def _unlabelled(walk, labelled: Sequence[str], looks_like_dicom) -> list:
+    """``find_unlabelled_folders`` over ``walk`` (top-down (relative folder, dirs, files),
+    ``dirs`` pruned in place) with ``looks_like_dicom(relative file path)``."""
     labelled = set(labelled)
     # Every ancestor of a labelled exam ("P1" for "P1/E2").
     ancestors = {"/".join(e.split("/")[:i]) for e in labelled for i in range(1, e.count("/") + 1)}
     found = set()
-    for root, dirs, files in os.walk(dicom_root):
-        rel = normalise_exam(os.path.relpath(root, dicom_root).replace(os.sep, "/"))
+    for rel, dirs, files in walk:
         dirs[:] = sorted(d for d in dirs if normalise_exam(posixpath.join(rel, d)) not in labelled)
         if rel in ancestors or rel == "":
             continue  # Files next to exam folders (notes, DICOMDIR) are not exams.
-        if any(_looks_like_dicom(os.path.join(root, n)) for n in sorted(files)):
+        if any(looks_like_dicom(posixpath.join(rel, n)) for n in sorted(files)):
             parts = rel.split("/")
             top = next(
                 "/".join(parts[:i])

@@ -43,11 +43,24 @@ def load_or_create_key(key_file: str, output_dir: str) -> bytes:
         os.makedirs(os.path.dirname(os.path.abspath(key_file)), exist_ok=True)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(KEY_BYTES) + "\n")
+            f.write(new_key_text())
     with open(key_file) as f:
-        text = f.read().strip()
+        return parse_key(f.read(), key_file)
+
+
+def new_key_text() -> str:
+    """A new random key, as a key file holds it."""
+    return secrets.token_hex(KEY_BYTES) + "\n"
+
+
+def parse_key(text: str, key_file: str) -> bytes:
+    """The key bytes of a key file's text.
+
+    Raises:
+      ValueError: ``text`` does not hold a valid key (``key_file`` names it in the message).
+    """
     try:
-        key = bytes.fromhex(text)
+        key = bytes.fromhex(text.strip())
     except ValueError:
         key = b""
     if len(key) < 16:

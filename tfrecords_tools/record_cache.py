@@ -40,7 +40,7 @@ def _exam_fingerprint(exam_dir: str) -> list:
     return listing
 
 
-def cache_key(exam, exam_dir, labels, overrides, key_fingerprint, options) -> str:
+def cache_key(exam, exam_dir, labels, overrides, key_fingerprint, options, files=None) -> str:
     """The cache key of one exam's record (changes whenever the record could).
 
     Args:
@@ -50,13 +50,15 @@ def cache_key(exam, exam_dir, labels, overrides, key_fingerprint, options) -> st
       overrides: dict or None. The exam's phase map entries.
       key_fingerprint: str. ``pseudonym.Pseudonymizer.fingerprint()``.
       options: dicom_reader.ReaderOptions.
+      files: list of [relative path, size, modification time] of the exam's files, where the
+        caller listed them (object storage); None: listed here from ``exam_dir``.
     """
     payload = json.dumps(
         {
             "converter": CONVERTER_VERSION,
             "schema": schema.SCHEMA_VERSION,
             "exam": exam,
-            "files": _exam_fingerprint(exam_dir),
+            "files": _exam_fingerprint(exam_dir) if files is None else files,
             "labels": list(labels),
             "overrides": sorted((overrides or {}).items()),
             "key": key_fingerprint,
@@ -84,17 +86,27 @@ def load_meta(work_dir: str, key: str) -> dict | None:
         return json.load(f)
 
 
+def is_unpublished(name: str) -> bool:
+    """A temporary file of the cache (a record or metadata a killed run never published)."""
+    return _TEMP_MARK in name
+
+
 def remove_unpublished(work_dir: str) -> None:
     """Removes the temporary files a killed run left (records it never published)."""
     for name in os.listdir(work_dir):
-        if _TEMP_MARK in name:
+        if is_unpublished(name):
             os.unlink(os.path.join(work_dir, name))
+
+
+def entry_of(name: str) -> str:
+    """The key of the cache entry a file of the cache belongs to."""
+    return name.split(".")[0]
 
 
 def keep_only(work_dir: str, keys: set) -> None:
     """Removes every file of the cache but those of the entries ``keys``."""
     for name in os.listdir(work_dir):
-        if name.split(".")[0] not in keys:
+        if entry_of(name) not in keys:
             os.unlink(os.path.join(work_dir, name))
 
 

@@ -162,10 +162,16 @@ def write_shards(output_dir: str, plans: dict, record_path: dict, move_first: bo
     return set(mapper(assemble, jobs))
 
 
+def is_stale(name: str, written: set) -> bool:
+    """A file of the records directory that a run which wrote ``written`` removes at its end:
+    a shard it did not write, or a temporary file of an interrupted run."""
+    stale_shard = name not in written and _SHARD_RE.fullmatch(name)
+    temp = name.startswith(".") and name.endswith(".tmp") or name.startswith(fileio.TEMP_PREFIX)
+    return bool(stale_shard or temp)
+
+
 def remove_stale(output_dir: str, written: set) -> None:
     """Removes shards not in ``written`` and the temporary files of an interrupted run."""
     for name in os.listdir(output_dir):
-        stale_shard = name not in written and _SHARD_RE.fullmatch(name)
-        temp = name.startswith(".") and name.endswith(".tmp") or name.startswith(fileio.TEMP_PREFIX)
-        if stale_shard or temp:
+        if is_stale(name, written):
             os.unlink(os.path.join(output_dir, name))
