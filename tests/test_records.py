@@ -87,3 +87,12 @@ def test_unreadable_empty_or_missing_shards(records_dir):
     os.remove(train)
     with pytest.raises(FileNotFoundError, match="train-00000-of-00001.tfrecord is listed"):
         Records.open(directory).shard_paths("train")
+
+
+def test_inspect_summary_of_a_manifest_without_statistics(records_dir):
+    """A manifest written by another tool (no shapes, spacings or label counts): the summary
+    shows "-" for what it lacks instead of failing."""
+    from tfrecords_tools import inspect_lib
+
+    text = inspect_lib.summary(records_dir[0])
+    assert "shape (S x H x W): -" in text and "train       3" in text

@@ -34,24 +34,28 @@ def summary(records_dir: str, verify: bool = False) -> str:
     records = Records.open(records_dir)
     m = records.manifest
     lines = [f"records: {os.path.abspath(records_dir)} (schema version {m['schema_version']})"]
+    labels = m.get("labels") or list(schema.LABELS)
     lines.append(
         f"{'split':<6} {'exams':>6} {'patients':>8} {'shards':>6} {'MiB':>9}  "
-        + "  ".join(f"{name:>15}" for name in m["labels"])
+        + "  ".join(f"{name:>15}" for name in labels)
     )
+    # Entries a manifest written by another tool may lack are shown as "-", not a traceback.
     for split in schema.SPLITS:
-        s = m["splits"][split]
-        size = sum(os.path.getsize(p) for p in records.shard_paths(split)) if s["shards"] else 0
+        s = records.split_entry(split)
+        size = sum(os.path.getsize(p) for p in records.shard_paths(split)) if s.get("shards") else 0
         size /= 2**20
+        label_counts = s.get("label_counts") or {}
         counts = "  ".join(
-            f"{s['label_counts'][name]:>5} ({_pct(s['label_counts'][name], s['num_exams']):>6})"
-            for name in m["labels"]
+            f"{label_counts.get(name, '-'):>5} "
+            f"({_pct(label_counts.get(name), s.get('num_exams', 0)):>6})"
+            for name in labels
         )
         lines.append(
-            f"{split:<6} {s['num_exams']:>6} {s['num_patients']:>8} "
-            f"{len(s['shards']):>6} {size:>9.1f}  {counts}"
+            f"{split:<6} {s.get('num_exams', 0):>6} {s.get('num_patients', '-'):>8} "
+            f"{len(s.get('shards') or []):>6} {size:>9.1f}  {counts}"
         )
-    lines.append(f"shape (S x H x W): {_range(m['shapes'])}")
-    lines.append(f"spacing mm (slice x row x col): {_range(m['spacings'])}")
+    lines.append(f"shape (S x H x W): {_range(m.get('shapes'))}")
+    lines.append(f"spacing mm (slice x row x col): {_range(m.get('spacings'))}")
     dtypes = m.get("voxel_dtypes") or {}
     lines.append(
         "stored voxels: "
@@ -68,7 +72,7 @@ def summary(records_dir: str, verify: bool = False) -> str:
 
 
 def _pct(n, total) -> str:
-    return f"{100.0 * n / total:.1f}%" if total else "-"
+    return f"{100.0 * n / total:.1f}%" if total and n is not None else "-"
 
 
 def verify_records(records_dir: str) -> str:
