@@ -11,7 +11,7 @@ import pytest
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
-from tfrecords_tools import dicom_reader
+from tfrecords_tools import dicom_files, dicom_pixels
 from tfrecords_tools.dicom_reader import ExamError, ReaderOptions, load_exam
 
 PHASES = ("t0", "t1", "t2", "t3")
@@ -756,8 +756,8 @@ def test_native_pixel_path_equals_pydicom(tmp_path, bits, stored, signed, values
     path = tmp_path / "x.dcm"
     ds.save_as(path)
     ds = pydicom.dcmread(path)
-    im = dicom_reader._parse_image(str(tmp_path), "x.dcm", ds)
-    fast = dicom_reader._native_pixels(str(tmp_path), im, ds.file_meta.TransferSyntaxUID)
+    im = dicom_files._parse_image(str(tmp_path), "x.dcm", ds)
+    fast = dicom_pixels._native_pixels(str(tmp_path), im, ds.file_meta.TransferSyntaxUID)
     assert fast is not None
     np.testing.assert_array_equal(fast, ds.pixel_array)
     assert fast.dtype == ds.pixel_array.dtype

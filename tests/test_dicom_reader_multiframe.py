@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, LegacyConvertedEnhancedMRImageStorage, RLELossless
 
-from tfrecords_tools import dicom_reader
+from tfrecords_tools import dicom_files, dicom_pixels
 from tfrecords_tools.dicom_reader import ExamError, load_exam
 from tfrecords_tools.synthetic_dicom import (
     Frame,
@@ -183,8 +183,8 @@ def test_compressed_multiframe_decoded_once_per_file(tmp_path, monkeypatch, synt
     ds.compress(syntax)
     _save(ds, tmp_path / "dyn.dcm")
     calls = []
-    decode = dicom_reader._pydicom_pixels
-    monkeypatch.setattr(dicom_reader, "_pydicom_pixels", lambda *a: calls.append(1) or decode(*a))
+    decode = dicom_pixels._pydicom_pixels
+    monkeypatch.setattr(dicom_pixels, "_pydicom_pixels", lambda *a: calls.append(1) or decode(*a))
     _assert_canonical(load_exam(str(tmp_path)), canon)
     assert len(calls) == 1
 
@@ -200,11 +200,11 @@ def test_values_read_after_the_header_give_the_same_exam(tmp_path, monkeypatch, 
     if syntax is not None:
         ds.compress(syntax)
     _save(ds, tmp_path / "dyn.dcm")
-    monkeypatch.setattr(dicom_reader, "_DEFER_BYTES", 16)  # Everything above 16 bytes.
+    monkeypatch.setattr(dicom_files, "_DEFER_BYTES", 16)  # Everything above 16 bytes.
     mapped = []
-    pixel_bytes = dicom_reader._pixel_bytes
+    pixel_bytes = dicom_pixels._pixel_bytes
     monkeypatch.setattr(
-        dicom_reader, "_pixel_bytes", lambda d: mapped.append(pixel_bytes(d)) or mapped[-1]
+        dicom_pixels, "_pixel_bytes", lambda d: mapped.append(pixel_bytes(d)) or mapped[-1]
     )
     _assert_canonical(load_exam(str(tmp_path)), canon)
     if syntax is None:

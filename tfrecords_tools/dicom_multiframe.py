@@ -209,7 +209,7 @@ class SharedHeader(NamedTuple):
     slope: float | None
     intercept: float | None
     frame_type: str | None
-    sequence: tuple  # (scanning sequence, TR, TE, flip) as found, for `_sequence_key`.
+    sequence: tuple  # (scanning sequence, TR, TE, flip) as found (`dicom_phases._sequence_key`).
     temporal_dimension: int | None  # Index into DimensionIndexValues, or None.
 
 
