@@ -26,27 +26,7 @@ import dataclasses
 import tensorflow as tf
 
 from mri_keras import config as config_lib
-
-DEFAULT_SLICE_BUCKETS = (32, 48, 64, 96, 128, 160, 192, 256)
-DEFAULT_SIZE_BUCKETS = (128, 192, 256, 320, 384, 448, 512)
-
-
-def parse_buckets(text: str, name: str = "buckets") -> tuple[int, ...]:
-    """Reads ``"32,64,128"`` as a tuple of ints (``BucketSpec`` checks them).
-
-    Args:
-      text: str. Comma-separated sizes.
-      name: str. What the sizes are, for the error message. Defaults to "buckets".
-
-    Raises:
-      ValueError: an entry that is not an integer.
-    """
-    try:
-        return tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise ValueError(
-            f"{name} must be comma-separated positive ints. Received: {name}={text!r}"
-        ) from None
+from mri_keras.constants import DEFAULT_SIZE_BUCKETS, DEFAULT_SLICE_BUCKETS
 
 
 @dataclasses.dataclass(frozen=True)

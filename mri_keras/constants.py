@@ -30,6 +30,12 @@ NORMALIZATIONS = ("zscore", "percentile")
 SLICE_MODES = ("fold", "time_distributed")
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
+# Distribution strategies (``mri_keras.strategy``) and the XLA shape buckets' defaults
+# (``mri_keras.buckets``): here so the flag definitions need no TensorFlow import.
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+DEFAULT_SLICE_BUCKETS = (32, 48, 64, 96, 128, 160, 192, 256)
+DEFAULT_SIZE_BUCKETS = (128, 192, 256, 320, 384, 448, 512)
+
 # Training options beyond the paper (the paper: "glorot", "none", "constant").
 INITS = ("glorot", "he_zero_residual")
 NORMS = ("none", "group")

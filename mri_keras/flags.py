@@ -21,10 +21,8 @@ from typing import Any
 
 from absl import flags
 
-from mri_keras import buckets as buckets_lib
 from mri_keras import config as config_lib
 from mri_keras import constants
-from mri_keras import strategy as strategy_lib
 
 _PRECISIONS = {
     "float32": "float32",
@@ -365,13 +363,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_list(
         "slice_buckets",
-        [str(v) for v in buckets_lib.DEFAULT_SLICE_BUCKETS],
+        [str(v) for v in constants.DEFAULT_SLICE_BUCKETS],
         "With --jit_compile: slice counts training exams are padded/cropped (centred) to.",
         **fv,
     )
     flags.DEFINE_list(
         "size_buckets",
-        [str(v) for v in buckets_lib.DEFAULT_SIZE_BUCKETS],
+        [str(v) for v in constants.DEFAULT_SIZE_BUCKETS],
         "With --jit_compile: heights/widths training exams are padded/cropped (centred) to.",
         **fv,
     )
@@ -386,7 +384,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum(
         "strategy",
         "auto",
-        list(strategy_lib.STRATEGIES),
+        list(constants.STRATEGIES),
         "auto | one_device | mirrored (all local GPUs, or --cpu_replicas CPUs) | multi_worker "
         "(cluster from TF_CONFIG).",
         **fv,
@@ -458,8 +456,26 @@ def _texts(values) -> list[str]:
     return [repr(v) if isinstance(v, float) else str(v) for v in values]
 
 
+def parse_buckets(text: str, name: str = "buckets") -> tuple[int, ...]:
+    """Reads ``"32,64,128"`` as a tuple of ints (``buckets.BucketSpec`` checks them).
+
+    Args:
+      text: str. Comma-separated sizes.
+      name: str. What the sizes are, for the error message. Defaults to "buckets".
+
+    Raises:
+      ValueError: an entry that is not an integer.
+    """
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(
+            f"{name} must be comma-separated positive ints. Received: {name}={text!r}"
+        ) from None
+
+
 def _buckets(name: str):
-    return lambda texts: buckets_lib.parse_buckets(",".join(texts), f"--{name}")
+    return lambda texts: parse_buckets(",".join(texts), f"--{name}")
 
 
 def _same(value):

@@ -16,7 +16,7 @@ import tempfile
 
 import tensorflow as tf
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+from mri_keras.constants import STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,6 @@ import json
 from mri_keras import buckets as buckets_lib
 from mri_keras import config as config_lib
 from mri_keras import constants
-from mri_keras import strategy as strategy_lib
 
 LR_SCHEDULES = constants.LR_SCHEDULES
 
@@ -46,9 +45,9 @@ class TrainConfig:
         padded/cropped (centred) to shape buckets so XLA compiles a bounded number of times
         (``mri_keras.buckets``). Validation and export always see whole exams. Defaults to False.
       slice_buckets: tuple of ints. Slice-count buckets used with jit_compile. Defaults to
-        ``buckets.DEFAULT_SLICE_BUCKETS``.
+        ``constants.DEFAULT_SLICE_BUCKETS``.
       size_buckets: tuple of ints. Height/width buckets used with jit_compile. Defaults to
-        ``buckets.DEFAULT_SIZE_BUCKETS``.
+        ``constants.DEFAULT_SIZE_BUCKETS``.
       overwrite: bool. Delete an existing run in model_dir and start over. Defaults to False.
       init_weights: str. Weights file (.keras / .weights.h5) to start from instead of a random
         initialisation (ignored when resuming). Defaults to "" (none).
@@ -70,8 +69,8 @@ class TrainConfig:
     strategy: str = "auto"
     cpu_replicas: int = 1
     jit_compile: bool = False
-    slice_buckets: tuple[int, ...] = buckets_lib.DEFAULT_SLICE_BUCKETS
-    size_buckets: tuple[int, ...] = buckets_lib.DEFAULT_SIZE_BUCKETS
+    slice_buckets: tuple[int, ...] = constants.DEFAULT_SLICE_BUCKETS
+    size_buckets: tuple[int, ...] = constants.DEFAULT_SIZE_BUCKETS
     overwrite: bool = False
     init_weights: str = ""
     val_split: str = "val"
@@ -91,7 +90,7 @@ class TrainConfig:
             raise ConfigError("warmup_epochs", "a number >= 0", self.warmup_epochs)
         if not (config_lib.is_real(self.train_fraction) and 0.0 < self.train_fraction <= 1.0):
             raise ConfigError("train_fraction", "a number in (0, 1]", self.train_fraction)
-        config_lib.check_choice(self, "strategy", strategy_lib.STRATEGIES)
+        config_lib.check_choice(self, "strategy", constants.STRATEGIES)
         config_lib.check_int(self, "cpu_replicas", 1)
         # Validates (ConfigError) and normalises (sorted, distinct) the buckets.
         spec = buckets_lib.BucketSpec(tuple(self.slice_buckets), tuple(self.size_buckets))

@@ -130,9 +130,13 @@ def _fake_tensorflow(tmp_path, body):
     return f"{tmp_path / 'fake'}{os.pathsep}{REPO}"
 
 
+_TRAIN_RUN = ["mri_keras.train", "--data_dir=no_records", "--model_dir=no_run"]
+
+
 def test_a_failing_tensorflow_import_is_shown_with_its_log(tmp_path):
     path = _fake_tensorflow(tmp_path, "raise ImportError('libcudnn.so.9: cannot open')\n")
-    proc = _command(["mri_keras.train", "--help"], tmp_path, pythonpath=path)
+    # --help needs no TensorFlow; a run imports it before anything else.
+    proc = _command(_TRAIN_RUN, tmp_path, pythonpath=path)
     assert proc.returncode != 0
     lines = proc.stderr.splitlines()
     assert "fake C++ start-up line" in lines, proc.stderr
@@ -142,7 +146,7 @@ def test_a_failing_tensorflow_import_is_shown_with_its_log(tmp_path):
 
 def test_a_crash_inside_the_tensorflow_import_says_where(tmp_path):
     path = _fake_tensorflow(tmp_path, "os.abort()\n")
-    proc = _command(["mri_keras.train", "--help"], tmp_path, pythonpath=path)
+    proc = _command(_TRAIN_RUN, tmp_path, pythonpath=path)
     assert proc.returncode != 0
     assert "Fatal Python error: Aborted" in proc.stderr, proc.stderr
     assert os.path.join("fake", "tensorflow", "__init__.py") in proc.stderr, proc.stderr

@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from mri_keras import buckets, constants, remat_tf
+from mri_keras import flags as flags_lib
 from mri_keras import model as model_lib
 from mri_keras.config import ModelConfig
 
@@ -199,10 +200,10 @@ def test_centred_padding_keeps_left_breast_on_its_side():
 
 
 def test_parse_buckets_and_spec_validation():
-    assert buckets.parse_buckets("64, 32,64,128") == (64, 32, 64, 128)
+    assert flags_lib.parse_buckets("64, 32,64,128") == (64, 32, 64, 128)
     with pytest.raises(ValueError, match="Received: slice_buckets='a,b'"):
-        buckets.parse_buckets("a,b", "slice_buckets")
-    spec = buckets.BucketSpec(buckets.parse_buckets("8,4,8"), (32,))
+        flags_lib.parse_buckets("a,b", "slice_buckets")
+    spec = buckets.BucketSpec(flags_lib.parse_buckets("8,4,8"), (32,))
     assert spec.slice_buckets == (4, 8) and spec.max_shapes == 2  # Sorted, distinct.
     for bad in ((), (0, 32), (-4,)):
         with pytest.raises(ValueError, match="size_buckets must be positive ints"):
