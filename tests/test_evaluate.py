@@ -106,9 +106,14 @@ def test_export_keras_and_training_code_paths_agree(setup, tmp_path):
 def test_clear_errors(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="No model at"):
         inference.load_predictor(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("not records")
     for data_dir, error, match in (
         (tmp_path / "absent", FileNotFoundError, "absent' does not exist"),
-        (tmp_path, ValueError, "is empty; convert DICOM exams"),
+        (tmp_path / "empty", ValueError, "is empty; convert DICOM exams"),
+        (stray, FileNotFoundError, "manifest.json"),
     ):
         with pytest.raises(error, match=match):
             evaluate.evaluate(
@@ -119,16 +124,6 @@ def test_clear_errors(setup, tmp_path):
                     n_bootstrap=5,
                 )
             )
-    (tmp_path / "notes.txt").write_text("not records")
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
-        evaluate.evaluate(
-            evaluate.EvalConfig(
-                model=setup["model_dir"],
-                data_dir=str(tmp_path),
-                output_dir=str(tmp_path / "o"),
-                n_bootstrap=5,
-            )
-        )
     with pytest.raises(ValueError, match="split"):
         evaluate.EvalConfig(model="m", data_dir="d", output_dir="o", split="dev")
     (tmp_path / "a_file").write_text("keep")

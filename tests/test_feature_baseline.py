@@ -1,23 +1,11 @@
 """The hand-made reference feature of scripts/bench/feature_baseline.py: sides and region."""
 
-import importlib.util
-import os
-
 import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _module():
-    path = os.path.join(REPO, "scripts", "bench", "feature_baseline.py")
-    spec = importlib.util.spec_from_file_location("feature_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load
 
 
 def test_feature_reads_the_patients_side_in_front_of_the_chest_wall():
-    fb = _module()
+    fb = load("feature_baseline")
     t0 = np.zeros((4, 32, 32), np.float32)
     t2 = t0.copy()
     # Columns run patient right -> left (LPS): a lesion at high columns is in the LEFT breast.

@@ -1,23 +1,11 @@
 """The flip test-time averaging of scripts/bench/tta_probe.py: sides swapped back, then averaged."""
 
-import importlib.util
-import os
-
 import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _module():
-    path = os.path.join(REPO, "scripts", "bench", "tta_probe.py")
-    spec = importlib.util.spec_from_file_location("tta_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load
 
 
 def test_mirrored_probabilities_are_swapped_back_between_the_sides():
-    tta = _module()
+    tta = load("tta_probe")
     # LABELS order: left_benign, left_malignant, right_benign, right_malignant.
     mirrored = np.array([[0.1, 0.2, 0.3, 0.4]])
     np.testing.assert_array_equal(tta.swap_sides(mirrored), [[0.3, 0.4, 0.1, 0.2]])
