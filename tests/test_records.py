@@ -1,10 +1,10 @@
 """The one records reader (tfrecords_tools.records): what it reads and how it refuses."""
 
-import json
 import os
 
 import numpy as np
 import pytest
+import train_fixtures
 from eval_fixtures import write_records
 
 from tfrecords_tools import schema
@@ -15,15 +15,6 @@ from tfrecords_tools.records import Records, RecordsError
 def records_dir(tmp_path):
     exams = write_records(str(tmp_path / "rec"), {"train": 3, "val": 2, "test": 0}, size=8)
     return str(tmp_path / "rec"), exams
-
-
-def _edit_manifest(directory, edit):
-    path = os.path.join(directory, schema.MANIFEST_NAME)
-    with open(path) as f:
-        manifest = json.load(f)
-    edit(manifest)
-    with open(path, "w") as f:
-        json.dump(manifest, f)
 
 
 def test_reads_manifest_shards_and_records_in_order(records_dir):
@@ -56,20 +47,21 @@ def test_refusals_name_the_directory_split_and_file(records_dir, tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(RecordsError, match="empty'? is empty; convert"):
         Records.open(tmp_path / "empty")
-    _edit_manifest(directory, lambda m: m["splits"]["test"].update(shards=[]))
+    train_fixtures.edit_manifest(directory, lambda m: m["splits"]["test"].update(shards=[]))
     records = Records.open(directory)
     with pytest.raises(RecordsError, match="'test' of .* has no shard files"):
         records.shard_paths("test")
     with pytest.raises(RecordsError, match="'dev' is not in .*'test', 'train', 'val'"):
         records.shard_paths("dev")
 
-    _edit_manifest(directory, lambda m: m.update(phases=["t0", "t1"]))
+    train_fixtures.edit_manifest(directory, lambda m: m.update(phases=["t0", "t1"]))
     with pytest.raises(RecordsError, match=r"'t2-t0'.*needs phases \['t0', 't2'\].*lack \['t2'\]"):
         Records.open(directory).check_phases(("t0", "t2"), "Input variant 't2-t0'")
-    _edit_manifest(directory, lambda m: m.pop("phases"))
+    train_fixtures.edit_manifest(directory, lambda m: m.pop("phases"))
     with pytest.raises(RecordsError, match="no 'phases' entry"):
         Records.open(directory).check_phases(("t0",), "t0")
-    _edit_manifest(directory, lambda m: m.update(schema_version=schema.SCHEMA_VERSION + 1))
+    future = schema.SCHEMA_VERSION + 1
+    train_fixtures.edit_manifest(directory, lambda m: m.update(schema_version=future))
     with pytest.raises(RecordsError, match="schema"):
         Records.open(directory)
 

@@ -229,15 +229,6 @@ def _records(path, **kwargs):
     return str(path)
 
 
-def _edit_manifest(path, fn):
-    manifest_path = os.path.join(path, schema.MANIFEST_NAME)
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    fn(manifest)
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f)
-
-
 def test_bad_data_dirs(tmp_path):
     model_dir = str(tmp_path / "run")
     _expect_error(_argv(str(tmp_path / "nope"), model_dir), "nope", "does not exist")
@@ -263,11 +254,12 @@ def test_unreadable_schema_versions(tmp_path):
     model_dir = str(tmp_path / "run")
     future = schema.SCHEMA_VERSION + 1
     manifest_future = _records(tmp_path / "m2")
-    _edit_manifest(manifest_future, lambda m: m.update(schema_version=future))
+    train_fixtures.edit_manifest(manifest_future, lambda m: m.update(schema_version=future))
     _expect_error(_argv(manifest_future, model_dir), f"schema version {future}", "not readable")
 
     records_future = _records(tmp_path / "r2", schema_version=future)
-    _edit_manifest(records_future, lambda m: m.update(schema_version=schema.SCHEMA_VERSION))
+    current = schema.SCHEMA_VERSION
+    train_fixtures.edit_manifest(records_future, lambda m: m.update(schema_version=current))
     _expect_error(
         _argv(records_future, model_dir), "train-00000-of-00001.tfrecord", f"version {future}"
     )
@@ -278,7 +270,7 @@ def test_input_variant_needing_missing_phases(tmp_path):
     msg = _expect_error(_argv(data, str(tmp_path / "run"), "--input=t2sub"), "'t2-t0'", "['t2']")
     assert "t0', 't1'" in msg
     # The manifest may claim a phase the records lack: the first record is checked too.
-    _edit_manifest(data, lambda m: m.update(phases=list(schema.PHASES)))
+    train_fixtures.edit_manifest(data, lambda m: m.update(phases=list(schema.PHASES)))
     _expect_error(_argv(data, str(tmp_path / "run"), "--input=t3"), "stores only", "'t1'")
 
 

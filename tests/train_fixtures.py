@@ -122,3 +122,14 @@ def write_records(
     with open(os.path.join(out_dir, schema.MANIFEST_NAME), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+def edit_manifest(directory, edit) -> None:
+    """Applies ``edit(manifest dict)`` to ``directory/manifest.json`` in place (tests of bad
+    records directories)."""
+    path = os.path.join(directory, schema.MANIFEST_NAME)
+    with open(path) as f:
+        manifest = json.load(f)
+    edit(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
