@@ -41,6 +41,9 @@ INITS = ("glorot", "he_zero_residual")
 NORMS = ("none", "group")
 LR_SCHEDULES = ("constant", "cosine")
 
+# Test-time augmentation of evaluate / predict / the export (``mri_keras.tta``).
+TTA_MODES = ("none", "flip")
+
 # Search algorithms of mri_keras.tune.
 TUNERS = ("hyperband", "bayesian", "random")
 

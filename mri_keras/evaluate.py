@@ -11,10 +11,13 @@ Writes to ``--output_dir``:
 Usage::
 
     python -m mri_keras.evaluate --model=MODEL_DIR --data_dir=RECORDS --split=test \
-        --output_dir=OUT [--n_bootstrap=2000] [--seed=0]
+        --output_dir=OUT [--n_bootstrap=2000] [--seed=0] [--tta=flip]
 
 ``--split=val,test`` evaluates several splits with one loaded model, into ``OUT/val`` and
 ``OUT/test``.
+
+``--tta=flip`` scores every exam also mirrored left-right and averages (`mri_keras.tta`; the
+demo recipe's choice); ``metrics.json`` records the mode under ``"tta"``.
 
 ``--model`` is a training MODEL_DIR (its ``export/`` SavedModel is used, else ``best.keras``),
 an export directory, or a ``.keras`` file. The preprocessing is the model's own (see
@@ -56,6 +59,8 @@ class EvalConfig:
       model_format: str. "auto" (export if present, else best.keras), "export" or "keras".
       name: Optional[str]. Label of the model in metrics.json and the plot. Defaults to the
         model directory's name.
+      tta: str. Test-time augmentation, "none" or "flip" (`mri_keras.tta`). Defaults to
+        "none".
     """
 
     model: str
@@ -67,8 +72,13 @@ class EvalConfig:
     confidence: float = metrics_lib.DEFAULT_CONFIDENCE
     model_format: str = "auto"
     name: str | None = None
+    tta: str = "none"
 
     def __post_init__(self):
+        if self.tta not in constants.TTA_MODES:
+            raise ValueError(
+                f"tta must be one of {constants.TTA_MODES}. Received: tta={self.tta!r}"
+            )
         if self.split not in schema.SPLITS:
             raise ValueError(f"split must be train, val or test. Received: split={self.split!r}")
         if self.n_bootstrap < 1:
@@ -229,7 +239,9 @@ def evaluate(config: EvalConfig, *, predictor=None) -> dict:
     check_output_dir(config.output_dir)
     if predictor is None:
         predictor = inference.load_predictor(config.model, config.model_format)
-    predictions = validation.predict_split(predictor, config.data_dir, config.split)
+    predictions = validation.predict_split(
+        predictor, config.data_dir, config.split, tta_mode=config.tta
+    )
     if not predictions.exam_ids:
         raise ValueError(f"{config.data_dir}: split {config.split!r} holds no exams")
     summary = summarize(predictions, config.n_bootstrap, config.seed, config.confidence)
@@ -243,6 +255,7 @@ def evaluate(config: EvalConfig, *, predictor=None) -> dict:
         "model_format": predictor.source,
         "input_variant": predictor.input_config.input_variant,
         "normalization": predictor.input_config.normalization,
+        "tta": config.tta,
         "data_dir": os.path.abspath(config.data_dir),
         **summary,
         "seconds": round(time.time() - start, 2),
@@ -284,6 +297,13 @@ def define_flags():
         "auto: export/ SavedModel if present, else best.keras.",
     )
     flags.DEFINE_string("name", None, "Name of the model in the report (default: its dir name).")
+    flags.DEFINE_enum(
+        "tta",
+        "none",
+        list(constants.TTA_MODES),
+        "Test-time augmentation: flip scores each exam also mirrored left-right (sides "
+        "swapped back) and averages the two.",
+    )
     flags.mark_flags_as_required(["model", "data_dir", "output_dir"])
 
 
@@ -313,19 +333,23 @@ def main(argv):
                 confidence=f.confidence,
                 model_format=f.model_format,
                 name=f.name,
+                tta=f.tta,
             )
             for s in splits
         ]
         predictor = inference.load_predictor(f.model, f.model_format)
         for config in configs:
             summary = evaluate(config, predictor=predictor)
+            tta_note = "" if config.tta == "none" else f" (tta={config.tta})"
             for task in ("malignant", "benign"):
                 print(
-                    f"{summary['name']} {config.split} breast-level {task} AUC: "
+                    f"{summary['name']} {config.split}{tta_note} breast-level {task} AUC: "
                     f"{metrics_lib.format_auc(summary['breast_level'][task])}"
                 )
             exam_auc = metrics_lib.format_auc(summary["exam_level"]["malignant"])
-            print(f"{summary['name']} {config.split} exam-level malignant AUC: {exam_auc}")
+            print(
+                f"{summary['name']} {config.split}{tta_note} exam-level malignant AUC: {exam_auc}"
+            )
             print(f"wrote {config.output_dir}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"mri_keras.evaluate: error: {e}")

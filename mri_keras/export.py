@@ -17,6 +17,11 @@ Signatures of ``MODEL_DIR/export`` (``tf.saved_model.load(path).signatures[...]`
   pseudonyms) and one ``[N]`` vector per label. A record of another schema version, or one
   lacking a needed phase, fails with an error naming it.
 
+``serving_default_flip``, ``serving_example_flip``
+  The same inputs and outputs, with left-right flip test-time augmentation (`mri_keras.tta`):
+  each exam scored as it is and mirrored, the mirrored exam's sides put back, the two
+  averaged. ``python -m mri_keras.predict --tta=flip`` and ``evaluate --tta=flip`` call them.
+
 ``assets.extra/mri_keras.json`` records the input variant, phases, labels, model and input
 configuration and the epoch exported; :func:`load_exported` reads it back.
 """
@@ -24,6 +29,7 @@ configuration and the epoch exported; :func:`load_exported` reads it back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -34,11 +40,33 @@ import numpy as np
 import tensorflow as tf
 
 from mri_keras import config as config_lib
-from mri_keras import constants, input_pipeline
+from mri_keras import constants, input_pipeline, tta
 from mri_keras import model as model_lib
 from tfrecords_tools import schema
 
-SIGNATURES = ("serving_default", "serving_example")
+SIGNATURES = ("serving_default", "serving_example", "serving_default_flip", "serving_example_flip")
+
+
+def signature_name(base: str, tta_mode: str = "none") -> str:
+    """The signature serving ``base`` ("serving_default" or "serving_example") under a
+    test-time augmentation mode: ``serving_example`` + flip -> ``serving_example_flip``."""
+    return base if tta.check_mode(tta_mode) == "none" else f"{base}_{tta_mode}"
+
+
+def signature(saved_model, export_dir: str, base: str, tta_mode: str = "none"):
+    """The concrete function of ``signature_name(base, tta_mode)`` in a loaded SavedModel.
+
+    Raises:
+      ValueError: the export lacks it (written by an older version), naming what it has.
+    """
+    name = signature_name(base, tta_mode)
+    signatures = saved_model.signatures
+    if name not in signatures:
+        raise ValueError(
+            f"{export_dir} has no {name} signature (has {sorted(signatures)}): export the "
+            "model again with `python -m mri_keras.export`."
+        )
+    return signatures[name]
 
 
 def serving_model_config(model_config: config_lib.ModelConfig) -> config_lib.ModelConfig:
@@ -90,17 +118,17 @@ def export_model(
     phases = constants.phases_needed(input_config.input_variant)
     labels = constants.LABELS
 
-    def probabilities(volume):
-        # volume: (S, H, W, 1) -> (4,) positive-class probabilities in LABELS order.
-        out = model(volume[tf.newaxis], training=False)
-        return tf.stack([tf.cast(out[k][0, 1], tf.float32) for k in labels])
+    def batch_probabilities(volumes):
+        # (B, S, H, W, C) -> (B, 4) positive-class probabilities in LABELS order.
+        out = model(volumes, training=False)
+        return tf.stack([tf.cast(out[k][:, 1], tf.float32) for k in labels], -1)
 
-    def serve_phases(*tensors):
+    def serve_phases(*tensors, tta_mode="none"):
         volume = input_pipeline.preprocess(dict(zip(phases, tensors)), input_config)
-        probs = probabilities(volume)
+        probs = tta.averaged(batch_probabilities, volume[tf.newaxis], tta_mode)[0]
         return {"probabilities": probs, **{k: probs[i] for i, k in enumerate(labels)}}
 
-    def serve_examples(examples):
+    def serve_examples(examples, tta_mode="none"):
         def one(serialized):
             parsed = schema.decode_example(serialized, phases)
             ok = tf.debugging.Assert(
@@ -114,7 +142,7 @@ def export_model(
             )
             with tf.control_dependencies([ok]):
                 volume = input_pipeline.preprocess({p: parsed[p] for p in phases}, input_config)
-            return probabilities(volume)
+            return tta.averaged(batch_probabilities, volume[tf.newaxis], tta_mode)[0]
 
         probs = tf.map_fn(one, examples, fn_output_signature=tf.TensorSpec([4], tf.float32))
         ids = tf.io.parse_example(
@@ -126,16 +154,17 @@ def export_model(
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        "serving_default",
-        serve_phases,
-        input_signature=[tf.TensorSpec([None, None, None], tf.float32, name=p) for p in phases],
-    )
-    archive.add_endpoint(
-        "serving_example",
-        serve_examples,
-        input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
-    )
+    for mode in tta.MODES:
+        archive.add_endpoint(
+            signature_name("serving_default", mode),
+            functools.partial(serve_phases, tta_mode=mode),
+            input_signature=[tf.TensorSpec([None, None, None], tf.float32, name=p) for p in phases],
+        )
+        archive.add_endpoint(
+            signature_name("serving_example", mode),
+            functools.partial(serve_examples, tta_mode=mode),
+            input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
+        )
     tmp = export_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     archive.write_out(tmp, verbose=False)
@@ -216,12 +245,15 @@ class ExportedModel:
         self.phases = tuple(meta["phases"])
         self.labels = tuple(meta["labels"])
 
-    def predict_phases(self, phases: Mapping[str, np.ndarray]) -> np.ndarray:
+    def predict_phases(
+        self, phases: Mapping[str, np.ndarray], tta_mode: str = "none"
+    ) -> np.ndarray:
         """Probabilities ``(4,)`` (``labels`` order) of one exam given its raw phases.
 
         Args:
           phases: mapping phase -> ``(S, H, W)`` array in canonical orientation; must hold
             ``self.phases`` (other phases are ignored).
+          tta_mode: "none" or "flip" (`mri_keras.tta`).
         """
         missing = [p for p in self.phases if p not in phases]
         if missing:
@@ -232,14 +264,15 @@ class ExportedModel:
         shapes = {p: np.shape(phases[p]) for p in self.phases}
         if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 3:
             raise ValueError(f"Phases must be (S, H, W) arrays of one shape. Received: {shapes}")
-        fn = self.saved.signatures["serving_default"]
+        fn = signature(self.saved, self.path, "serving_default", tta_mode)
         out = fn(**{p: tf.constant(np.asarray(phases[p], np.float32)) for p in self.phases})
         return out["probabilities"].numpy()
 
-    def predict_examples(self, examples: Sequence[bytes]) -> dict:
-        """Runs ``serving_example`` on serialized records; returns numpy ``probabilities``
-        ``(N, 4)`` and ``exam_id`` (list of str)."""
-        fn = self.saved.signatures["serving_example"]
+    def predict_examples(self, examples: Sequence[bytes], tta_mode: str = "none") -> dict:
+        """Runs ``serving_example`` (``serving_example_flip`` with ``tta_mode="flip"``) on
+        serialized records; returns numpy ``probabilities`` ``(N, 4)`` and ``exam_id`` (list
+        of str)."""
+        fn = signature(self.saved, self.path, "serving_example", tta_mode)
         out = fn(examples=tf.constant(list(examples), tf.string))
         return {
             "probabilities": out["probabilities"].numpy(),

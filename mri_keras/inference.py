@@ -159,11 +159,15 @@ class Predictor:
       phases: tuple of phase names the model reads.
       source: str. "export" or "keras".
       location: ModelLocation.
+      tta_mode: str. Test-time augmentation of every call (`mri_keras.tta`): "none" or "flip".
       saved_model: the loaded SavedModel (source "export"), else absent.
       keras_model: the loaded keras.Model (source "keras"), else absent.
     """
 
-    def __init__(self, location: ModelLocation, model_format: str = "auto"):
+    def __init__(self, location: ModelLocation, model_format: str = "auto", tta_mode="none"):
+        from mri_keras import tta
+
+        self.tta_mode = tta.check_mode(tta_mode)
         if model_format not in MODEL_FORMATS:
             raise ValueError(
                 f"model_format must be one of {MODEL_FORMATS}. "
@@ -187,13 +191,12 @@ class Predictor:
     def _init_export(self, export_dir: str):
         import tensorflow as tf
 
+        from mri_keras import export
+
         self.saved_model = tf.saved_model.load(export_dir)
-        if "serving_default" not in self.saved_model.signatures:
-            raise ValueError(
-                f"{export_dir} has no serving_default signature "
-                f"(has {list(self.saved_model.signatures)})"
-            )
-        self._serving = self.saved_model.signatures["serving_default"]
+        self._serving = export.signature(
+            self.saved_model, export_dir, "serving_default", self.tta_mode
+        )
         _, kwargs = self._serving.structured_input_signature
         self._serving_inputs = tuple(kwargs)
         unknown = [k for k in self._serving_inputs if k not in constants.PHASES]
@@ -205,6 +208,24 @@ class Predictor:
         # An export's own signature is the truth about which phases it reads.
         self.phases = tuple(p for p in constants.PHASES if p in self._serving_inputs)
 
+    def saliency_model(self):
+        """The Keras model (``best.keras``) that heatmaps differentiate, loaded once.
+
+        Raises:
+          FileNotFoundError: no ``.keras`` model next to the export.
+        """
+        if self.source == "keras":
+            return self.keras_model
+        if self.location.keras_path is None:
+            raise FileNotFoundError(
+                f"Heatmaps need the Keras model ({constants.BEST_MODEL_NAME}) next to the "
+                f"export ({self.location.model_dir or self.location.export_dir}): a SavedModel "
+                "has no intermediate layers to compute Grad-CAM on."
+            )
+        if getattr(self, "_saliency_model", None) is None:
+            self._saliency_model = load_keras_model(self.location.keras_path)
+        return self._saliency_model
+
     def __call__(self, phases: Mapping[str, np.ndarray]) -> np.ndarray:
         """Returns float64 (4,) probabilities for one exam's raw phases ``{phase: (S,H,W)}``."""
         import tensorflow as tf
@@ -215,11 +236,20 @@ class Predictor:
         if self.source == "export":
             feed = {p: tf.convert_to_tensor(phases[p], tf.float32) for p in self.phases}
             return _positive_probs(self._serving(**feed))
-        volume = preprocess_phases(phases, self.input_config)[tf.newaxis]  # (1, S, H, W, 1)
+        volume = preprocess_phases(phases, self.input_config)[tf.newaxis]  # (1, S, H, W, C)
         if self._keras_fn is None:
-            model = self.keras_model
-            self._keras_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        return _positive_probs(self._keras_fn(volume))
+            from mri_keras import tta
+
+            model, mode = self.keras_model, self.tta_mode
+
+            def probs(x):
+                out = model(x, training=False)
+                return tf.stack([out[k][:, 1] for k in constants.LABELS], -1)
+
+            self._keras_fn = tf.function(
+                lambda x: tta.averaged(probs, x, mode), reduce_retracing=True
+            )
+        return np.asarray(self._keras_fn(volume)[0], np.float64)
 
 
 def preprocess_phases(phases: Mapping[str, np.ndarray], input_config):
@@ -244,6 +274,7 @@ def load_keras_model(path: str):
     return keras.saving.load_model(path, compile=False)
 
 
-def load_predictor(path: str, model_format: str = "auto") -> Predictor:
-    """Resolves ``path`` (see `locate_model`) and returns a `Predictor`."""
-    return Predictor(locate_model(path), model_format)
+def load_predictor(path: str, model_format: str = "auto", tta_mode: str = "none") -> Predictor:
+    """Resolves ``path`` (see `locate_model`) and returns a `Predictor` scoring with
+    test-time augmentation ``tta_mode`` (`mri_keras.tta`)."""
+    return Predictor(locate_model(path), model_format, tta_mode)

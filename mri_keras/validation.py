@@ -13,7 +13,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from mri_keras import constants, input_pipeline, predictions_io
+from mri_keras import constants, input_pipeline, predictions_io, tta
 from mri_keras import metrics as metrics_lib
 from tfrecords_tools import schema
 
@@ -25,20 +25,24 @@ def clear_predict_cache() -> None:
     _PREDICT_FNS.clear()
 
 
-def _predict_fn(model):
-    fn = _PREDICT_FNS.get(model)
+def _predict_fn(model, tta_mode: str = "none"):
+    fns = _PREDICT_FNS.setdefault(model, {})
+    fn = fns.get(tta_mode)
     if fn is None:
         # A weak reference: a value that held the model strongly would keep its key (and every
         # trained model) alive for the life of the process.
         model_ref = weakref.ref(model)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, 1], tf.float32)])
-        def fn(volume):
+        def probs(volume):
             out = model_ref()(volume, training=False)
             # (batch, 4): probability of the positive class of each head, LABELS order.
             return tf.stack([tf.cast(out[k][:, 1], tf.float32) for k in constants.LABELS], -1)
 
-        _PREDICT_FNS[model] = fn
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, None], tf.float32)])
+        def fn(volume):
+            return tta.averaged(probs, volume, tta_mode)
+
+        fns[tta_mode] = fn
     return fn
 
 
@@ -58,6 +62,7 @@ def predict_split(
     exam_ids=None,
     dataset=None,
     batch_size: int = 8,
+    tta_mode: str | None = None,
 ) -> predictions_io.Predictions:
     """Scores every exam of a split (no augmentation), in manifest order.
 
@@ -79,13 +84,19 @@ def predict_split(
       dataset: optional dataset ``validation_dataset`` built for these arguments, reused
         (a training run predicts the same split after every epoch). Defaults to a new one.
       batch_size: int. Serialized records per ``serving_example`` call (export only).
+      tta_mode: optional str. Test-time augmentation (`mri_keras.tta`): "none" (training
+        validates so) or "flip" (each exam also scored mirrored; an export through its
+        ``serving_example_flip``). Defaults to a Predictor's own ``tta_mode``, else "none".
 
     Returns:
       ``Predictions``: exam and patient pseudonyms, int64 ``(N, 4)`` labels and ``(N, 4)``
       positive-class probabilities, in ``constants.LABELS`` order.
     """
+    if tta_mode is None:
+        tta_mode = getattr(model, "tta_mode", "none")
+    tta.check_mode(tta_mode)
     if getattr(model, "source", None) == "export":
-        return _predict_export(model, records_dir, split, exam_ids, batch_size)
+        return _predict_export(model, records_dir, split, exam_ids, batch_size, tta_mode)
     if getattr(model, "source", None) == "keras":
         model, input_config = model.keras_model, model.input_config
     if input_config is None:
@@ -93,7 +104,7 @@ def predict_split(
     ds = dataset
     if ds is None:
         ds = validation_dataset(records_dir, split, input_config, exam_ids=exam_ids)
-    fn = _predict_fn(model)
+    fn = _predict_fn(model, tta_mode)
     ids, pids, labels, probs = [], [], [], []
     for volume, targets, meta in ds:
         probs.append(fn(volume).numpy())
@@ -104,14 +115,12 @@ def predict_split(
     return _predictions(ids, pids, labels, probs)
 
 
-def _predict_export(predictor, records_dir, split, exam_ids, batch_size):
-    signatures = predictor.saved_model.signatures
-    if "serving_example" not in signatures:
-        raise ValueError(
-            f"{predictor.location.export_dir} has no serving_example signature (has "
-            f"{sorted(signatures)}): export the model again with `python -m mri_keras.export`."
-        )
-    serving = signatures["serving_example"]
+def _predict_export(predictor, records_dir, split, exam_ids, batch_size, tta_mode):
+    from mri_keras import export
+
+    serving = export.signature(
+        predictor.saved_model, predictor.location.export_dir, "serving_example", tta_mode
+    )
     records = input_pipeline.serialized_records(
         records_dir, split, predictor.input_config.input_variant, exam_ids=exam_ids
     )

@@ -10,7 +10,7 @@
 #
 # Usage:
 #   scripts/controls.sh --cohort=DICOM_ROOT --data_dir=RECORDS --output_dir=OUT
-#                       [--flagfile=configs/demo.flags] [--seed=0] [--n_bootstrap=2000]
+#                       [--flagfile=configs/demo.flags] [--seed=0] [--n_bootstrap=2000] [--tta=flip]
 #                       [--controls=permuted,t0] [-- extra training flags]
 #   --cohort: the DICOM root with labels.csv that RECORDS was converted from (the permuted
 #   control converts it again with permuted labels). --seed: permutation, training and

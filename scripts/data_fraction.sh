@@ -8,7 +8,7 @@
 # Usage:
 #   scripts/data_fraction.sh --data_dir=RECORDS --output_dir=OUT [--scale=demo|paper]
 #                            [--variant=t2sub] [--percents=100,50,20,10,5,2,1] [--epochs=N]
-#                            [--n_bootstrap=2000] [--seed=0] [--seeds=0,1,2]
+#                            [--n_bootstrap=2000] [--seed=0] [--seeds=0,1,2] [--tta=flip]
 #                            [--configs_dir=configs]
 #                            [-- extra training flags]
 #

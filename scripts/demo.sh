@@ -9,10 +9,13 @@
 #
 # Usage: scripts/demo.sh [--output_dir=DIR] [--num_patients=N] [--seed=S]
 #                        [--size=SLICES,ROWS,COLS] [--train_flags="--epochs=3 ..."]
-#                        [--n_bootstrap=N]
-#   or set DEMO_OUTPUT_DIR / DEMO_NUM_PATIENTS / DEMO_SEED / DEMO_SIZE / DEMO_TRAIN_FLAGS.
+#                        [--n_bootstrap=N] [--tta=flip|none]
+#   or set DEMO_OUTPUT_DIR / DEMO_NUM_PATIENTS / DEMO_SEED / DEMO_SIZE / DEMO_TRAIN_FLAGS /
+#   DEMO_TTA.
 # Defaults: demo_output/, 480 patients, seed 0, 16 x 64 x 64 voxels per phase: a test split
 # of ~96 patients with ~36 malignant breasts (validation ~31), so its AUC means something.
+# Evaluation and prediction average each exam with its left-right mirror (--tta=flip, the
+# recipe's test-time augmentation, chosen on validation; README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -23,6 +26,7 @@ SEED="${DEMO_SEED:-0}"
 SIZE="${DEMO_SIZE:-16,64,64}"
 TRAIN_FLAGS="${DEMO_TRAIN_FLAGS:-}"
 N_BOOTSTRAP="${DEMO_N_BOOTSTRAP:-2000}"
+TTA="${DEMO_TTA:-flip}"
 for arg in "$@"; do
   case "$arg" in
     --output_dir=*) OUT="${arg#*=}" ;;
@@ -31,6 +35,7 @@ for arg in "$@"; do
     --size=*) SIZE="${arg#*=}" ;;
     --train_flags=*) TRAIN_FLAGS="${arg#*=}" ;;
     --n_bootstrap=*) N_BOOTSTRAP="${arg#*=}" ;;
+    --tta=*) TTA="${arg#*=}" ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "demo.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
@@ -108,16 +113,17 @@ step 3 "Train the Doubly Deep CNN (configs/demo.flags; resumes if interrupted)"
 
 step 4 "Evaluate on the test split (breast-level AUCs, 95% bootstrap CIs by patient)"
 # Kept when it evaluated this best.keras with these settings (a rerun of a finished demo).
-if [ "$EVAL_DIR/metrics.json" -nt "$MODEL_DIR/best.keras" ] && "$PY" - "$EVAL_DIR/metrics.json" "$N_BOOTSTRAP" <<'PYEOF' 2>/dev/null
+if [ "$EVAL_DIR/metrics.json" -nt "$MODEL_DIR/best.keras" ] && "$PY" - "$EVAL_DIR/metrics.json" "$N_BOOTSTRAP" "$TTA" <<'PYEOF' 2>/dev/null
 import json, sys
 m = json.load(open(sys.argv[1]))
-sys.exit(0 if m["breast_level"]["malignant"]["n_bootstrap"] == int(sys.argv[2]) else 1)
+same = m["breast_level"]["malignant"]["n_bootstrap"] == int(sys.argv[2])
+sys.exit(0 if same and m.get("tta", "none") == sys.argv[3] else 1)
 PYEOF
 then
   echo "Reusing $EVAL_DIR"
 else
   "$PY" -m mri_keras.evaluate --model="$MODEL_DIR" --data_dir="$RECORDS" --split=test \
-    --output_dir="$EVAL_DIR" --n_bootstrap="$N_BOOTSTRAP" --name=demo
+    --output_dir="$EVAL_DIR" --n_bootstrap="$N_BOOTSTRAP" --name=demo --tta="$TTA"
 fi
 
 step 5 "Predict one test exam from its DICOM folder, with heatmaps"
@@ -135,13 +141,14 @@ print(path if os.path.isabs(path) else os.path.join(cohort, path))
 PYEOF
 )"
 if [ "$PRED_DIR/prediction.json" -nt "$MODEL_DIR/export/saved_model.pb" ] \
-    && [ -f "$PRED_DIR/heatmaps/heatmap.npy" ]; then
+    && [ -f "$PRED_DIR/heatmaps/heatmap.npy" ] \
+    && grep -q "\"tta\": \"$TTA\"" "$PRED_DIR/prediction.json"; then
   echo "Reusing $PRED_DIR (exam $(basename "$EXAM_DIR"))"
   cat "$PRED_DIR/prediction.json"
 else
   rm -rf "$PRED_DIR"; mkdir -p "$PRED_DIR"
   "$PY" -m mri_keras.predict --model="$MODEL_DIR/export" --exam_dir="$EXAM_DIR" \
-    --heatmap_dir="$PRED_DIR/heatmaps" | tee "$PRED_DIR/prediction.json.tmp"
+    --heatmap_dir="$PRED_DIR/heatmaps" --tta="$TTA" | tee "$PRED_DIR/prediction.json.tmp"
   mv "$PRED_DIR/prediction.json.tmp" "$PRED_DIR/prediction.json"
 fi
 
@@ -154,7 +161,8 @@ def fmt(r):
         return f"undefined ({r['positives']} positive, {r['negatives']} negative)"
     return f"{r['auc']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f})"
 c = m["counts"]
-print(f"Test split: {c['exams']} exams, {c['patients']} patients, {c['breasts']} breasts")
+tta = "" if m.get("tta", "none") == "none" else f"; test-time augmentation: {m['tta']}"
+print(f"Test split: {c['exams']} exams, {c['patients']} patients, {c['breasts']} breasts{tta}")
 print("  breast-level malignant AUC:", fmt(m["breast_level"]["malignant"]))
 print("  breast-level benign AUC:   ", fmt(m["breast_level"]["benign"]))
 print("  exam-level malignant AUC:  ", fmt(m["exam_level"]["malignant"]))

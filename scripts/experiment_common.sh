@@ -7,14 +7,15 @@
 #   seed_flags SEED    the training flags of that seed (none for the single-run layout).
 #   evaluate_splits MODEL_DIR NAME OUT_ROOT DATA_DIR SPLIT...
 #                      evaluates MODEL_DIR on each SPLIT into OUT_ROOT/SPLIT/ in one process
-#                      (the model loaded once), keeping evaluations newer than its best.keras.
+#                      (the model loaded once), keeping evaluations newer than its best.keras
+#                      made with the same --tta.
 ORIG_PWD="$PWD"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$ORIG_PWD/$1" ;; esac; }
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 
-DATA_DIR="" OUT="" SCALE="paper" EPOCHS="" N_BOOTSTRAP=2000 SEED=0 SEEDS="" CONFIGS="" EXTRA=()
+DATA_DIR="" OUT="" SCALE="paper" EPOCHS="" N_BOOTSTRAP=2000 SEED=0 SEEDS="" CONFIGS="" TTA="none" EXTRA=()
 
 common_arg() {
   case "$1" in
@@ -26,6 +27,7 @@ common_arg() {
     --seed=*) SEED="${1#*=}" ;;
     --seeds=*) SEEDS="${1#*=}" ;;
     --configs_dir=*) CONFIGS="${1#*=}" ;;
+    --tta=*) TTA="${1#*=}" ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) return 1 ;;
   esac
@@ -46,6 +48,7 @@ finish_args() {
     *) echo "$name: --scale must be demo or paper, got $SCALE" >&2; exit 2 ;;
   esac
   if [ -n "$EPOCHS" ]; then SCALE_FLAGS+=(--epochs="$EPOCHS"); fi
+  case "$TTA" in none|flip) ;; *) echo "$name: --tta must be none or flip, got $TTA" >&2; exit 2 ;; esac
   SEED_LIST=("")
   if [ -n "$SEEDS" ]; then
     IFS=',' read -r -a SEED_LIST <<< "$SEEDS"
@@ -58,11 +61,17 @@ finish_args() {
 run_dir() { if [ -n "$1" ]; then echo "seed_$1"; fi; }
 seed_flags() { if [ -n "$1" ]; then echo "--seed=$1"; fi; }
 
+# Was this metrics.json made with the current --tta? (Files older than the option: "none".)
+same_tta() {
+  if grep -q '"tta": ' "$1"; then grep -q "\"tta\": \"$TTA\"" "$1"; else [ "$TTA" = none ]; fi
+}
+
 evaluate_splits() {
   local model="$1" name="$2" root="$3" data="$4" split todo=()
   shift 4
   for split in "$@"; do
-    if [ -f "$root/$split/metrics.json" ] && [ "$root/$split/metrics.json" -nt "$model/best.keras" ]; then
+    if [ -f "$root/$split/metrics.json" ] && [ "$root/$split/metrics.json" -nt "$model/best.keras" ] \
+        && same_tta "$root/$split/metrics.json"; then
       echo "  $name $split: kept $root/$split/metrics.json"
     else
       todo+=("$split")
@@ -74,5 +83,5 @@ evaluate_splits() {
   if [ "${#todo[@]}" -eq 1 ]; then out="$root/${todo[0]}"; fi
   splits="$(IFS=,; echo "${todo[*]}")"
   "$PYTHON" -m mri_keras.evaluate --model="$model" --data_dir="$data" --split="$splits" \
-    --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" --name="$name"
+    --output_dir="$out" --n_bootstrap="$N_BOOTSTRAP" --seed="$SEED" --name="$name" --tta="$TTA"
 }

@@ -11,11 +11,12 @@
 # Usage:
 #   scripts/seeds.sh --flagfile=configs/demo.flags --data_dir=RECORDS --output_dir=OUT
 #                    [--seeds=0,1,2] [--splits=val,test] [--epochs=N] [--n_bootstrap=2000]
-#                    [--seed=0]
+#                    [--seed=0] [--tta=none|flip]
 #                    [-- extra training flags, e.g. --input=t0]
 #   --flagfile may be given several times (layered in order, as mri_keras.train reads them);
 #   --seed is the bootstrap seed of the evaluations. --splits=val evaluates validation only
-#   (comparing recipes: the test split stays unseen until one is chosen).
+#   (comparing recipes: the test split stays unseen until one is chosen). --tta=flip evaluates
+#   with left-right flip test-time augmentation (mri_keras.evaluate --tta; the demo recipe's).
 # Rerunning resumes finished runs and keeps up-to-date evaluations.
 # Outputs: OUT/models/seed_S/, OUT/eval/seed_S/{val,test}/, OUT/seeds.md, OUT/seeds.csv.
 set -euo pipefail

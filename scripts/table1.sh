@@ -8,7 +8,7 @@
 #
 # Usage:
 #   scripts/table1.sh --data_dir=RECORDS --output_dir=OUT [--scale=demo|paper]
-#                     [--variants=t0,t1,...] [--epochs=N] [--n_bootstrap=2000] [--seed=0]
+#                     [--variants=t0,t1,...] [--epochs=N] [--n_bootstrap=2000] [--seed=0] [--tta=flip]
 #                     [--seeds=0,1,2] [--configs_dir=configs]
 #                     [-- extra training flags, e.g. --strategy=mirrored]
 #
