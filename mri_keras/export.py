@@ -63,8 +63,10 @@ def signature(saved_model, export_dir: str, base: str, tta_mode: str = "none"):
     signatures = saved_model.signatures
     if name not in signatures:
         raise ValueError(
-            f"{export_dir} has no {name} signature (has {sorted(signatures)}): export the "
-            "model again with `python -m mri_keras.export`."
+            f"{export_dir} has no {name} signature (has {sorted(signatures)}): it was exported "
+            "by an older version; rerun the run's `python -m mri_keras.train` command (a "
+            "finished run then only writes its export again), or evaluate best.keras "
+            "(--model_format=keras)."
         )
     return signatures[name]
 

@@ -1,16 +1,24 @@
-"""Runs a trained model on one new DICOM exam folder (no TFRecords needed).
+"""Runs a trained model on new DICOM exam folders (no TFRecords needed).
 
 Usage::
 
     python -m mri_keras.predict --model=MODEL_DIR/export --exam_dir=DICOM_EXAM \
-        [--heatmap_dir=DIR] [--heatmap_target=malignant] [--heatmap_method=gradient]
+        [--heatmap_dir=DIR] [--heatmap_target=malignant] [--heatmap_method=gradient] \
+        [--tta=flip]
+    python -m mri_keras.predict --model=MODEL_DIR/export --worklist=FOLDER_OR_CSV \
+        [--worklist_depth=1] [--dicom_root=DIR] [--output=scores.csv|scores.jsonl]
+
+``--worklist`` scores many exams in one process (`mri_keras.worklist`): one JSON line or CSV
+row per exam, failures listed with their reasons and the rest still scored; exit status 3 when
+some exams failed.
 
 The folder is read by `tfrecords_tools.dicom_reader.load_exam`, the converter's own reader
 (series grouping, phase order, canonical orientation, rescale), and scored by the SavedModel's
 ``serving_default`` (which carries the model's preprocessing). Prints one JSON object::
 
     {"left": {"benign": 0.02, "malignant": 0.91}, "right": {"benign": 0.01, "malignant": 0.03},
-     "input": "t2-t0", "slices": 60, "shape": [60, 256, 256], "model_format": "export"}
+     "input": "t2-t0", "slices": 60, "shape": [60, 256, 256], "model_format": "export",
+     "tta": "none"}
 
 No DICOM header value (names, ids, dates, UIDs) is printed; the patient id the reader
 returns is not used. A folder that is not a usable exam exits with status 2 and the reader's
@@ -51,6 +59,8 @@ class PredictConfig:
       heatmap_method: str. One of `heatmap.METHODS`. Defaults to "gradient".
       top_slices: int. PNG overlays written. Defaults to 4.
       model_format: str. "auto", "export" or "keras". Defaults to "auto".
+      tta: str. Test-time augmentation, "none" or "flip" (`mri_keras.tta`). Defaults to
+        "none". Heatmaps explain the plain (unmirrored) pass.
     """
 
     model: str
@@ -60,8 +70,11 @@ class PredictConfig:
     heatmap_method: str = "gradient"
     top_slices: int = 4
     model_format: str = "auto"
+    tta: str = "none"
 
     def __post_init__(self):
+        if self.tta not in constants.TTA_MODES:
+            raise ValueError(f"tta must be one of {constants.TTA_MODES}. Received: {self.tta!r}")
         heatmap_lib.target_labels(self.heatmap_target)
         if self.heatmap_method not in heatmap_lib.METHODS:
             raise ValueError(
@@ -97,25 +110,38 @@ def predict_exam(config: PredictConfig, predictor: inference.Predictor | None = 
       FileNotFoundError: no model, or heatmaps asked for without best.keras.
       ValueError: heatmap_dir is a file.
     """
-    from tfrecords_tools import dicom_reader
-
     if (
         config.heatmap_dir
         and os.path.exists(config.heatmap_dir)
         and not os.path.isdir(config.heatmap_dir)
     ):
         raise ValueError(f"heatmap_dir {config.heatmap_dir!r} exists and is not a directory.")
-    predictor = predictor or inference.load_predictor(config.model, config.model_format)
+    predictor = predictor or inference.load_predictor(config.model, config.model_format, config.tta)
     if config.heatmap_dir and predictor.location.keras_path is None:
         raise FileNotFoundError(
             f"Heatmaps need the Keras model ({constants.BEST_MODEL_NAME}) next to the export "
             f"({predictor.location.model_dir or config.model}): a SavedModel has no "
             "intermediate layers to compute Grad-CAM on."
         )
-    # New exams are often anonymised: prediction needs no PatientID (only splits do).
-    exam = dicom_reader.load_exam(
-        config.exam_dir, options=dicom_reader.ReaderOptions(require_patient_id=False)
+    return score_exam(config, predictor, read_exam(config.exam_dir))
+
+
+def read_exam(exam_dir: str):
+    """Reads one exam folder with the converter's reader (no PatientID needed: new exams are
+    often anonymised; only splits use it).
+
+    Raises:
+      tfrecords_tools.dicom_reader.ExamError: the folder is not a usable exam.
+    """
+    from tfrecords_tools import dicom_reader
+
+    return dicom_reader.load_exam(
+        exam_dir, options=dicom_reader.ReaderOptions(require_patient_id=False)
     )
+
+
+def score_exam(config: PredictConfig, predictor: inference.Predictor, exam) -> dict:
+    """Scores an exam ``read_exam`` returned (and writes its heatmaps); see `predict_exam`."""
     phases = {p: exam.volumes[p] for p in predictor.phases}
     probs = predictor(phases)
     shape = [int(v) for v in exam.volumes[predictor.phases[0]].shape]
@@ -126,9 +152,10 @@ def predict_exam(config: PredictConfig, predictor: inference.Predictor | None = 
         "shape": shape,
         "spacing_mm": [round(float(v), 4) for v in exam.spacing],
         "model_format": predictor.source,
+        "tta": predictor.tta_mode,
     }
     if config.heatmap_dir:
-        keras_model = inference.load_keras_model(predictor.location.keras_path)
+        keras_model = predictor.saliency_model()
         heat, image = heatmap_lib.exam_saliency(
             keras_model,
             phases,
@@ -161,6 +188,24 @@ def define_flags():
 
     flags.DEFINE_string("model", None, "MODEL_DIR/export (SavedModel), a MODEL_DIR or .keras.")
     flags.DEFINE_string("exam_dir", None, "One exam's DICOM folder.")
+    flags.DEFINE_string(
+        "worklist",
+        None,
+        "Many exams: a folder of exam folders (see --worklist_depth) or a CSV with an 'exam' "
+        "column (e.g. the converter's labels.csv). Instead of --exam_dir.",
+    )
+    flags.DEFINE_integer(
+        "worklist_depth", 1, "Levels below a --worklist folder where the exam folders are."
+    )
+    flags.DEFINE_string(
+        "dicom_root", None, "Folder a worklist CSV's relative paths start from (default: its own)."
+    )
+    flags.DEFINE_string(
+        "output",
+        None,
+        "Worklist results: a .csv file, or JSON lines (any other name); default JSON lines on "
+        "stdout. Never overwritten.",
+    )
     flags.DEFINE_string("heatmap_dir", None, "Write heatmap.npy + PNG overlays here.")
     flags.DEFINE_enum(
         "heatmap_target",
@@ -182,7 +227,19 @@ def define_flags():
         list(inference.MODEL_FORMATS),
         "auto: the export if present, else best.keras.",
     )
-    flags.mark_flags_as_required(["model", "exam_dir"])
+    flags.DEFINE_enum(
+        "tta",
+        "none",
+        list(constants.TTA_MODES),
+        "Test-time augmentation: flip also scores the exam mirrored left-right (sides swapped "
+        "back) and averages the two.",
+    )
+    flags.mark_flags_as_required(["model"])
+    flags.register_multi_flags_validator(
+        ["exam_dir", "worklist"],
+        lambda v: (v["exam_dir"] is None) != (v["worklist"] is None),
+        message="give exactly one of --exam_dir (one exam) and --worklist (many).",
+    )
 
 
 def main(argv):
@@ -196,13 +253,17 @@ def main(argv):
     f = flags.FLAGS
     config = PredictConfig(
         model=f.model,
-        exam_dir=f.exam_dir,
+        exam_dir=f.exam_dir or "",
         heatmap_dir=f.heatmap_dir,
         heatmap_target=f.heatmap_target,
         heatmap_method=f.heatmap_method,
         top_slices=f.top_slices,
         model_format=f.model_format,
+        tta=f.tta,
     )
+    if f.worklist:
+        _main_worklist(config, f)
+        return
     try:
         result = predict_exam(config)
     except dicom_reader.ExamError as e:
@@ -211,6 +272,18 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:  # No model at --model, a bad setting.
         sys.exit(f"mri_keras.predict: error: {e}")
     print(json.dumps(result, indent=None if f.heatmap_dir is None else 2))
+
+
+def _main_worklist(config: PredictConfig, f) -> None:
+    from mri_keras import worklist
+
+    try:
+        items = worklist.read_worklist(f.worklist, f.worklist_depth, f.dicom_root)
+        summary = worklist.predict_worklist(config, items, f.output)
+    except (FileNotFoundError, ValueError) as e:  # WorklistError is a ValueError.
+        sys.exit(f"mri_keras.predict: error: {e}")
+    if summary["failed"]:
+        sys.exit(worklist.EXIT_SOME_FAILED)
 
 
 if __name__ == "__main__":

@@ -373,8 +373,13 @@ def _barrier(strategy) -> None:
 
 def _export_best(config, best_path, export_dir, best_epoch, best_auc) -> None:
     meta = export_lib.read_metadata(export_dir)
-    if meta and meta.get("best_epoch") == best_epoch and meta.get("run") == config.model_dir:
-        return  # Already exported (a rerun of a finished run).
+    if (
+        meta
+        and meta.get("best_epoch") == best_epoch
+        and meta.get("run") == config.model_dir
+        and meta.get("signatures") == list(export_lib.SIGNATURES)
+    ):
+        return  # Already exported (a rerun of a finished run), with today's signatures.
     export_lib.export_from_keras_file(
         best_path,
         export_dir,

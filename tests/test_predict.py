@@ -6,6 +6,7 @@ from the TFRecord" must agree after reorientation.
 """
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -324,3 +325,108 @@ def test_missing_input_config_names_the_directory_and_the_expected_files(tmp_pat
     _write_json(os.path.join(run_dir, "config.json"), {"input": {"crop": 1.5}})
     with pytest.raises(ValueError, match=r"config.json: 'input' is not a valid input config: crop"):
         inference.load_input_config(location)
+
+
+def _worklist_csv(run, tmp_path):
+    """The cohort's exams as a worklist CSV (paths relative to the cohort), plus one folder
+    that is not an exam, third."""
+    bad = tmp_path / "not_an_exam"
+    bad.mkdir(exist_ok=True)
+    (bad / "notes.txt").write_text("not DICOM")
+    folders = sorted(run["folder_of"].values())
+    rows = folders[:2] + [str(bad)] + folders[2:]
+    path = tmp_path / "worklist.csv"
+    path.write_text("exam,comment\n" + "".join(f"{r},x\n" for r in rows))
+    return path, rows
+
+
+def test_worklist_scores_every_exam_once_and_lists_failures(run, tmp_path):
+    from mri_keras import worklist
+
+    predictor, from_records = _record_predictions(run)
+    exam_of_folder = {folder: exam_id for exam_id, folder in run["folder_of"].items()}
+    path, rows = _worklist_csv(run, tmp_path)
+    items = worklist.read_worklist(str(path), dicom_root=run["cohort"].root)
+    assert [i.name for i in items] == rows
+    out = tmp_path / "scores.csv"
+    log = io.StringIO()
+    config = predict.PredictConfig(model=run["export"], exam_dir="")
+    summary = worklist.predict_worklist(config, items, str(out), predictor=predictor, log=log)
+    assert summary["exams"] == len(rows) and summary["scored"] == len(rows) - 1
+    assert [f["exam"] for f in summary["failed"]] == [rows[2]]
+    assert "no DICOM images" in summary["failed"][0]["error"]
+    assert summary["exams_per_s"] > 0
+    assert f"scored {len(rows) - 1} of {len(rows)} exams (1 failed)" in log.getvalue()
+    assert not os.path.exists(str(out) + ".partial")
+    with open(out) as f:
+        written = list(csv.DictReader(f))
+    assert [r["exam"] for r in written] == rows  # worklist order, one row per exam
+    for row in written:
+        if row["exam"] == rows[2]:
+            assert row["status"] == "failed" and "no DICOM images" in row["error"]
+            assert row["left_malignant"] == ""
+            continue
+        assert row["status"] == "ok" and row["error"] == ""
+        got = [float(row[label]) for label in ("left_benign", "left_malignant")]
+        got += [float(row[label]) for label in ("right_benign", "right_malignant")]
+        np.testing.assert_allclose(got, from_records[exam_of_folder[row["exam"]]], atol=1e-5)
+        assert row["input"] == "t2-t0" and row["tta"] == "none" and row["slices"] == "6"
+    # An existing output is never overwritten.
+    before = out.read_bytes()
+    with pytest.raises(worklist.WorklistError, match="exists"):
+        worklist.predict_worklist(config, items, str(out), predictor=predictor, log=log)
+    assert out.read_bytes() == before
+
+
+def test_worklist_folder_and_csv_errors(run, tmp_path):
+    from mri_keras import worklist
+
+    items = worklist.read_worklist(run["cohort"].root, depth=2)  # ROOT/patient/exam
+    assert sorted(i.name for i in items) == sorted(run["folder_of"].values())
+    assert all(os.path.isdir(i.exam_dir) for i in items)
+    with pytest.raises(worklist.WorklistError, match="no exam folders 4 level"):
+        worklist.read_worklist(run["cohort"].root, depth=4)
+    with pytest.raises(worklist.WorklistError, match="does not exist"):
+        worklist.read_worklist(str(tmp_path / "absent.csv"))
+    no_column = tmp_path / "no_column.csv"
+    no_column.write_text("folder\nP0000/E1\n")
+    with pytest.raises(worklist.WorklistError, match=r"no_column.csv: no exam column"):
+        worklist.read_worklist(str(no_column))
+    empty_entry = tmp_path / "empty_entry.csv"
+    empty_entry.write_text("exam\nP0000/E1\n\n ,\n")
+    with pytest.raises(worklist.WorklistError, match=r"empty_entry.csv, row 3: empty 'exam'"):
+        worklist.read_worklist(str(empty_entry))
+
+
+@pytest.mark.slow
+def test_predict_cli_worklist_streams_json_lines_with_flip_tta(run, tmp_path):
+    path, rows = _worklist_csv(run, tmp_path)
+    heat_dir = tmp_path / "heat"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mri_keras.predict",
+            f"--model={run['export']}",
+            f"--worklist={path}",
+            f"--dicom_root={run['cohort'].root}",
+            "--tta=flip",
+            f"--heatmap_dir={heat_dir}",
+            "--top_slices=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        timeout=600,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]  # Some exams failed, the rest scored.
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["exam"] for r in lines] == rows
+    assert [r["status"] for r in lines].count("failed") == 1
+    ok = [r for r in lines if r["status"] == "ok"]
+    assert all(r["tta"] == "flip" and os.path.isfile(r["heatmap"]["npy"]) for r in ok)
+    assert len({r["heatmap"]["npy"] for r in ok}) == len(ok)  # one folder per exam
+    assert "exams/s" in proc.stderr and "failed: " in proc.stderr and "Traceback" not in proc.stderr
+    identifiers = [str(v) for v in _flatten(run["cohort"].identifiers) if len(str(v)) >= 6]
+    for ident in identifiers:
+        assert ident not in proc.stdout and ident not in proc.stderr, ident
