@@ -441,7 +441,7 @@ def _end_summary(config, result) -> str:
         f"(val_malignant_auc {auc if auc is None else round(auc, 4)}).",
         f"  best model:   {os.path.join(d, BEST_MODEL_NAME)}",
         f"  SavedModel:   {os.path.join(d, EXPORT_DIR)} "
-        "(signatures serving_default, serving_example)",
+        f"(signatures {', '.join(export_lib.SIGNATURES)})",
         f"  metrics:      {os.path.join(d, METRICS_NAME)}",
         f"  checkpoints:  {os.path.join(d, CHECKPOINT_DIR)}",
         f"  TensorBoard:  tensorboard --logdir {os.path.join(d, TENSORBOARD_DIR)}",
