@@ -122,6 +122,62 @@ def patient_bootstrap_indices(patient_ids, n_bootstrap: int = DEFAULT_N_BOOTSTRA
     ]
 
 
+def bootstrap_distribution(
+    statistic,
+    patient_ids,
+    exam_of_sample,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+    seed: int = 0,
+) -> np.ndarray:
+    """Values of a statistic over patient-bootstrap resamples: the one resampling loop.
+
+    Every CI of this package (AUCs, differences, operating points, partial AUC) comes from
+    here, so all of them resample patients the same way and, for one seed, on the same draws.
+
+    Args:
+      statistic: callable ``(sample_weights) -> float or sequence of floats``, evaluated on
+        the original samples with per-sample multiplicities (NaN where undefined, e.g. a
+        resample without positives).
+      patient_ids: sequence (N,) of patient ids, one per exam.
+      exam_of_sample: int array (n,): the exam of every sample (a breast-level sample array
+        holds two samples per exam).
+      n_bootstrap: int. Resamples. Defaults to 2000.
+      seed: int. Bootstrap seed. Defaults to 0.
+
+    Returns:
+      float array (n_valid, k): one row per resample on which every value is defined (the
+      others are skipped); k = 1 for a scalar statistic.
+    """
+    exam_of_sample = np.asarray(exam_of_sample, np.int64)
+    rows = []
+    for exam_weights in patient_bootstrap_weights(patient_ids, n_bootstrap, seed):
+        value = np.atleast_1d(np.asarray(statistic(exam_weights[exam_of_sample]), np.float64))
+        if not np.any(np.isnan(value)):
+            rows.append(value)
+    if not rows:
+        k = np.atleast_1d(np.asarray(statistic(np.ones(exam_of_sample.shape)))).size
+        return np.zeros((0, k))
+    return np.stack(rows)
+
+
+def percentile_interval(values, confidence: float = DEFAULT_CONFIDENCE):
+    """Percentile interval ``(low, high)`` of bootstrap values along axis 0 (NaN if none).
+
+    Args:
+      values: array (n,) or (n, k) of bootstrap values.
+      confidence: float in (0, 1). Defaults to 0.95.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1). Received: confidence={confidence}")
+    values = np.asarray(values, np.float64)
+    if values.shape[0] == 0:
+        nan = np.full(values.shape[1:], np.nan)
+        return nan, nan.copy()
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(values, [tail, 100.0 - tail], axis=0)
+    return low, high
+
+
 class _WeightedAuc:
     """AUC of fixed (y_true, y_score) under varying non-negative sample weights.
 
@@ -168,8 +224,20 @@ def weighted_auc(y_true, y_score, weights=None) -> float:
     return _WeightedAuc(y_true, y_score)(weights)
 
 
-def _level_arrays(labels, probs, task: str, level: str):
-    """(y, s, exam_of_sample) for breast- or exam-level AUCs."""
+def level_arrays(labels, probs, task: str, level: str = "breast"):
+    """``(y_true, y_score, exam_of_sample)`` of breast- or exam-level samples.
+
+    Args:
+      labels: array-like (N, 4) of 0/1 in LABELS order.
+      probs: array-like (N, 4) in LABELS order.
+      task: str. "malignant" or "benign".
+      level: str. "breast" (2 samples per exam: all left breasts, then all right ones, as in
+        `breast_level_arrays`) or "exam" (max over both breasts). Defaults to "breast".
+
+    Returns:
+      ``y`` (n,), ``s`` (n,) and ``exam_of_sample`` (n,), the row of the exam each sample
+      belongs to (what the patient bootstrap resamples by).
+    """
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
     n = labels.shape[0] if labels.ndim else 0
@@ -183,6 +251,17 @@ def _level_arrays(labels, probs, task: str, level: str):
     else:
         raise ValueError(f"level must be 'breast' or 'exam'. Received: level={level!r}")
     return y, s, exam_of_sample
+
+
+def check_patient_ids(labels, patient_ids) -> np.ndarray:
+    """``patient_ids`` as an array, after checking it has one entry per exam row."""
+    patient_ids = np.asarray(patient_ids)
+    if patient_ids.shape != (np.asarray(labels).shape[0],):
+        raise ValueError(
+            f"patient_ids must have one entry per exam ({np.asarray(labels).shape[0]}). "
+            f"Received shape: {patient_ids.shape}"
+        )
+    return patient_ids
 
 
 def auc_with_ci(
@@ -216,29 +295,17 @@ def auc_with_ci(
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1). Received: confidence={confidence}")
-    y, s, exam_of_sample = _level_arrays(labels, probs, task, level)
-    patient_ids = np.asarray(patient_ids)
-    if patient_ids.shape != (np.asarray(labels).shape[0],):
-        raise ValueError(
-            f"patient_ids must have one entry per exam ({np.asarray(labels).shape[0]}). "
-            f"Received shape: {patient_ids.shape}"
-        )
+    y, s, exam_of_sample = level_arrays(labels, probs, task, level)
+    patient_ids = check_patient_ids(labels, patient_ids)
     auc_fn = _WeightedAuc(y, s)
-    point = auc_fn()
-    values = []
-    for exam_weights in patient_bootstrap_weights(patient_ids, n_bootstrap, seed):
-        value = auc_fn(exam_weights[exam_of_sample])
-        if not np.isnan(value):
-            values.append(value)
-    values = np.asarray(values)
+    values = bootstrap_distribution(auc_fn, patient_ids, exam_of_sample, n_bootstrap, seed)[:, 0]
+    low, high = percentile_interval(values, confidence)
     if values.size:
-        tail = 100.0 * (1.0 - confidence) / 2.0
-        low, high = np.percentile(values, [tail, 100.0 - tail])
         std = float(values.std(ddof=1)) if values.size > 1 else 0.0
     else:
-        low = high = std = float("nan")
+        std = float("nan")
     return {
-        "auc": point,
+        "auc": auc_fn(),
         "ci_low": float(low),
         "ci_high": float(high),
         "std": std,
@@ -261,6 +328,95 @@ def format_auc(result: dict, digits: int = 3) -> str:
     return f"{point:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
+def _delong_components(y, scores):
+    """Structural components of the Mann-Whitney AUC (Sun & Xu 2014's fast form).
+
+    Args:
+      y: int array (n,) of 0/1.
+      scores: float array (k, n): k models' scores of the same samples.
+
+    Returns:
+      ``aucs`` (k,), ``v10`` (k, m) per positive and ``v01`` (k, n_neg) per negative.
+    """
+    from scipy import stats
+
+    pos, neg = scores[:, y == 1], scores[:, y == 0]
+    m, n = pos.shape[1], neg.shape[1]
+    # Midranks (ties count one half): within positives, within negatives, and over both.
+    tx = stats.rankdata(pos, axis=1)
+    ty = stats.rankdata(neg, axis=1)
+    tz = stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)
+    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
+    v10 = (tz[:, :m] - tx) / n  # share of negatives each positive outranks
+    v01 = 1.0 - (tz[:, m:] - ty) / m  # share of positives that outrank each negative
+    return aucs, v10, v01
+
+
+def delong_test(y_true, score_a, score_b, confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """DeLong's test of two correlated ROC AUCs on the same samples (fast form, Sun & Xu 2014).
+
+    DeLong, DeLong & Clarke-Pearson (1988) estimate the covariance of the two AUCs from the
+    structural components of the Mann-Whitney statistic; Sun & Xu (2014, IEEE Signal Process.
+    Lett. 21:1389) compute those from midranks in O(n log n). The test treats the samples as
+    independent: at breast level the two breasts of an exam (and a patient's several exams)
+    are correlated, so the paired patient bootstrap of `paired_auc_difference` is the
+    clustering-aware companion.
+
+    Args:
+      y_true: array-like (n,) of 0/1.
+      score_a: array-like (n,). Model a's scores.
+      score_b: array-like (n,). Model b's scores (same samples).
+      confidence: float. Level of the normal-approximation CI of the difference.
+        Defaults to 0.95.
+
+    Returns:
+      dict ``auc_a``, ``auc_b``, ``difference`` (b - a), ``se`` (of the difference), ``z``,
+      ``p_value`` (two-sided), ``ci_low``, ``ci_high``, ``confidence``. With one class only,
+      everything is NaN; with zero variance (e.g. identical scores) z is NaN and p is 1 when
+      the difference is 0.
+    """
+    from scipy import stats
+
+    y = np.asarray(y_true).astype(np.int64).reshape(-1)
+    a = np.asarray(score_a, np.float64).reshape(-1)
+    b = np.asarray(score_b, np.float64).reshape(-1)
+    if not y.size == a.size == b.size:
+        raise ValueError(f"y_true and the scores differ in length: {y.size}, {a.size}, {b.size}")
+    scores = np.stack([a, b])
+    if np.any((y != 0) & (y != 1)):
+        raise ValueError("y_true must be 0/1.")
+    nan = float("nan")
+    m, n = int(y.sum()), int(y.size - y.sum())
+    if m < 1 or n < 1:
+        keys = ("auc_a", "auc_b", "difference", "se", "z", "p_value", "ci_low", "ci_high")
+        return {**dict.fromkeys(keys, nan), "confidence": confidence}
+    aucs, v10, v01 = _delong_components(y, scores)
+    s10 = np.cov(v10) if m > 1 else np.zeros((2, 2))
+    s01 = np.cov(v01) if n > 1 else np.zeros((2, 2))
+    cov = s10 / m + s01 / n
+    contrast = np.array([-1.0, 1.0])
+    variance = float(contrast @ cov @ contrast)
+    difference = float(aucs[1] - aucs[0])
+    se = float(np.sqrt(max(variance, 0.0)))
+    if se > 0:
+        z = difference / se
+        p = float(2.0 * stats.norm.sf(abs(z)))
+    else:
+        z, p = nan, (1.0 if difference == 0 else 0.0)
+    half = float(stats.norm.ppf(0.5 + confidence / 2.0)) * se
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "difference": difference,
+        "se": se,
+        "z": float(z),
+        "p_value": p,
+        "ci_low": difference - half,
+        "ci_high": difference + half,
+        "confidence": confidence,
+    }
+
+
 def paired_auc_difference(
     labels,
     probs_a,
@@ -272,10 +428,12 @@ def paired_auc_difference(
     seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict:
-    """AUC(a) - AUC(b) of two models on the same exams, with a paired patient bootstrap.
+    """AUC(a) - AUC(b) of two models on the same exams: paired patient bootstrap and DeLong.
 
     Both models are scored on the same resamples, so the CI of the difference accounts for
-    their correlation (much narrower than comparing two separate CIs).
+    their correlation (much narrower than comparing two separate CIs). The one paired
+    comparison of the package: ``mri_keras.compare``, the ensembles and the experiment
+    tables all call it.
 
     Args:
       labels: array-like (N, 4). Shared labels.
@@ -285,28 +443,28 @@ def paired_auc_difference(
       task, level, n_bootstrap, seed, confidence: as in `auc_with_ci`.
 
     Returns:
-      dict with ``difference`` (point estimate), ``ci_low``, ``ci_high``, ``p_value``
+      dict with ``difference`` (point estimate, a - b), ``ci_low``, ``ci_high``, ``p_value``
       (two-sided, from the bootstrap distribution: twice the smaller tail share around 0,
-      at least 1 / valid resamples), ``n_valid_resamples``, ``auc_a``, ``auc_b``.
+      at least 1 / valid resamples), ``n_valid_resamples``, ``auc_a``, ``auc_b``,
+      ``confidence``, ``seed`` and ``delong``: `delong_test` of the same difference (a - b,
+      its CI and p; samples treated as independent).
     """
-    y, s_a, exam_of_sample = _level_arrays(labels, probs_a, task, level)
-    _, s_b, _ = _level_arrays(labels, probs_b, task, level)
+    y, s_a, exam_of_sample = level_arrays(labels, probs_a, task, level)
+    _, s_b, _ = level_arrays(labels, probs_b, task, level)
+    patient_ids = check_patient_ids(labels, patient_ids)
     auc_a, auc_b = _WeightedAuc(y, s_a), _WeightedAuc(y, s_b)
-    diffs = []
-    for exam_weights in patient_bootstrap_weights(patient_ids, n_bootstrap, seed):
-        w = exam_weights[exam_of_sample]
-        d = auc_a(w) - auc_b(w)
-        if not np.isnan(d):
-            diffs.append(d)
-    diffs = np.asarray(diffs)
-    point_a, point_b = auc_a(), auc_b()
+    diffs = bootstrap_distribution(
+        lambda w: auc_a(w) - auc_b(w), patient_ids, exam_of_sample, n_bootstrap, seed
+    )[:, 0]
+    low, high = percentile_interval(diffs, confidence)
     if diffs.size:
-        tail = 100.0 * (1.0 - confidence) / 2.0
-        low, high = np.percentile(diffs, [tail, 100.0 - tail])
         p = 2.0 * min(np.mean(diffs <= 0.0), np.mean(diffs >= 0.0))
         p = float(min(1.0, max(p, 1.0 / diffs.size)))
     else:
-        low = high = p = float("nan")
+        p = float("nan")
+    # DeLong's difference is b - a; flipped so both read a - b.
+    delong = delong_test(y, s_b, s_a, confidence)
+    point_a, point_b = auc_a(), auc_b()
     return {
         "difference": float(point_a - point_b),
         "ci_low": float(low),
@@ -317,4 +475,5 @@ def paired_auc_difference(
         "auc_b": float(point_b),
         "confidence": confidence,
         "seed": int(seed),
+        "delong": {k: delong[k] for k in ("difference", "se", "z", "p_value", "ci_low", "ci_high")},
     }

@@ -150,3 +150,87 @@ def test_paired_difference_detects_a_better_model_and_not_a_copy():
     d = metrics.paired_auc_difference(labels, good, close, pids, n_bootstrap=400)
     a = metrics.auc_with_ci(labels, good, pids, n_bootstrap=400)
     assert d["ci_high"] - d["ci_low"] < 0.5 * (a["ci_high"] - a["ci_low"])
+
+
+def _delong_by_definition(y, a, b):
+    """DeLong et al. (1988) written from the definition: the O(m n) kernel matrices."""
+    from scipy import stats
+
+    comps = []
+    for s in (a, b):
+        pos, neg = s[y == 1], s[y == 0]
+        psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        comps.append((psi.mean(), psi.mean(axis=1), psi.mean(axis=0)))
+    m, n = int(y.sum()), int((1 - y).sum())
+    s10 = np.cov(np.stack([c[1] for c in comps]))
+    s01 = np.cov(np.stack([c[2] for c in comps]))
+    cov = s10 / m + s01 / n
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    z = (comps[1][0] - comps[0][0]) / np.sqrt(var)
+    return comps[1][0] - comps[0][0], z, 2 * stats.norm.sf(abs(z))
+
+
+def test_delong_matches_the_definition_with_ties():
+    rng = np.random.default_rng(21)
+    y = (rng.random(300) < 0.35).astype(np.int64)
+    a = np.round(0.8 * y + rng.normal(size=300), 1)  # rounded: many ties
+    b = np.round(0.4 * y + 0.5 * a + rng.normal(size=300), 1)  # correlated with a
+    diff, z, p = _delong_by_definition(y, a, b)
+    got = metrics.delong_test(y, a, b)
+    assert got["difference"] == pytest.approx(diff, abs=1e-12)
+    assert got["auc_a"] == pytest.approx(sk_metrics.roc_auc_score(y, a), abs=1e-12)
+    assert got["auc_b"] == pytest.approx(sk_metrics.roc_auc_score(y, b), abs=1e-12)
+    assert got["z"] == pytest.approx(z, rel=1e-9)
+    assert got["p_value"] == pytest.approx(p, rel=1e-9)
+    assert got["ci_low"] == pytest.approx(diff - 1.959963984540054 * got["se"], rel=1e-9)
+    assert got["ci_low"] < diff < got["ci_high"]
+    # Identical models: no difference, no variance, p = 1.
+    same = metrics.delong_test(y, a, a)
+    assert same["difference"] == 0 and same["p_value"] == 1.0 and same["se"] == 0
+    assert np.isnan(metrics.delong_test(np.ones(4), a[:4], b[:4])["p_value"])
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.delong_test(y, a, b[:-1])
+
+
+def test_delong_false_positive_rate_is_nominal():
+    # Two equally good, correlated models: p < 0.05 in about 5% of cohorts, not more.
+    rng = np.random.default_rng(5)
+    rejections = 0
+    trials = 400
+    for _ in range(trials):
+        y = (rng.random(120) < 0.4).astype(np.int64)
+        shared = rng.normal(size=120)
+        a = y + shared + rng.normal(size=120)
+        b = y + shared + rng.normal(size=120)
+        rejections += metrics.delong_test(y, a, b)["p_value"] < 0.05
+    assert 0.02 < rejections / trials < 0.09
+
+
+def test_paired_difference_reports_delong_consistent_with_the_bootstrap():
+    labels, good, pids = _cohort(150, seed=4, signal=1.0)
+    rng = np.random.default_rng(0)
+    worse = 1 / (1 + np.exp(-(0.4 * (2 * labels - 1) + rng.normal(size=labels.shape))))
+    d = metrics.paired_auc_difference(labels, good, worse, pids, n_bootstrap=400)
+    y, s_good = metrics.breast_level_arrays(labels, good, "malignant")
+    _, s_worse = metrics.breast_level_arrays(labels, worse, "malignant")
+    direct = metrics.delong_test(y, s_worse, s_good)  # b - a = good - worse
+    assert d["delong"]["difference"] == pytest.approx(d["difference"], abs=1e-12)
+    assert d["delong"]["p_value"] == pytest.approx(direct["p_value"])
+    assert d["delong"]["p_value"] < 0.01 and d["delong"]["ci_low"] > 0
+    # Two standard errors (analytic and bootstrap) of the same difference roughly agree.
+    boot_width = d["ci_high"] - d["ci_low"]
+    delong_width = d["delong"]["ci_high"] - d["delong"]["ci_low"]
+    assert 0.6 < delong_width / boot_width < 1.6
+
+
+def test_bootstrap_distribution_skips_undefined_resamples_and_intervals():
+    pids = np.array(["a", "b", "c"])
+    values = metrics.bootstrap_distribution(
+        lambda w: np.nan if w[0] == 0 else w[0], pids, np.arange(3), n_bootstrap=200, seed=1
+    )
+    assert values.shape[1] == 1 and 0 < values.shape[0] < 200
+    assert np.all(values >= 1)
+    low, high = metrics.percentile_interval(np.arange(101.0), 0.9)
+    assert (low, high) == (pytest.approx(5.0), pytest.approx(95.0))
+    low, high = metrics.percentile_interval(np.zeros((0, 2)))
+    assert np.isnan(low).all() and low.shape == (2,)
