@@ -234,3 +234,29 @@ def test_bootstrap_distribution_skips_undefined_resamples_and_intervals():
     assert (low, high) == (pytest.approx(5.0), pytest.approx(95.0))
     low, high = metrics.percentile_interval(np.zeros((0, 2)))
     assert np.isnan(low).all() and low.shape == (2,)
+
+
+def test_partial_auc_is_sklearns_mcclish_and_the_raw_area():
+    labels, probs, pids = _cohort(80, seed=6, signal=0.8)
+    y, s = metrics.breast_level_arrays(labels, probs, "malignant")
+    got = metrics.partial_auc(y, s, 0.2)
+    assert got["standardized"] == pytest.approx(sk_metrics.roc_auc_score(y, s, max_fpr=0.2))
+    # Raw area, by a fine Riemann sum of the step/linear ROC curve up to fpr 0.2.
+    fpr, tpr, _ = sk_metrics.roc_curve(y, s)
+    grid = np.linspace(0, 0.2, 200001)
+    assert got["raw"] == pytest.approx(np.trapezoid(np.interp(grid, fpr, tpr), grid), abs=1e-6)
+    # Perfect and chance-like ranking: 1 and about 0.5 standardised; 0.2 raw when perfect.
+    perfect = metrics.partial_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+    assert perfect == {"standardized": 1.0, "raw": pytest.approx(0.2)}
+    # Integer weights are repeated samples.
+    w = np.random.default_rng(1).integers(0, 3, size=y.size)
+    idx = np.repeat(np.arange(y.size), w)
+    assert metrics.partial_auc(y, s, 0.2, sample_weight=w)["raw"] == pytest.approx(
+        metrics.partial_auc(y[idx], s[idx], 0.2)["raw"]
+    )
+    r = metrics.partial_auc_with_ci(labels, probs, pids, n_bootstrap=200, seed=2)
+    assert r["standardized"]["value"] == pytest.approx(got["standardized"])
+    assert r["standardized"]["ci_low"] < r["standardized"]["value"] < r["standardized"]["ci_high"]
+    assert 0 <= r["raw"]["ci_low"] < r["raw"]["value"] < r["raw"]["ci_high"] <= 0.2
+    assert r["standardization"] == "McClish" and r["min_specificity"] == pytest.approx(0.8)
+    assert np.isnan(metrics.partial_auc([1, 1], [0.3, 0.4])["raw"])
