@@ -194,6 +194,7 @@ def table1_rows(eval_root: str, split: str = "test") -> list:
                     row["image"] = f"Caruana ensemble of {len(members)} models"
                 if key == "mean_sub" and len(members) != 3:
                     row["image"] = f"Mean of {', '.join(members)}"
+            row["vs_best"] = vs_best_member(eval_root, key)
         rows.append(row)
     return rows
 
@@ -211,6 +212,15 @@ def format_table1(rows: Sequence[dict], split: str = "test") -> str:
         if i == len(TABLE1_VARIANTS):
             lines.append("| *Ensembles* | | |")
         lines.append(f"| {row['image']} | {_cell(row['benign'])} | {_cell(row['malignant'])} |")
+    compared = [r for r in rows if r.get("vs_best")]
+    if compared:
+        lines += [
+            "",
+            "Ensemble minus its best member (highest val malignant AUC), test malignant AUC: "
+            "paired patient bootstrap, and DeLong's test (breasts as independent samples):",
+            "",
+        ]
+        lines += [f"- {r['image']} {format_vs_best(r['vs_best'])}" for r in compared]
     chosen = [r for r in rows if r.get("chosen")]
     for row in chosen:
         if row["key"] == "caruana_all":
@@ -222,6 +232,28 @@ def format_table1(rows: Sequence[dict], split: str = "test") -> str:
 def _is_seeded(eval_root: str, split: str) -> bool:
     keys = list(TABLE1_VARIANTS) + [k for k, _ in TABLE1_ENSEMBLES]
     return any(r[0] is not None for k in keys for r in seed_runs(eval_root, k, split))
+
+
+def vs_best_member(eval_root: str, key: str, seed=None) -> dict | None:
+    """The ensemble's ``test_vs_best_member`` from ``key[/seed_<S>]/ensemble.json``: the
+    `metrics.paired_auc_difference` of the ensemble and its best member on val (paired
+    patient bootstrap, with DeLong's test under ``delong``); None when absent."""
+    path = os.path.join(eval_root, key, f"seed_{seed}" if seed is not None else "", "ensemble.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("test_vs_best_member")
+
+
+def format_vs_best(c: dict) -> str:
+    """``vs t2sub: +0.012 (95% CI -0.004 to +0.029, bootstrap p=0.14, DeLong p=0.12)``."""
+    delong = c.get("delong") or {}
+    delong_p = delong.get("p_value")
+    delong_text = f", DeLong p={delong_p:.3g}" if delong_p is not None else ""
+    return (
+        f"vs {c['member']}: {c['difference']:+.3f} (95% CI {c['ci_low']:+.3f} to "
+        f"{c['ci_high']:+.3f}, bootstrap p={c['p_value']:.3g}{delong_text})"
+    )
 
 
 def table1_seed_rows(eval_root: str, split: str = "test") -> list:
@@ -245,13 +277,7 @@ def table1_seed_rows(eval_root: str, split: str = "test") -> list:
         }
         comparisons = []
         for seed, _ in runs:
-            path = os.path.join(
-                eval_root, key, f"seed_{seed}" if seed is not None else "", "ensemble.json"
-            )
-            best = None
-            if os.path.isfile(path):
-                with open(path) as f:
-                    best = json.load(f).get("test_vs_best_member")
+            best = vs_best_member(eval_root, key, seed)
             if best:
                 # The training seed wins over the bootstrap seed the comparison also records.
                 comparisons.append({**best, "bootstrap_seed": best.get("seed"), "seed": seed})
@@ -289,15 +315,12 @@ def format_table1_seeds(rows: Sequence[dict], split: str = "test") -> str:
         lines += [
             "",
             "Ensemble minus its best member (the member with the highest val malignant "
-            "AUC), test malignant AUC, paired patient bootstrap per seed:",
+            "AUC), test malignant AUC, per seed: paired patient bootstrap, and DeLong's test "
+            "(breasts as independent samples):",
             "",
         ]
         for row in compared:
-            parts = [
-                f"seed {c['seed']} vs {c['member']}: {c['difference']:+.3f} "
-                f"(95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, p={c['p_value']:.3g})"
-                for c in row["vs_best"]["per_seed"]
-            ]
+            parts = [f"seed {c['seed']} {format_vs_best(c)}" for c in row["vs_best"]["per_seed"]]
             lines.append(
                 f"- {row['image']}: mean {row['vs_best']['mean']:+.3f}; " + "; ".join(parts)
             )

@@ -184,6 +184,19 @@ def test_table1_and_data_fraction_reports(tmp_path):
     assert metrics.format_auc(m["malignant"]) in t0 and metrics.format_auc(m["benign"]) in t0
     assert next(l for l in lines if l.startswith("| t1 - t0")).count("not run") == 2
     assert (tmp_path / "table1.csv").is_file()
+    # An ensemble row with its comparison to the best member: bootstrap and DeLong p.
+    pred = predictions_io.Predictions(tuple(exams), tuple(pids), labels, members["good_a"])
+    evaluate.write_report(str(eval_root / "mean_sub" / "test"), pred, evaluate.summarize(pred, 20))
+    best = {"member": "t2sub", "difference": 0.021, "ci_low": -0.004, "ci_high": 0.05}
+    best.update(p_value=0.11, delong={"p_value": 0.0734, "z": 1.79})
+    (eval_root / "mean_sub" / "ensemble.json").write_text(json.dumps({"test_vs_best_member": best}))
+    text = experiments.run(
+        experiments.ExperimentsConfig(
+            report="table1", eval_root=str(eval_root), output_dir=str(tmp_path)
+        )
+    )
+    line = next(l for l in text.splitlines() if l.startswith("- Mean of"))
+    assert "vs t2sub: +0.021 (95% CI -0.004 to +0.050, bootstrap p=0.11, DeLong p=0.0734)" in line
     text = experiments.run(
         experiments.ExperimentsConfig(
             report="data_fraction", eval_root=str(eval_root), output_dir=str(tmp_path)
@@ -290,6 +303,12 @@ def test_ensemble_compares_with_its_best_member_chosen_on_val(tmp_path):
     )
     saved = json.load(open(tmp_path / "m" / "ensemble.json"))
     assert saved["test_vs_best_member"]["member"] == "good_a"
+    # DeLong's test of the same difference rides along with the bootstrap.
+    assert best["delong"]["difference"] == pytest.approx(best["difference"])
+    assert 0 <= best["delong"]["p_value"] <= 1 and best["delong"]["se"] > 0
+    assert saved["test_vs_best_member"]["delong"]["p_value"] == pytest.approx(
+        best["delong"]["p_value"]
+    )
 
 
 def _write_seeded_eval(root, key, seed, probs_scale, split="test", exams_seed=2):
@@ -340,6 +359,7 @@ def test_table1_over_seeds_reports_mean_sd_lowest_seed_and_the_paper(tmp_path):
                         "ci_high": 0.03,
                         "p_value": 0.5,
                         "seed": 0,
+                        **({"delong": {"p_value": 0.25}} if seed == 1 else {}),
                     }
                 },
                 f,
@@ -351,6 +371,7 @@ def test_table1_over_seeds_reports_mean_sd_lowest_seed_and_the_paper(tmp_path):
     assert "mean +0.020" in line
     for seed in (0, 1, 2):
         assert f"seed {seed} vs t2sub: +0.0{seed + 1}0" in line
+    assert "bootstrap p=0.5, DeLong p=0.25)" in line  # seed 1; older files carry no DeLong
 
     # Figure 2 over seeds: mean +- sd per point, error-bar plot.
     for pct, scale in (("10", 0.3), ("100", 2.0)):
