@@ -13,6 +13,8 @@ subtraction models; ``caruana_all``: Caruana selection over all seven), and writ
 with its 95% CI). ``data_fraction`` reads ``EVAL_ROOT/frac_<percent>/<split>/metrics.json`` and
 draws ``data_fraction.png`` (AUC against the percentage of training patients, log x axis, CI
 band; with seeds: the mean over seeds with +-1 sd error bars) and ``data_fraction.csv``.
+Every report also writes ``report.html`` beside its files: the same tables and the figure in
+one self-contained page (`mri_keras.report`).
 ``seeds`` reads ``EVAL_ROOT/seed_<S>/{val,test}/metrics.json`` (``scripts/seeds.sh``) and
 reports each seed, the mean +- sd and the lowest seed.
 
@@ -594,13 +596,30 @@ def write_data_fraction(config: ExperimentsConfig) -> str:
     return text
 
 
+REPORT_TITLES = {
+    "table1": "Table 1: breast-level AUC by input image",
+    "data_fraction": "AUC vs training-set size",
+    "seeds": "AUC per training seed",
+}
+
+
 def run(config: ExperimentsConfig) -> str:
-    """Builds the report; returns its text."""
+    """Builds the report (and ``report.html`` beside it: `mri_keras.report`); returns its text."""
+    from mri_keras import report
+
     if config.report == "table1":
-        return write_table1(config)
-    if config.report == "seeds":
-        return write_seeds(config)
-    return write_data_fraction(config)
+        text = write_table1(config)
+    elif config.report == "seeds":
+        text = write_seeds(config)
+    else:
+        text = write_data_fraction(config)
+    title = REPORT_TITLES[config.report] + (f" - {config.title}" if config.title else "")
+    figure = os.path.join(config.output_dir, "data_fraction.png")
+    figures = [(REPORT_TITLES["data_fraction"], figure)] if config.report == "data_fraction" else []
+    report.write_experiment_report(
+        config.output_dir, title, [(f"{config.split} split", text)], figures
+    )
+    return text
 
 
 def define_flags():

@@ -197,6 +197,8 @@ def test_table1_and_data_fraction_reports(tmp_path):
     )
     line = next(l for l in text.splitlines() if l.startswith("- Mean of"))
     assert "vs t2sub: +0.021 (95% CI -0.004 to +0.050, bootstrap p=0.11, DeLong p=0.0734)" in line
+    page = (tmp_path / "report.html").read_text()
+    assert "<th>Malignant AUC</th>" in page and "DeLong p=0.0734" in page
     text = experiments.run(
         experiments.ExperimentsConfig(
             report="data_fraction", eval_root=str(eval_root), output_dir=str(tmp_path)
@@ -204,6 +206,9 @@ def test_table1_and_data_fraction_reports(tmp_path):
     )
     assert [l.split("|")[1].strip() for l in text.splitlines()[2:]] == ["1%", "10%", "100%"]
     assert os.path.getsize(tmp_path / "data_fraction.png") > 1000
+    page = (tmp_path / "report.html").read_text()  # beside the files, figure embedded
+    assert "AUC vs training-set size" in page and "<td>10%</td>" in page
+    assert page.count('<img src="data:image/png;base64,') == 1
     with pytest.raises(FileNotFoundError, match="table1.sh"):
         experiments.run(
             experiments.ExperimentsConfig(
