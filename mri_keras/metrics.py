@@ -210,6 +210,46 @@ class _WeightedAuc:
         return float(np.sum(pos * (neg_below + 0.5 * neg)) / (total_pos * total_neg))
 
 
+class WeightedRoc:
+    """Empirical ROC curve of fixed (y_true, y_score) under varying sample weights.
+
+    Scores are sorted once; each call is O(n), which is what lets the bootstrap of operating
+    points and partial AUCs afford thousands of resamples (``sklearn.metrics.roc_curve``
+    re-validates and re-sorts on every call: ~20x slower here, measured). With unit weights
+    the curve equals ``roc_curve(y, s, drop_intermediate=False)``; with integer weights, that
+    of the repeated samples (a threshold whose samples all have weight 0 repeats the previous
+    point, which changes no maximum, minimum or area).
+    """
+
+    def __init__(self, y_true, y_score):
+        y = np.asarray(y_true).astype(np.int64).reshape(-1)
+        s = np.asarray(y_score, dtype=np.float64).reshape(-1)
+        if y.shape != s.shape:
+            raise ValueError(f"y_true and y_score differ in length: {y.shape} vs {s.shape}")
+        if np.any((y != 0) & (y != 1)):
+            raise ValueError("y_true must be 0/1.")
+        if not np.all(np.isfinite(s)):
+            raise ValueError("y_score holds NaN or infinite values.")
+        unique, inverse = np.unique(s, return_inverse=True)  # ascending
+        self._pos = y.astype(np.float64)
+        self._index = (unique.size - 1) - inverse.reshape(-1)  # rank from the highest score
+        self._size = unique.size
+        # Threshold k calls positive every score >= it; the first calls nothing positive.
+        self.thresholds = np.concatenate([[np.inf], unique[::-1]])
+
+    def __call__(self, weights=None):
+        """``(fpr, tpr)`` arrays aligned with ``self.thresholds``; None when the (weighted)
+        sample lacks positives or negatives."""
+        w = np.ones_like(self._pos) if weights is None else np.asarray(weights, np.float64)
+        pos = np.bincount(self._index, weights=w * self._pos, minlength=self._size)
+        neg = np.bincount(self._index, weights=w * (1.0 - self._pos), minlength=self._size)
+        tps = np.concatenate([[0.0], np.cumsum(pos)])
+        fps = np.concatenate([[0.0], np.cumsum(neg)])
+        if tps[-1] <= 0 or fps[-1] <= 0:
+            return None
+        return fps / fps[-1], tps / tps[-1]
+
+
 def weighted_auc(y_true, y_score, weights=None) -> float:
     """ROC AUC with optional per-sample weights (integer weights = repeated samples).
 
@@ -485,10 +525,28 @@ def paired_auc_difference(
 DEFAULT_MAX_FPR = 0.2  # specificity >= 0.8
 
 
+def _partial_area(fpr, tpr, max_fpr: float) -> dict:
+    """Standardised and raw partial area of a ROC curve (see `partial_auc`)."""
+    stop = int(np.searchsorted(fpr, max_fpr, "right"))
+    if stop < len(fpr):
+        # Cut at max_fpr by linear interpolation, as scikit-learn does.
+        cut = np.interp(max_fpr, fpr[stop - 1 : stop + 1], tpr[stop - 1 : stop + 1])
+        fpr, tpr = np.append(fpr[:stop], max_fpr), np.append(tpr[:stop], cut)
+    raw = float(np.trapezoid(tpr, fpr))
+    min_area, max_area = 0.5 * max_fpr**2, max_fpr
+    return {
+        "standardized": float(0.5 * (1 + (raw - min_area) / (max_area - min_area))),
+        "raw": raw,
+    }
+
+
+def _check_max_fpr(max_fpr: float) -> None:
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr must be in (0, 1]. Received: max_fpr={max_fpr}")
+
+
 def partial_auc(y_true, y_score, max_fpr: float = DEFAULT_MAX_FPR, sample_weight=None) -> dict:
     """Partial area under the ROC curve for false-positive rates in ``[0, max_fpr]``.
-
-    The curve is cut at ``max_fpr`` by linear interpolation, as scikit-learn does.
 
     Args:
       y_true: array-like (n,) of 0/1.
@@ -502,27 +560,11 @@ def partial_auc(y_true, y_score, max_fpr: float = DEFAULT_MAX_FPR, sample_weight
       for a perfect one, equal to ``sklearn.metrics.roc_auc_score(..., max_fpr=max_fpr)``;
       ``raw``: the unstandardised area, in ``[0, max_fpr]``. NaN with one class only.
     """
-    from sklearn import metrics as sk
-
-    if not 0.0 < max_fpr <= 1.0:
-        raise ValueError(f"max_fpr must be in (0, 1]. Received: max_fpr={max_fpr}")
-    y = np.asarray(y_true)
-    w = None if sample_weight is None else np.asarray(sample_weight, np.float64)
-    pos = np.sum(y if w is None else w * y)
-    neg = np.sum((1 - y) if w is None else w * (1 - y))
-    if pos <= 0 or neg <= 0:
+    _check_max_fpr(max_fpr)
+    curve = WeightedRoc(y_true, y_score)(sample_weight)
+    if curve is None:
         return {"standardized": float("nan"), "raw": float("nan")}
-    fpr, tpr, _ = sk.roc_curve(y, y_score, sample_weight=w, drop_intermediate=False)
-    stop = int(np.searchsorted(fpr, max_fpr, "right"))
-    if stop < len(fpr):
-        cut = np.interp(max_fpr, fpr[stop - 1 : stop + 1], tpr[stop - 1 : stop + 1])
-        fpr, tpr = np.append(fpr[:stop], max_fpr), np.append(tpr[:stop], cut)
-    raw = float(sk.auc(fpr, tpr))
-    min_area, max_area = 0.5 * max_fpr**2, max_fpr
-    return {
-        "standardized": float(0.5 * (1 + (raw - min_area) / (max_area - min_area))),
-        "raw": raw,
-    }
+    return _partial_area(*curve, max_fpr)
 
 
 def partial_auc_with_ci(
@@ -546,13 +588,19 @@ def partial_auc_with_ci(
       ci_high}``, plus ``max_fpr``, ``min_specificity``, ``standardization`` ("McClish"),
       ``n_valid_resamples``, ``confidence``.
     """
+    _check_max_fpr(max_fpr)
     y, s, exam_of_sample = level_arrays(labels, probs, task, "breast")
     patient_ids = check_patient_ids(labels, patient_ids)
-    point = partial_auc(y, s, max_fpr)
+    roc = WeightedRoc(y, s)
 
-    def statistic(w):
-        r = partial_auc(y, s, max_fpr, sample_weight=w)
+    def statistic(w=None):
+        curve = roc(w)
+        if curve is None:
+            return [float("nan"), float("nan")]
+        r = _partial_area(*curve, max_fpr)
         return [r["standardized"], r["raw"]]
+
+    point = dict(zip(("standardized", "raw"), statistic()))
 
     values = bootstrap_distribution(statistic, patient_ids, exam_of_sample, n_bootstrap, seed)
     low, high = percentile_interval(values, confidence)

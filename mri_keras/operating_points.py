@@ -76,32 +76,31 @@ def parse_operating_point(text: str) -> OperatingPoint:
 
 
 def _roc(y, s, sample_weight=None):
-    from sklearn import metrics as sk
+    """``(fpr, tpr, thresholds)`` with every threshold kept (a chosen threshold must be a real
+    cut between two scores), or None with one class only."""
+    roc = metrics_lib.WeightedRoc(y, s)
+    curve = roc(sample_weight)
+    return None if curve is None else (*curve, roc.thresholds)
 
-    # Every threshold kept: the chosen one must be a real cut between two scores.
-    return sk.roc_curve(y, s, sample_weight=sample_weight, drop_intermediate=False)
+
+def _sensitivity_at(fpr, tpr, specificity: float) -> float:
+    return float(tpr[fpr <= 1.0 - specificity + _EPS].max())
 
 
-def _both_classes(y, sample_weight=None) -> bool:
-    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
-    y = np.asarray(y)
-    return np.sum(w * y) > 0 and np.sum(w * (1 - y)) > 0
+def _specificity_at(fpr, tpr, sensitivity: float) -> float:
+    return float(1.0 - fpr[tpr >= sensitivity - _EPS].min())
 
 
 def sensitivity_at_specificity(y_true, y_score, specificity: float, sample_weight=None) -> float:
     """Highest sensitivity of any threshold whose specificity is >= ``specificity``."""
-    if not _both_classes(y_true, sample_weight):
-        return float("nan")
-    fpr, tpr, _ = _roc(y_true, y_score, sample_weight)
-    return float(tpr[fpr <= 1.0 - specificity + _EPS].max())
+    curve = _roc(y_true, y_score, sample_weight)
+    return float("nan") if curve is None else _sensitivity_at(curve[0], curve[1], specificity)
 
 
 def specificity_at_sensitivity(y_true, y_score, sensitivity: float, sample_weight=None) -> float:
     """Highest specificity of any threshold whose sensitivity is >= ``sensitivity``."""
-    if not _both_classes(y_true, sample_weight):
-        return float("nan")
-    fpr, tpr, _ = _roc(y_true, y_score, sample_weight)
-    return float(1.0 - fpr[tpr >= sensitivity - _EPS].min())
+    curve = _roc(y_true, y_score, sample_weight)
+    return float("nan") if curve is None else _specificity_at(curve[0], curve[1], sensitivity)
 
 
 def _key(value: float) -> str:
@@ -138,12 +137,14 @@ def threshold_free_points(
     y, s, exam_of_sample = metrics_lib.level_arrays(labels, probs, task, "breast")
     patient_ids = metrics_lib.check_patient_ids(labels, patient_ids)
 
+    roc = metrics_lib.WeightedRoc(y, s)
+
     def statistic(w=None):
-        if not _both_classes(y, w):
+        curve = roc(w)
+        if curve is None:
             return [float("nan")] * (len(specificities) + len(sensitivities))
-        fpr, tpr, _ = _roc(y, s, w)
-        out = [tpr[fpr <= 1.0 - sp + _EPS].max() for sp in specificities]
-        return out + [1.0 - fpr[tpr >= se - _EPS].min() for se in sensitivities]
+        out = [_sensitivity_at(*curve, sp) for sp in specificities]
+        return out + [_specificity_at(*curve, se) for se in sensitivities]
 
     point = statistic()
     values = metrics_lib.bootstrap_distribution(
@@ -183,12 +184,13 @@ def choose_threshold(y_true, y_score, operating_point: OperatingPoint) -> float:
     """
     y = np.asarray(y_true)
     s = np.asarray(y_score, np.float64)
-    if not _both_classes(y):
+    curve = _roc(y, s)
+    if curve is None:
         raise ValueError(
             f"cannot choose a threshold at {operating_point}: the samples hold "
             f"{int(y.sum())} positive(s) and {int(y.size - y.sum())} negative(s)"
         )
-    fpr, tpr, thresholds = _roc(y, s)
+    fpr, tpr, thresholds = curve
     if operating_point.metric == "sensitivity":
         index = int(np.argmax(tpr >= operating_point.target - _EPS))
     else:

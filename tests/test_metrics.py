@@ -260,3 +260,22 @@ def test_partial_auc_is_sklearns_mcclish_and_the_raw_area():
     assert 0 <= r["raw"]["ci_low"] < r["raw"]["value"] < r["raw"]["ci_high"] <= 0.2
     assert r["standardization"] == "McClish" and r["min_specificity"] == pytest.approx(0.8)
     assert np.isnan(metrics.partial_auc([1, 1], [0.3, 0.4])["raw"])
+
+
+def test_weighted_roc_is_sklearns_curve_and_weights_are_repeats():
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 2, size=300)
+    s = np.round(rng.random(300), 2)  # ties
+    roc = metrics.WeightedRoc(y, s)
+    fpr, tpr = roc()
+    ref_fpr, ref_tpr, ref_thr = sk_metrics.roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr)
+    np.testing.assert_allclose(tpr, ref_tpr)
+    np.testing.assert_array_equal(roc.thresholds, ref_thr)
+    w = rng.integers(0, 3, size=300)
+    idx = np.repeat(np.arange(300), w)
+    rep_fpr, rep_tpr, _ = sk_metrics.roc_curve(y[idx], s[idx], drop_intermediate=False)
+    got = np.unique(np.round(np.stack(roc(w), 1), 12), axis=0)
+    want = np.unique(np.round(np.stack([rep_fpr, rep_tpr], 1), 12), axis=0)
+    np.testing.assert_allclose(got, want)
+    assert roc(y == 0) is None  # only negatives left
