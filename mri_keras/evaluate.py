@@ -7,6 +7,12 @@ Writes to ``--output_dir``:
   every exam scored independently, in one AUC) with percentile bootstrap confidence intervals
   that resample patients, exam-level AUCs, and counts.
 - ``roc.png``: breast-level ROC curves of both tasks, CIs in the legend.
+- In ``metrics.json`` besides: breast-level partial AUC at specificity >= 0.8, sensitivity at
+  specificity 0.80/0.90/0.95 and specificity at sensitivity 0.95 (`mri_keras.operating_points`),
+  ECE and Brier score (`mri_keras.calibration`), where the decision curve beats treat-all and
+  treat-none (`mri_keras.decision_curve`); all with patient-bootstrap CIs where they have one.
+- ``reliability.png``, ``decision_curve.png`` / ``decision_curve.csv`` and ``report.html``
+  (everything on one self-contained page, `mri_keras.report`).
 
 Usage::
 
@@ -14,7 +20,11 @@ Usage::
         --output_dir=OUT [--n_bootstrap=2000] [--seed=0] [--tta=flip]
 
 ``--split=val,test`` evaluates several splits with one loaded model, into ``OUT/val`` and
-``OUT/test``.
+``OUT/test``; then a threshold is chosen on val at ``--operating_point`` (default
+``sensitivity:0.95``) and applied unchanged to test (``validation_threshold`` in metrics.json).
+``--calibrate`` (needs val among the splits) fits one temperature per task on val, writes
+``calibration.json`` beside ``best.keras`` and reports the calibrated figures next to the
+uncalibrated ones (``calibrated`` in metrics.json, ``reliability_calibrated.png``).
 
 ``--tta=flip`` scores every exam also mirrored left-right and averages (`mri_keras.tta`; the
 demo recipe's choice); ``metrics.json`` records the mode under ``"tta"``.
@@ -36,12 +46,14 @@ import time
 
 import numpy as np
 
-from mri_keras import constants, predictions_io
+from mri_keras import calibration as calibration_lib
+from mri_keras import constants, decision_curve, operating_points, predictions_io
 from mri_keras import metrics as metrics_lib
 from tfrecords_tools import fileio, schema
 
 METRICS_FILENAME = "metrics.json"
 ROC_FILENAME = "roc.png"
+RELIABILITY_CALIBRATED_FILENAME = "reliability_calibrated.png"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +71,13 @@ class EvalConfig:
       model_format: str. "auto" (export if present, else best.keras), "export" or "keras".
       name: Optional[str]. Label of the model in metrics.json and the plot. Defaults to the
         model directory's name.
+      operating_point: str. ``sensitivity:X`` or ``specificity:X``: the target at which a
+        threshold is chosen on val and applied to the other splits. Defaults to
+        ``sensitivity:0.95``.
+      calibrate: bool. Fit temperature scaling on val (see `evaluate_splits`). Defaults to
+        False.
+      calibration_bins: int. Equal-width bins of the ECE and reliability diagram. Defaults
+        to 10.
       tta: str. Test-time augmentation, "none" or "flip" (`mri_keras.tta`). Defaults to
         "none".
     """
@@ -72,6 +91,9 @@ class EvalConfig:
     confidence: float = metrics_lib.DEFAULT_CONFIDENCE
     model_format: str = "auto"
     name: str | None = None
+    operating_point: str = operating_points.DEFAULT_OPERATING_POINT
+    calibrate: bool = False
+    calibration_bins: int = calibration_lib.DEFAULT_BINS
     tta: str = "none"
 
     def __post_init__(self):
@@ -83,6 +105,9 @@ class EvalConfig:
             raise ValueError(f"split must be train, val or test. Received: split={self.split!r}")
         if self.n_bootstrap < 1:
             raise ValueError(f"n_bootstrap must be >= 1. Received: {self.n_bootstrap}")
+        operating_points.parse_operating_point(self.operating_point)
+        if self.calibration_bins < 1:
+            raise ValueError(f"calibration_bins must be >= 1. Received: {self.calibration_bins}")
 
 
 def summarize(
@@ -90,12 +115,18 @@ def summarize(
     n_bootstrap: int = metrics_lib.DEFAULT_N_BOOTSTRAP,
     seed: int = 0,
     confidence: float = metrics_lib.DEFAULT_CONFIDENCE,
+    calibration_bins: int = calibration_lib.DEFAULT_BINS,
 ) -> dict:
-    """AUCs with patient-bootstrap CIs and counts for one set of predictions.
+    """AUCs with patient-bootstrap CIs, counts and the clinical figures of one prediction set.
 
     Returns:
       dict with ``breast_level`` and ``exam_level`` (each ``{task: metrics.auc_with_ci(...)}``),
-      ``counts`` and ``bootstrap`` (settings). Breast and exam level use the same resamples.
+      ``counts``, ``bootstrap`` (settings), and, per task, breast level: ``partial_auc``
+      (`metrics.partial_auc_with_ci`), ``operating_points``
+      (`operating_points.threshold_free_points`); ``calibration``
+      (`calibration.calibration_summary`) and ``decision_curve`` (malignant: prevalence and the
+      threshold ranges where the model beats treat-all and treat-none). Every CI uses the same
+      resamples (one seed).
     """
     labels, probs, pids = predictions.labels, predictions.probs, predictions.patient_ids
     out = {"breast_level": {}, "exam_level": {}}
@@ -129,7 +160,32 @@ def summarize(
         "resample_unit": "patient",
         "method": "percentile",
     }
+    kwargs = dict(n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
+    out["partial_auc"] = {
+        task: metrics_lib.partial_auc_with_ci(labels, probs, pids, task, **kwargs)
+        for task in ("malignant", "benign")
+    }
+    out["operating_points"] = {
+        task: operating_points.threshold_free_points(labels, probs, pids, task, **kwargs)
+        for task in ("malignant", "benign")
+    }
+    out.update(_probability_figures(labels, probs, calibration_bins))
     return out
+
+
+def _probability_figures(labels, probs, calibration_bins: int) -> dict:
+    """The figures that depend on the probabilities' values, not only their ranking."""
+    curve = decision_curve.decision_curve(labels, probs, "malignant")
+    return {
+        "calibration": calibration_lib.calibration_summary(labels, probs, calibration_bins),
+        "decision_curve": {
+            "task": "malignant",
+            "level": "breast",
+            "prevalence": curve["prevalence"],
+            "useful_range": decision_curve.useful_range(curve),
+            "file": decision_curve.CSV_FILENAME,
+        },
+    }
 
 
 def plot_roc(predictions: predictions_io.Predictions, summary: dict, path: str, title: str = ""):
@@ -192,18 +248,59 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def write_report(
-    output_dir: str, predictions: predictions_io.Predictions, summary: dict, title: str = ""
+    output_dir: str,
+    predictions: predictions_io.Predictions,
+    summary: dict,
+    title: str = "",
+    *,
+    calibrated_probs=None,
 ) -> dict:
-    """Writes predictions.csv, metrics.json and roc.png; returns the paths."""
+    """Writes predictions.csv, metrics.json, roc.png, reliability.png, decision_curve.csv/.png
+    and report.html; returns the paths.
+
+    Args:
+      output_dir: str. Created if missing.
+      predictions: the (uncalibrated) predictions.
+      summary: dict for metrics.json (from `summarize`, plus run details).
+      title: str. Figure title prefix.
+      calibrated_probs: optional (N, 4) calibrated probabilities: adds
+        ``reliability_calibrated.png``.
+    """
+    from mri_keras import report
+
     os.makedirs(output_dir, exist_ok=True)
     paths = {
         "predictions": os.path.join(output_dir, predictions_io.FILENAME),
         "metrics": os.path.join(output_dir, METRICS_FILENAME),
         "roc": os.path.join(output_dir, ROC_FILENAME),
+        "reliability": os.path.join(output_dir, calibration_lib.RELIABILITY_FILENAME),
+        "decision_curve": os.path.join(output_dir, decision_curve.PNG_FILENAME),
+        "decision_curve_csv": os.path.join(output_dir, decision_curve.CSV_FILENAME),
     }
     predictions_io.write_predictions(paths["predictions"], predictions)
     fileio.atomic_write_text(paths["metrics"], json.dumps(json_safe(summary), indent=2) + "\n")
     plot_roc(predictions, summary, paths["roc"], title=title)
+    bins = (
+        summary.get("calibration", {}).get("bins", {}).get("n_bins", calibration_lib.DEFAULT_BINS)
+    )
+    calibration_lib.plot_reliability(
+        predictions.labels, predictions.probs, paths["reliability"], bins, title=title
+    )
+    if calibrated_probs is not None:
+        paths["reliability_calibrated"] = os.path.join(output_dir, RELIABILITY_CALIBRATED_FILENAME)
+        calibration_lib.plot_reliability(
+            predictions.labels,
+            calibrated_probs,
+            paths["reliability_calibrated"],
+            bins,
+            title=f"{title} calibrated" if title else "Breast-level reliability, calibrated",
+        )
+    curve = decision_curve.decision_curve(predictions.labels, predictions.probs, "malignant")
+    fileio.atomic_write_text(paths["decision_curve_csv"], decision_curve.to_csv(curve))
+    decision_curve.plot_decision_curve(
+        curve, paths["decision_curve"], title=f"{title} decision curve" if title else ""
+    )
+    paths["report"] = report.write_evaluation_report(output_dir, json_safe(summary), title or None)
     return paths
 
 
@@ -225,26 +322,105 @@ def read_metrics(path: str) -> dict:
     return data
 
 
-def evaluate(config: EvalConfig, *, predictor=None) -> dict:
-    """Predicts one split and writes the report; returns the metrics dict.
+def _predict(config: EvalConfig, predictor) -> predictions_io.Predictions:
+    from mri_keras import validation
 
-    Args:
-      config: EvalConfig.
-      predictor: optional ``inference.Predictor`` of ``config.model`` already loaded (several
-        splits of one model share it). Defaults to loading it.
-    """
-    from mri_keras import inference, validation
-
-    start = time.time()
-    check_output_dir(config.output_dir)
-    if predictor is None:
-        predictor = inference.load_predictor(config.model, config.model_format)
     predictions = validation.predict_split(
         predictor, config.data_dir, config.split, tta_mode=config.tta
     )
     if not predictions.exam_ids:
         raise ValueError(f"{config.data_dir}: split {config.split!r} holds no exams")
-    summary = summarize(predictions, config.n_bootstrap, config.seed, config.confidence)
+    return predictions
+
+
+def _validation_thresholds(config: EvalConfig, predictions, val_predictions) -> dict:
+    """``{task: operating_points.validation_threshold(...)}`` for this split (or a note)."""
+    if config.split == "val":
+        val_predictions, test_predictions = predictions, None
+    elif val_predictions is not None:
+        test_predictions = predictions
+    else:
+        return {
+            "validation_threshold_note": (
+                "No threshold chosen: that needs the validation split (--split=val,test); "
+                "the operating points above are threshold-free."
+            )
+        }
+    out = {}
+    for task in ("malignant", "benign"):
+        try:
+            out[task] = operating_points.validation_threshold(
+                val_predictions,
+                test_predictions,
+                config.operating_point,
+                task,
+                n_bootstrap=config.n_bootstrap,
+                seed=config.seed,
+                confidence=config.confidence,
+            )
+        except ValueError as e:  # e.g. no benign breast in val: the other task still reports
+            out[task] = {"operating_point": config.operating_point, "task": task, "note": str(e)}
+    note = None
+    if config.split == "val":
+        note = "Chosen on this split: its figures here are in-sample; test gets them unchanged."
+    return {"validation_threshold": out, "validation_threshold_note": note}
+
+
+def calibration_path(predictor, model: str) -> str:
+    """Where ``--calibrate`` writes calibration.json: beside best.keras in the model directory
+    (the training run's directory, else the ``.keras`` file's, else the export's parent)."""
+    location = predictor.location
+    directory = location.model_dir or os.path.dirname(
+        location.keras_path or (location.export_dir or os.path.abspath(model)).rstrip("/")
+    )
+    return os.path.join(directory, calibration_lib.FILENAME)
+
+
+def _calibrated(config, predictions, calibration, calibration_file, thresholds) -> tuple:
+    calibrated = calibration_lib.apply_temperature(predictions.probs, calibration)
+    out = {
+        "method": "temperature_scaling",
+        "temperature": dict(calibration.temperature),
+        "fitted_on": dict(calibration.fitted_on),
+        "nll_on_fitting_split": dict(calibration.nll),
+        "file": calibration_file,
+        "in_sample": config.split == calibration.fitted_on.get("split"),
+        **_probability_figures(predictions.labels, calibrated, config.calibration_bins),
+    }
+    chosen = (thresholds or {}).get("validation_threshold") or {}
+    out["validation_threshold"] = {
+        # The same rule on the calibrated scale (calibration is monotone: same calls).
+        task: float(
+            calibration_lib.apply_temperature(
+                np.full(len(constants.LABELS), r["threshold"]), calibration
+            )[constants.LABELS.index(f"left_{task}")]
+        )
+        for task, r in chosen.items()
+        if "threshold" in r
+    }
+    return out, calibrated
+
+
+def _evaluate_split(
+    config: EvalConfig,
+    predictor,
+    predictions,
+    start: float,
+    *,
+    val_predictions=None,
+    calibration=None,
+    calibration_file=None,
+) -> dict:
+    summary = summarize(
+        predictions, config.n_bootstrap, config.seed, config.confidence, config.calibration_bins
+    )
+    thresholds = _validation_thresholds(config, predictions, val_predictions)
+    summary.update(thresholds)
+    calibrated_probs = None
+    if calibration is not None:
+        summary["calibrated"], calibrated_probs = _calibrated(
+            config, predictions, calibration, calibration_file, thresholds
+        )
     name = config.name or os.path.basename(
         (predictor.location.model_dir or predictor.location.export_dir or config.model).rstrip("/")
     )
@@ -260,8 +436,154 @@ def evaluate(config: EvalConfig, *, predictor=None) -> dict:
         **summary,
         "seconds": round(time.time() - start, 2),
     }
-    write_report(config.output_dir, predictions, summary, title=f"{name} ({config.split})")
+    write_report(
+        config.output_dir,
+        predictions,
+        summary,
+        title=f"{name} ({config.split})",
+        calibrated_probs=calibrated_probs,
+    )
     return summary
+
+
+def evaluate(config: EvalConfig, *, predictor=None, val_predictions=None) -> dict:
+    """Predicts one split and writes the report; returns the metrics dict.
+
+    Args:
+      config: EvalConfig. ``config.calibrate`` needs the validation split: use
+        `evaluate_splits`.
+      predictor: optional ``inference.Predictor`` of ``config.model`` already loaded (several
+        splits of one model share it). Defaults to loading it.
+      val_predictions: optional Predictions of the validation split: a threshold is chosen on
+        them at ``config.operating_point`` and applied to this split.
+    """
+    from mri_keras import inference
+
+    if config.calibrate:
+        raise ValueError("calibrate needs the validation split: use evaluate_splits")
+    start = time.time()
+    check_output_dir(config.output_dir)
+    if predictor is None:
+        predictor = inference.load_predictor(config.model, config.model_format)
+    predictions = _predict(config, predictor)
+    return _evaluate_split(config, predictor, predictions, start, val_predictions=val_predictions)
+
+
+def evaluate_splits(configs, *, predictor=None) -> list:
+    """Evaluates several splits of one model, the validation split first.
+
+    With ``val`` among the splits, every other split gets the threshold chosen on val at its
+    config's ``operating_point``. With ``calibrate`` (any config), one temperature per task is
+    fitted on the val predictions, written to ``calibration.json`` beside ``best.keras`` (see
+    `calibration_path`) and every split reports its calibrated figures too (``calibrated`` in
+    metrics.json; in-sample on val).
+
+    Args:
+      configs: sequence of EvalConfig of one model, one per split.
+      predictor: optional loaded ``inference.Predictor``. Defaults to loading it once.
+
+    Returns:
+      list of the metrics dicts, in the order of ``configs``.
+
+    Raises:
+      ValueError: ``calibrate`` without a val split, or a val split of one class.
+    """
+    from mri_keras import inference
+
+    configs = list(configs)
+    if not configs:
+        raise ValueError("evaluate_splits needs at least one split")
+    for config in configs:
+        check_output_dir(config.output_dir)
+    val_configs = [c for c in configs if c.split == "val"]
+    calibrate = any(c.calibrate for c in configs)
+    if calibrate and not val_configs:
+        raise ValueError(
+            "--calibrate fits the temperatures on the validation split: add it, "
+            "e.g. --split=val,test"
+        )
+    if predictor is None:
+        predictor = inference.load_predictor(configs[0].model, configs[0].model_format)
+    order = sorted(range(len(configs)), key=lambda i: configs[i].split != "val")
+    summaries = [None] * len(configs)
+    val_predictions = calibration = calibration_file = None
+    for i in order:
+        config, start = configs[i], time.time()
+        predictions = _predict(config, predictor)
+        if config.split == "val":
+            val_predictions = predictions
+            if calibrate:
+                calibration = calibration_lib.fit_temperature(
+                    predictions.labels, predictions.probs, split="val"
+                )
+                calibration_file = calibration_lib.save_calibration(
+                    calibration_path(predictor, config.model), calibration
+                )
+        summaries[i] = _evaluate_split(
+            config,
+            predictor,
+            predictions,
+            start,
+            val_predictions=val_predictions if config.split != "val" else None,
+            calibration=calibration,
+            calibration_file=calibration_file,
+        )
+    return summaries
+
+
+def format_summary(summary: dict) -> list:
+    """The lines ``main`` prints for one split: AUCs, partial AUC, operating points, the
+    validation threshold, calibration (and calibrated), decision curve."""
+    tta = summary.get("tta", "none")
+    tta_note = "" if tta == "none" else f" (tta={tta})"
+    who = f"{summary.get('name', '')} {summary.get('split', '')}".strip() + tta_note
+    lines = []
+    for task in ("malignant", "benign"):
+        lines.append(
+            f"{who} breast-level {task} AUC: "
+            f"{metrics_lib.format_auc(summary['breast_level'][task])}"
+        )
+    exam_auc = metrics_lib.format_auc(summary["exam_level"]["malignant"])
+    lines.append(f"{who} exam-level malignant AUC: {exam_auc}")
+    for task, r in (summary.get("partial_auc") or {}).items():
+        std, raw = r["standardized"], r["raw"]
+        lines.append(
+            f"{who} breast-level {task} partial AUC (specificity >= {r['min_specificity']:.2f}): "
+            f"{operating_points.format_rate(std['value'], std)} McClish-standardised, "
+            f"raw area {operating_points.format_rate(raw['value'], raw, digits=4)}"
+        )
+    for task, r in (summary.get("operating_points") or {}).items():
+        lines += [f"{who} {line}" for line in operating_points.format_threshold_free(r, task)]
+    for r in (summary.get("validation_threshold") or {}).values():
+        if "threshold" in r:
+            lines += [f"{who} {line}" for line in operating_points.format_validation_threshold(r)]
+        else:
+            lines.append(f"{who} {r['task']} threshold at {r['operating_point']}: {r['note']}")
+    if summary.get("validation_threshold_note"):
+        lines.append(f"{who} note: {summary['validation_threshold_note']}")
+    calib = summary.get("calibration") or {}
+    after = (summary.get("calibrated") or {}).get("calibration") or {}
+    for task in ("malignant", "benign"):
+        if task in calib:
+            text = (
+                f"{who} {task} calibration: ECE {calib[task]['ece']:.3f} "
+                f"({calib['bins']['n_bins']} equal-width bins), Brier {calib[task]['brier']:.4f}"
+            )
+            if task in after:
+                t = summary["calibrated"]["temperature"][task]
+                text += (
+                    f"; calibrated (T = {t:.3f}): ECE {after[task]['ece']:.3f}, "
+                    f"Brier {after[task]['brier']:.4f}"
+                )
+            lines.append(text)
+    dc = summary.get("decision_curve")
+    if dc:
+        runs = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in dc["useful_range"]) or "none"
+        lines.append(
+            f"{who} decision curve (malignant): net benefit above treat-all and treat-none at "
+            f"threshold probabilities {runs}"
+        )
+    return lines
 
 
 def define_flags():
@@ -304,6 +626,21 @@ def define_flags():
         "Test-time augmentation: flip scores each exam also mirrored left-right (sides "
         "swapped back) and averages the two.",
     )
+    flags.DEFINE_string(
+        "operating_point",
+        operating_points.DEFAULT_OPERATING_POINT,
+        "sensitivity:X or specificity:X: the target at which a breast-level threshold is "
+        "chosen on val and applied unchanged to the other splits (needs --split=val,...).",
+    )
+    flags.DEFINE_boolean(
+        "calibrate",
+        False,
+        "Fit temperature scaling on the val predictions (needs val in --split), write "
+        "calibration.json beside best.keras, report calibrated figures too.",
+    )
+    flags.DEFINE_integer(
+        "calibration_bins", calibration_lib.DEFAULT_BINS, "Equal-width bins of the ECE."
+    )
     flags.mark_flags_as_required(["model", "data_dir", "output_dir"])
 
 
@@ -333,24 +670,27 @@ def main(argv):
                 confidence=f.confidence,
                 model_format=f.model_format,
                 name=f.name,
+                operating_point=f.operating_point,
+                calibrate=f.calibrate,
+                calibration_bins=f.calibration_bins,
                 tta=f.tta,
             )
             for s in splits
         ]
-        predictor = inference.load_predictor(f.model, f.model_format)
-        for config in configs:
-            summary = evaluate(config, predictor=predictor)
-            tta_note = "" if config.tta == "none" else f" (tta={config.tta})"
-            for task in ("malignant", "benign"):
-                print(
-                    f"{summary['name']} {config.split}{tta_note} breast-level {task} AUC: "
-                    f"{metrics_lib.format_auc(summary['breast_level'][task])}"
-                )
-            exam_auc = metrics_lib.format_auc(summary["exam_level"]["malignant"])
-            print(
-                f"{summary['name']} {config.split}{tta_note} exam-level malignant AUC: {exam_auc}"
+        if f.calibrate and "val" not in splits:
+            raise ValueError(
+                "--calibrate fits the temperatures on the validation split: add it, "
+                "e.g. --split=val,test"
             )
-            print(f"wrote {config.output_dir}")
+        predictor = inference.load_predictor(f.model, f.model_format)
+        summaries = evaluate_splits(configs, predictor=predictor)
+        for config, summary in zip(configs, summaries):
+            print("\n".join(format_summary(summary)))
+            calibrated = summary.get("calibrated")
+            if calibrated and config.split == "val":
+                print(f"wrote {calibrated['file']}")
+            page = os.path.join(config.output_dir, "report.html")
+            print(f"wrote {config.output_dir} (one-page report: {page})")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"mri_keras.evaluate: error: {e}")
 

@@ -1,6 +1,7 @@
 """mri_keras.evaluate: predictions.csv / metrics.json / roc.png from records and a model."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -185,3 +186,133 @@ def test_cli(setup, tmp_path):
         cmd + ["--split=val,tset"], capture_output=True, text=True, env=env, timeout=300
     )
     assert typo.returncode != 0 and "split must be" in typo.stderr
+
+
+def test_val_threshold_on_test_calibration_and_clinical_outputs(setup, tmp_path):
+    import shutil
+
+    from mri_keras import calibration, operating_points
+
+    model_dir = str(tmp_path / "run")  # a copy: --calibrate writes calibration.json into it
+    shutil.copytree(setup["model_dir"], model_dir)
+    configs = [
+        evaluate.EvalConfig(
+            model=model_dir,
+            data_dir=setup["records"],
+            split=split,
+            output_dir=str(tmp_path / split),
+            n_bootstrap=50,
+            operating_point="sensitivity:0.5",
+            calibrate=True,
+        )
+        for split in ("test", "val")  # val is evaluated first whatever the order
+    ]
+    test, val = evaluate.evaluate_splits(configs)
+    assert (test["split"], val["split"]) == ("test", "val")
+    # calibration.json beside best.keras, fitted on val.
+    calib = calibration.load_calibration(os.path.join(model_dir, "calibration.json"))
+    assert calib.fitted_on == {"split": "val", "n_breasts": 12, "n_exams": 6}
+    assert test["calibrated"]["temperature"] == pytest.approx(calib.temperature)
+    assert test["calibrated"]["in_sample"] is False and val["calibrated"]["in_sample"] is True
+    # The threshold chosen on val is the one applied to test, unchanged.
+    val_pred = predictions_io.read_predictions(str(tmp_path / "val"))
+    test_pred = predictions_io.read_predictions(str(tmp_path / "test"))
+    y_val, s_val = metrics.breast_level_arrays(val_pred.labels, val_pred.probs, "malignant")
+    threshold = operating_points.choose_threshold(
+        y_val, s_val, operating_points.OperatingPoint("sensitivity", 0.5)
+    )
+    chosen = test["validation_threshold"]["malignant"]
+    assert chosen["threshold"] == pytest.approx(threshold, abs=1e-8)  # CSV keeps 9 digits
+    assert val["validation_threshold"]["malignant"]["threshold"] == chosen["threshold"]
+    assert chosen["val"]["sensitivity"] >= 0.5
+    y, s = metrics.breast_level_arrays(test_pred.labels, test_pred.probs, "malignant")
+    assert chosen["test"]["tp"] == int(((s >= threshold) & (y == 1)).sum())
+    assert chosen["test"]["fp"] == int(((s >= threshold) & (y == 0)).sum())
+    # Calibrated figures are those of the calibrated probabilities.
+    calibrated = calibration.apply_temperature(test_pred.probs, calib)
+    expected = calibration.calibration_summary(test_pred.labels, calibrated)
+    assert test["calibrated"]["calibration"]["malignant"]["ece"] == pytest.approx(
+        expected["malignant"]["ece"]
+    )
+    # Clinical figures in metrics.json next to the old keys (backward compatible).
+    saved = json.load(open(tmp_path / "test" / "metrics.json"))
+    for key in ("breast_level", "exam_level", "counts", "bootstrap", "partial_auc"):
+        assert key in saved
+    assert set(saved["operating_points"]["malignant"]["sensitivity_at_specificity"]) == {
+        "0.80",
+        "0.90",
+        "0.95",
+    }
+    assert saved["calibration"]["bins"]["n_bins"] == 10
+    for name in (
+        "reliability.png",
+        "reliability_calibrated.png",
+        "decision_curve.png",
+        "decision_curve.csv",
+    ):
+        assert os.path.getsize(tmp_path / "test" / name) > 500, name
+    page = (tmp_path / "test" / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 4
+    assert not any(e["exam_id"] in page for e in setup["exams"]["test"])
+    # Only test: threshold-free figures, and the reason for no threshold.
+    only = evaluate.evaluate(
+        evaluate.EvalConfig(
+            model=model_dir,
+            data_dir=setup["records"],
+            output_dir=str(tmp_path / "only"),
+            n_bootstrap=20,
+        )
+    )
+    assert (
+        "validation_threshold" not in only
+        and "--split=val,test" in (only["validation_threshold_note"])
+    )
+    with pytest.raises(ValueError, match="validation split"):
+        evaluate.evaluate_splits([dataclasses.replace(configs[0], output_dir=str(tmp_path / "x"))])
+
+
+def test_cli_prints_the_clinical_figures(setup, tmp_path):
+    import shutil
+
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(setup["model_dir"], model_dir)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mri_keras.evaluate",
+        f"--model={model_dir}",
+        f"--data_dir={setup['records']}",
+        "--split=val,test",
+        f"--output_dir={tmp_path / 'out'}",
+        "--n_bootstrap=30",
+        "--operating_point=specificity:0.5",
+        "--calibrate",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for text in (
+        "test breast-level malignant partial AUC (specificity >= 0.80)",
+        "test malignant sensitivity at specificity >= 0.90",
+        "chosen on val at specificity:0.5",
+        "  test: sensitivity",
+        "calibrated (T = ",
+        "decision curve (malignant)",
+        f"wrote {os.path.join(model_dir, 'calibration.json')}",
+        "report.html",
+    ):
+        assert text in out, text
+    bad = subprocess.run(
+        cmd[:5] + ["--split=test", "--calibrate", f"--output_dir={tmp_path / 'b'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--calibrate fits the temperatures on the validation split" in bad.stderr
+    typo = subprocess.run(
+        cmd + ["--operating_point=recall:0.9"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert typo.returncode != 0 and "operating point metric must be one of" in typo.stderr
