@@ -141,11 +141,13 @@ class Calibration:
       temperature: dict task -> float > 0 (``p' = sigmoid(logit(p) / T)``).
       fitted_on: dict ``split`` (or None), ``n_breasts``, ``n_exams``.
       nll: dict task -> ``{"before", "after"}``: mean NLL per breast on the fitting data.
+      warnings: tuple of str. E.g. a temperature stopped at the search bound.
     """
 
     temperature: dict
     fitted_on: dict
     nll: dict
+    warnings: tuple = ()
 
     def __post_init__(self):
         for task in constants.TASKS:
@@ -162,6 +164,7 @@ class Calibration:
             "temperature": {t: float(self.temperature[t]) for t in constants.TASKS},
             "nll": {t: dict(self.nll.get(t, {})) for t in constants.TASKS},
             "probability_clip": PROBABILITY_CLIP,
+            "warnings": list(self.warnings),
         }
 
 
@@ -197,7 +200,7 @@ def fit_temperature(labels, probs, *, split: str | None = None) -> Calibration:
     probs = np.asarray(probs, np.float64)
     if labels.ndim != 2 or labels.shape[0] == 0:
         raise ValueError(f"fit_temperature needs (N, 4) arrays with N >= 1; got {labels.shape}")
-    temperature, nll = {}, {}
+    temperature, nll, warnings = {}, {}, []
     for task in constants.TASKS:
         y, p = metrics_lib.breast_level_arrays(labels, probs, task)
         if len(np.unique(y)) < 2:
@@ -214,8 +217,19 @@ def fit_temperature(labels, probs, *, split: str | None = None) -> Calibration:
         )
         temperature[task] = float(np.exp(result.x))
         nll[task] = {"before": _nll(y, z, 1.0), "after": _nll(y, z, temperature[task])}
+        low, high = _T_BOUNDS
+        if not low * 1.01 < temperature[task] < high / 1.01:
+            warnings.append(
+                f"the {task} temperature stopped at the search bound ({temperature[task]:.3g}): "
+                + (
+                    "the outputs carry almost no information on this split (T -> infinity "
+                    "flattens them to the base rate)"
+                    if temperature[task] > 1
+                    else "the outputs are far too cautious or the split is tiny"
+                )
+            )
     fitted_on = {"split": split, "n_breasts": int(2 * labels.shape[0]), "n_exams": len(labels)}
-    return Calibration(temperature=temperature, fitted_on=fitted_on, nll=nll)
+    return Calibration(temperature, fitted_on, nll, tuple(warnings))
 
 
 def apply_temperature(probs, calibration: Calibration) -> np.ndarray:
@@ -286,6 +300,7 @@ def load_calibration(path: str) -> Calibration:
             temperature={t: temperature.get(t) for t in constants.TASKS},
             fitted_on=data.get("fitted_on", {}),
             nll=data.get("nll", {}),
+            warnings=tuple(data.get("warnings", ())),
         )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

@@ -385,6 +385,7 @@ def _calibrated(config, predictions, calibration, calibration_file, thresholds) 
         "nll_on_fitting_split": dict(calibration.nll),
         "file": calibration_file,
         "in_sample": config.split == calibration.fitted_on.get("split"),
+        "warnings": list(calibration.warnings),
         **_probability_figures(predictions.labels, calibrated, config.calibration_bins),
     }
     chosen = (thresholds or {}).get("validation_threshold") or {}
@@ -576,6 +577,8 @@ def format_summary(summary: dict) -> list:
                     f"Brier {after[task]['brier']:.4f}"
                 )
             lines.append(text)
+    for warning in (summary.get("calibrated") or {}).get("warnings") or []:
+        lines.append(f"{who} calibration warning: {warning}")
     dc = summary.get("decision_curve")
     if dc:
         runs = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in dc["useful_range"]) or "none"

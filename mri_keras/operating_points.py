@@ -255,7 +255,7 @@ def validation_threshold(
     Returns:
       dict ``operating_point`` (text), ``task``, ``chosen_on`` ("val"), ``threshold``,
       ``val`` (confusion counts and rates), ``test`` (the same plus ``ci`` per rate:
-      ``{sensitivity: {ci_low, ci_high}, ...}``, ``n_valid_resamples``) or None.
+      ``{sensitivity: {ci_low, ci_high, n_valid_resamples}, ...}``) or None.
     """
     if isinstance(operating_point, str):
         operating_point = parse_operating_point(operating_point)
@@ -278,23 +278,24 @@ def validation_threshold(
     y, s, exam_of_sample = metrics_lib.level_arrays(
         test_predictions.labels, test_predictions.probs, task, "breast"
     )
-    rate_names = ("sensitivity", "specificity", "ppv", "npv")
-
-    def statistic(w):
-        r = confusion_at_threshold(y, s, threshold, sample_weight=w)
-        return [r[k] for k in rate_names]
-
-    # A resample where one rate is undefined (no called positives: PPV) is skipped for all
-    # four; rare at any useful threshold, and counted in n_valid_resamples.
-    values = metrics_lib.bootstrap_distribution(
-        statistic, test_predictions.patient_ids, exam_of_sample, n_bootstrap, seed
-    )
-    low, high = metrics_lib.percentile_interval(values, confidence)
     test = confusion_at_threshold(y, s, threshold)
-    test["ci"] = {
-        k: {"ci_low": float(low[i]), "ci_high": float(high[i])} for i, k in enumerate(rate_names)
-    }
-    test["n_valid_resamples"] = int(values.shape[0])
+    test["ci"] = {}
+    for rate in ("sensitivity", "specificity", "ppv", "npv"):
+        # Each rate on the resamples where it is defined (PPV needs a called positive...);
+        # the same draws for all four (one seed).
+        values = metrics_lib.bootstrap_distribution(
+            lambda w, rate=rate: confusion_at_threshold(y, s, threshold, sample_weight=w)[rate],
+            test_predictions.patient_ids,
+            exam_of_sample,
+            n_bootstrap,
+            seed,
+        )[:, 0]
+        low, high = metrics_lib.percentile_interval(values, confidence)
+        test["ci"][rate] = {
+            "ci_low": float(low),
+            "ci_high": float(high),
+            "n_valid_resamples": int(values.size),
+        }
     test["confidence"] = confidence
     out["test"] = test
     return out

@@ -70,7 +70,7 @@ def _with_ci(value, low, high, digits: int = 3) -> str:
 
 
 def _table(header, rows) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    head = "".join(f"<th>{_e(h)}</th>" for h in header) if header else ""
     body = "".join(
         "<tr>"
         + "".join(
@@ -79,7 +79,8 @@ def _table(header, rows) -> str:
         + "</tr>"
         for r in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    head = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _figures(figures) -> str:
@@ -218,7 +219,14 @@ def _calibration_section(summary: dict) -> str:
         "squared error of the probability; breast level."
     )
     if after:
-        note += f" Calibrated: temperature scaling fitted on {calibrated.get('fitted_on')}."
+        fitted = calibrated.get("fitted_on") or {}
+        note += (
+            f" Calibrated: temperature scaling fitted on the {fitted.get('split')} split "
+            f"({fitted.get('n_breasts')} breasts)"
+            + (", so in-sample here." if calibrated.get("in_sample") else ".")
+        )
+        for warning in calibrated.get("warnings") or []:
+            note += f" Warning: {warning}"
     return "<h2>Calibration</h2>" + _table(header, rows) + f"<p class='note'>{_e(note)}</p>"
 
 
@@ -227,11 +235,12 @@ def _decision_section(summary: dict) -> str:
     if not dc:
         return ""
     runs = dc.get("useful_range") or []
-    where = ", ".join(f"{a:.2f}–{b:.2f}" for a, b in runs) or "no threshold"
+    where = ", ".join(f"{a:.2f}–{b:.2f}" for a, b in runs)
+    where = f"at threshold probabilities {where}" if where else "at no threshold probability"
     return (
         "<h2>Decision curve</h2>"
         f"<p>Breast-level {_e(dc.get('task', 'malignant'))}: the model's net benefit exceeds "
-        f"both treat-all and treat-none at threshold probabilities {_e(where)} "
+        f"both treat-all and treat-none {_e(where)} "
         f"(prevalence {_num(dc.get('prevalence'))}).</p>"
     )
 
@@ -257,7 +266,7 @@ def evaluation_html(summary: dict, figures=(), title: str | None = None) -> str:
         ["Malignant / benign breasts", f"{c.get('malignant_breasts')} / {c.get('benign_breasts')}"],
     ]
     body = (
-        _table(["", ""], [f for f in facts if f[1] not in ("", None)])
+        _table(None, [f for f in facts if f[1] not in ("", None)])
         + _auc_section(summary)
         + _operating_section(summary)
         + _calibration_section(summary)

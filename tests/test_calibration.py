@@ -123,3 +123,16 @@ def test_reliability_diagram_is_written(tmp_path):
     path = tmp_path / "reliability.png"
     calibration.plot_reliability(labels, probs, str(path), title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_uninformative_outputs_stop_at_the_bound_with_a_warning(tmp_path):
+    rng = np.random.default_rng(7)
+    labels = np.tile([[0, 1, 1, 0], [1, 0, 0, 1]], (100, 1))  # half of every task positive
+    probs = np.repeat(rng.random((100, 4)), 2, axis=0)  # each row once per label: no signal
+    calib = calibration.fit_temperature(labels, probs, split="val")
+    assert calib.temperature["malignant"] == pytest.approx(100.0, rel=0.01)
+    assert any("malignant temperature stopped at the search bound" in w for w in calib.warnings)
+    loaded = calibration.load_calibration(calibration.save_calibration(str(tmp_path), calib))
+    assert loaded.warnings == calib.warnings
+    honest, _, _ = _overconfident(500, seed=8)
+    assert calibration.fit_temperature(honest, _overconfident(500, seed=8)[1]).warnings == ()
