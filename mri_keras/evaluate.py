@@ -655,8 +655,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     memory.tune_malloc()  # Reuse freed exam-sized blocks (tfrecords_tools.memory).
-    from mri_keras import inference
-
     f = flags.FLAGS
     splits = list(dict.fromkeys(f.split))  # In the given order, each once.
     if not splits:
@@ -680,13 +678,7 @@ def main(argv):
             )
             for s in splits
         ]
-        if f.calibrate and "val" not in splits:
-            raise ValueError(
-                "--calibrate fits the temperatures on the validation split: add it, "
-                "e.g. --split=val,test"
-            )
-        predictor = inference.load_predictor(f.model, f.model_format)
-        summaries = evaluate_splits(configs, predictor=predictor)
+        summaries = evaluate_splits(configs)  # checks, then loads the model once
         for config, summary in zip(configs, summaries):
             print("\n".join(format_summary(summary)))
             calibrated = summary.get("calibrated")

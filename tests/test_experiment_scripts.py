@@ -55,6 +55,10 @@ def test_table1_script_trains_evaluates_ensembles_and_prints_the_table(tmp_path)
         assert (out / "eval" / v / "test" / "metrics.json").exists()
     assert (out / "eval" / "caruana_all" / "ensemble.json").exists()
     assert (out / "eval" / "mean_sub" / "ensemble.json").exists()
+    # One page beside table1.md; every evaluation and ensemble directory has its own.
+    assert "<th>Malignant AUC</th>" in (out / "report.html").read_text()
+    for key in ("t1sub", "t2sub", "mean_sub", "caruana_all"):
+        assert (out / "eval" / key / "test" / "report.html").exists(), key
 
 
 @pytest.mark.slow
