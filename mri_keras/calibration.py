@@ -248,10 +248,16 @@ def apply_temperature(probs, calibration: Calibration) -> np.ndarray:
             f"probs must have {len(constants.LABELS)} columns in LABELS order "
             f"{constants.LABELS}. Received shape: {probs.shape}"
         )
-    temps = np.array([calibration.temperature[label.split("_")[1]] for label in constants.LABELS])
     from scipy import special
 
-    return special.expit(_logit(probs) / temps)
+    return special.expit(_logit(probs) / temperature_vector(calibration))
+
+
+def temperature_vector(calibration: Calibration | None) -> np.ndarray:
+    """float64 ``(4,)``: each label's task temperature in LABELS order (ones for None)."""
+    if calibration is None:
+        return np.ones(len(constants.LABELS))
+    return np.array([calibration.temperature[label.split("_")[1]] for label in constants.LABELS])
 
 
 def save_calibration(path: str, calibration: Calibration) -> str:
@@ -281,20 +287,31 @@ def load_calibration(path: str) -> Calibration:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return from_dict(data, path)
+
+
+def from_dict(data, source: str = "calibration") -> Calibration:
+    """A Calibration from ``Calibration.to_dict()`` output (a calibration.json's content, or
+    the copy an export's metadata holds).
+
+    Raises:
+      ValueError: not an object, another schema version, another label order, or a missing
+        or non-positive temperature; the message names ``source``.
+    """
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise ValueError(f"{source}: expected a JSON object")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
-            f"{path}: schema_version {data.get('schema_version')!r} is not the supported "
+            f"{source}: schema_version {data.get('schema_version')!r} is not the supported "
             f"{SCHEMA_VERSION}"
         )
     if data.get("method") != "temperature_scaling":
-        raise ValueError(f"{path}: method {data.get('method')!r} is not temperature_scaling")
+        raise ValueError(f"{source}: method {data.get('method')!r} is not temperature_scaling")
     if data.get("labels", list(constants.LABELS)) != list(constants.LABELS):
-        raise ValueError(f"{path}: labels {data.get('labels')} differ from {constants.LABELS}")
+        raise ValueError(f"{source}: labels {data.get('labels')} differ from {constants.LABELS}")
     temperature = data.get("temperature")
     if not isinstance(temperature, dict):
-        raise ValueError(f"{path}: no 'temperature' object")
+        raise ValueError(f"{source}: no 'temperature' object")
     try:
         return Calibration(
             temperature={t: temperature.get(t) for t in constants.TASKS},
@@ -303,4 +320,4 @@ def load_calibration(path: str) -> Calibration:
             warnings=tuple(data.get("warnings", ())),
         )
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{source}: {e}") from None

@@ -217,3 +217,11 @@ def _crop_value(crop):
         "an int n (n x n) or a pair of ints (h, w) >= 1",
         crop,
     )
+
+
+def from_saved(cls, saved):
+    """A config dataclass (InputConfig, ModelConfig...) from its saved dict (config.json, an
+    export's metadata), ignoring keys this version does not know; lists become the tuples the
+    dataclass normalises them to."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in saved.items() if k in names})

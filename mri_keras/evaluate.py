@@ -376,6 +376,16 @@ def calibration_path(predictor, model: str) -> str:
     return os.path.join(directory, calibration_lib.FILENAME)
 
 
+def _recalibrate_export(predictor, calibration) -> None:
+    """Writes the model's export again with the new temperatures built in (its signatures'
+    ``probabilities``), so a SavedModel served elsewhere is calibrated too."""
+    from mri_keras import export
+
+    location = predictor.location
+    if location.export_dir and location.keras_path and export.read_metadata(location.export_dir):
+        export.recalibrate(location.export_dir, location.keras_path, calibration)
+
+
 def _calibrated(config, predictions, calibration, calibration_file, thresholds) -> tuple:
     calibrated = calibration_lib.apply_temperature(predictions.probs, calibration)
     out = {
@@ -467,7 +477,28 @@ def evaluate(config: EvalConfig, *, predictor=None, val_predictions=None) -> dic
     if predictor is None:
         predictor = inference.load_predictor(config.model, config.model_format)
     predictions = _predict(config, predictor)
-    return _evaluate_split(config, predictor, predictions, start, val_predictions=val_predictions)
+    calibration, calibration_file = _saved_calibration(predictor, config.model)
+    return _evaluate_split(
+        config,
+        predictor,
+        predictions,
+        start,
+        val_predictions=val_predictions,
+        calibration=calibration,
+        calibration_file=calibration_file,
+    )
+
+
+def _saved_calibration(predictor, model: str) -> tuple:
+    """(calibration, where it is) saved with the model (``inference.model_calibration``), or
+    (None, None)."""
+    if predictor.calibration is None:
+        return None, None
+    if predictor.source == "export":
+        return predictor.calibration, os.path.join(
+            predictor.location.export_dir, constants.EXPORT_METADATA_PATH
+        )
+    return predictor.calibration, calibration_path(predictor, model)
 
 
 def evaluate_splits(configs, *, predictor=None) -> list:
@@ -507,7 +538,11 @@ def evaluate_splits(configs, *, predictor=None) -> list:
         predictor = inference.load_predictor(configs[0].model, configs[0].model_format)
     order = sorted(range(len(configs)), key=lambda i: configs[i].split != "val")
     summaries = [None] * len(configs)
-    val_predictions = calibration = calibration_file = None
+    val_predictions = None
+    # Without --calibrate, a calibration saved with the model is reported beside the raw figures.
+    calibration, calibration_file = (
+        (None, None) if calibrate else _saved_calibration(predictor, configs[0].model)
+    )
     for i in order:
         config, start = configs[i], time.time()
         predictions = _predict(config, predictor)
@@ -520,6 +555,7 @@ def evaluate_splits(configs, *, predictor=None) -> list:
                 calibration_file = calibration_lib.save_calibration(
                     calibration_path(predictor, config.model), calibration
                 )
+                _recalibrate_export(predictor, calibration)
         summaries[i] = _evaluate_split(
             config,
             predictor,

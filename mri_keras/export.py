@@ -104,8 +104,9 @@ def export_model(
     *,
     model_config: config_lib.ModelConfig | None = None,
     metadata: dict | None = None,
+    calibration=None,
 ) -> str:
-    """Writes ``model`` as a SavedModel with both signatures (atomically replacing export_dir).
+    """Writes ``model`` as a SavedModel with its signatures (atomically replacing export_dir).
 
     Args:
       model: keras.Model from ``model.build_model`` (float32 policy recommended).
@@ -113,6 +114,9 @@ def export_model(
       input_config: InputConfig. Input variant and normalisation the model was trained with.
       model_config: optional ModelConfig, recorded in the metadata.
       metadata: optional dict of extra JSON values recorded in the metadata.
+      calibration: optional ``calibration.Calibration``: every signature's ``probabilities``
+        (and per-label outputs) are then temperature-scaled, ``probabilities_uncalibrated``
+        keeps the model's own; the metadata records it under ``calibration``.
 
     Returns:
       export_dir.
@@ -125,10 +129,25 @@ def export_model(
         out = model(volumes, training=False)
         return tf.stack([tf.cast(out[k][:, 1], tf.float32) for k in labels], -1)
 
+    from mri_keras import calibration as calibration_lib
+
+    temperature = tf.constant(calibration_lib.temperature_vector(calibration), tf.float32)
+    clip = calibration_lib.PROBABILITY_CLIP
+
+    def outputs(raw):
+        # (..., 4) -> the signature's outputs: sigmoid(logit(p) / T) per label (T = 1 without a
+        # calibration), and the model's own probabilities.
+        p = tf.clip_by_value(raw, clip, 1.0 - clip)
+        probs = tf.sigmoid((tf.math.log(p) - tf.math.log1p(-p)) / temperature)
+        if calibration is None:
+            probs = raw
+        out = {"probabilities": probs, "probabilities_uncalibrated": raw}
+        out.update({k: probs[..., i] for i, k in enumerate(labels)})
+        return out
+
     def serve_phases(*tensors, tta_mode="none"):
         volume = input_pipeline.preprocess(dict(zip(phases, tensors)), input_config)
-        probs = tta.averaged(batch_probabilities, volume[tf.newaxis], tta_mode)[0]
-        return {"probabilities": probs, **{k: probs[i] for i, k in enumerate(labels)}}
+        return outputs(tta.averaged(batch_probabilities, volume[tf.newaxis], tta_mode)[0])
 
     def serve_examples(examples, tta_mode="none"):
         def one(serialized):
@@ -150,9 +169,7 @@ def export_model(
         ids = tf.io.parse_example(
             examples, {schema.KEY_EXAM_ID: tf.io.FixedLenFeature([], tf.string)}
         )[schema.KEY_EXAM_ID]
-        out = {"probabilities": probs, "exam_id": ids}
-        out.update({k: probs[:, i] for i, k in enumerate(labels)})
-        return out
+        return {**outputs(probs), "exam_id": ids}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -181,6 +198,7 @@ def export_model(
             json.loads(json.dumps(dataclasses.asdict(model_config))) if model_config else None
         ),
         **(metadata or {}),
+        "calibration": calibration.to_dict() if calibration is not None else None,
     }
     os.makedirs(os.path.join(tmp, os.path.dirname(constants.EXPORT_METADATA_PATH)), exist_ok=True)
     with open(os.path.join(tmp, constants.EXPORT_METADATA_PATH), "w") as f:
@@ -202,14 +220,46 @@ def export_from_keras_file(
     input_config: config_lib.InputConfig,
     *,
     metadata: dict | None = None,
+    calibration=None,
 ) -> str:
     """Exports the weights in ``keras_path`` (e.g. best.keras, saved in the serving
-    architecture of ``model_config``) into a float32 model."""
+    architecture of ``model_config``) into a float32 model (optionally calibrated)."""
     serving_config = serving_model_config(model_config)
     model = model_lib.build_model(serving_config)
     model.load_weights(keras_path)
     return export_model(
-        model, export_dir, input_config, model_config=serving_config, metadata=metadata
+        model,
+        export_dir,
+        input_config,
+        model_config=serving_config,
+        metadata=metadata,
+        calibration=calibration,
+    )
+
+
+def recalibrate(export_dir: str, keras_path: str, calibration) -> str:
+    """Writes ``export_dir`` again from ``keras_path`` with ``calibration`` built in, keeping
+    its input and model configuration and its metadata (``best_epoch``, ``run``...).
+
+    Raises:
+      FileNotFoundError: ``export_dir`` is not a complete mri_keras export.
+      ValueError: its metadata lacks the model configuration needed to rebuild it.
+    """
+    meta = read_metadata(export_dir)
+    if meta is None:
+        raise FileNotFoundError(f"{export_dir} is not a complete mri_keras export.")
+    if not meta.get("model_config") or not meta.get("input_config"):
+        raise ValueError(f"{export_dir}: its metadata lacks model_config / input_config.")
+    model_config = config_lib.from_saved(config_lib.ModelConfig, meta["model_config"])
+    input_config = config_lib.from_saved(config_lib.InputConfig, meta["input_config"])
+    known = ("input_variant", "phases", "labels", "signatures", "schema_version")
+    extra = {
+        k: v
+        for k, v in meta.items()
+        if k not in known + ("input_config", "model_config", "calibration")
+    }
+    return export_from_keras_file(
+        keras_path, export_dir, model_config, input_config, metadata=extra, calibration=calibration
     )
 
 

@@ -87,12 +87,6 @@ def locate_model(path: str) -> ModelLocation:
     )
 
 
-def _input_config_from_dict(d: Mapping) -> config_lib.InputConfig:
-    """Builds an InputConfig from a saved dict, ignoring keys this version does not know."""
-    fields = {f.name for f in dataclasses.fields(config_lib.InputConfig)}
-    return config_lib.InputConfig(**{k: v for k, v in d.items() if k in fields})
-
-
 def load_input_config(location: ModelLocation) -> config_lib.InputConfig:
     """The input config a model was trained with.
 
@@ -121,7 +115,7 @@ def load_input_config(location: ModelLocation) -> config_lib.InputConfig:
                 raise ValueError(f"{path} is not valid JSON: {e}") from None
         if isinstance(saved, Mapping) and isinstance(saved.get(key), Mapping):
             try:
-                return _input_config_from_dict(saved[key])
+                return config_lib.from_saved(config_lib.InputConfig, saved[key])
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}: {key!r} is not a valid input config: {e}") from None
     directory = location.model_dir or location.export_dir or "the model"
@@ -160,6 +154,9 @@ class Predictor:
       source: str. "export" or "keras".
       location: ModelLocation.
       tta_mode: str. Test-time augmentation of every call (`mri_keras.tta`): "none" or "flip".
+      calibration: Optional[``calibration.Calibration``]. The temperatures saved with the
+        model (`model_calibration`), or None. Calls return the model's own probabilities;
+        `mri_keras.predict` applies this.
       saved_model: the loaded SavedModel (source "export"), else absent.
       keras_model: the loaded keras.Model (source "keras"), else absent.
     """
@@ -187,6 +184,7 @@ class Predictor:
         else:
             self.keras_model = load_keras_model(location.keras_path)
             self._keras_fn = None
+        self.calibration = model_calibration(location, self.source)
 
     def _init_export(self, export_dir: str):
         import tensorflow as tf
@@ -235,7 +233,10 @@ class Predictor:
             raise KeyError(f"The model needs phase(s) {missing}; got {sorted(phases)}")
         if self.source == "export":
             feed = {p: tf.convert_to_tensor(phases[p], tf.float32) for p in self.phases}
-            return _positive_probs(self._serving(**feed))
+            out = self._serving(**feed)
+            if "probabilities_uncalibrated" in out:  # The model's own, as the Keras path.
+                return np.asarray(out["probabilities_uncalibrated"], np.float64)
+            return _positive_probs(out)
         volume = preprocess_phases(phases, self.input_config)[tf.newaxis]  # (1, S, H, W, C)
         if self._keras_fn is None:
             from mri_keras import tta
@@ -250,6 +251,34 @@ class Predictor:
                 lambda x: tta.averaged(probs, x, mode), reduce_retracing=True
             )
         return np.asarray(self._keras_fn(volume)[0], np.float64)
+
+
+def model_calibration(location: ModelLocation, source: str):
+    """The temperature scaling saved with a model (``evaluate --calibrate``), or None.
+
+    An export carries the one it was written with (its metadata); otherwise
+    ``MODEL_DIR/calibration.json`` counts when it is newer than ``best.keras`` (one fitted
+    before the weights last changed is stale and ignored).
+
+    Raises:
+      ValueError: the file or the metadata holds no valid calibration (named).
+    """
+    from mri_keras import calibration as calibration_lib
+
+    if source == "export":
+        path = os.path.join(location.export_dir, constants.EXPORT_METADATA_PATH)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            saved = json.load(f).get("calibration")
+        return None if saved is None else calibration_lib.from_dict(saved, path)
+    directory = location.model_dir or os.path.dirname(location.keras_path)
+    path = os.path.join(directory, calibration_lib.FILENAME)
+    if not os.path.isfile(path):
+        return None
+    if location.keras_path and os.path.getmtime(path) < os.path.getmtime(location.keras_path):
+        return None
+    return calibration_lib.load_calibration(path)
 
 
 def preprocess_phases(phases: Mapping[str, np.ndarray], input_config):

@@ -18,7 +18,11 @@ The folder is read by `tfrecords_tools.dicom_reader.load_exam`, the converter's 
 
     {"left": {"benign": 0.02, "malignant": 0.91}, "right": {"benign": 0.01, "malignant": 0.03},
      "input": "t2-t0", "slices": 60, "shape": [60, 256, 256], "model_format": "export",
-     "tta": "none"}
+     "tta": "none", "calibrated": false}
+
+With temperature scaling saved with the model (``evaluate --calibrate``), "left"/"right" are
+the calibrated probabilities, ``"calibrated": true``, and ``"uncalibrated"`` and
+``"temperature"`` are added.
 
 No DICOM header value (names, ids, dates, UIDs) is printed; the patient id the reader
 returns is not used. A folder that is not a usable exam exits with status 2 and the reader's
@@ -145,15 +149,24 @@ def score_exam(config: PredictConfig, predictor: inference.Predictor, exam) -> d
     phases = {p: exam.volumes[p] for p in predictor.phases}
     probs = predictor(phases)
     shape = [int(v) for v in exam.volumes[predictor.phases[0]].shape]
+    calibrated = None
+    if predictor.calibration is not None:
+        from mri_keras import calibration as calibration_lib
+
+        calibrated = calibration_lib.apply_temperature(probs, predictor.calibration)
     result = {
-        **probabilities_json(probs),
+        **probabilities_json(probs if calibrated is None else calibrated),
         "input": predictor.input_config.input_variant,
         "slices": shape[0],
         "shape": shape,
         "spacing_mm": [round(float(v), 4) for v in exam.spacing],
         "model_format": predictor.source,
         "tta": predictor.tta_mode,
+        "calibrated": calibrated is not None,
     }
+    if calibrated is not None:
+        result["uncalibrated"] = probabilities_json(probs)
+        result["temperature"] = dict(predictor.calibration.temperature)
     if config.heatmap_dir:
         keras_model = predictor.saliency_model()
         heat, image = heatmap_lib.exam_saliency(

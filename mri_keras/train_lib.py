@@ -372,12 +372,19 @@ def _barrier(strategy) -> None:
 
 
 def _export_best(config, best_path, export_dir, best_epoch, best_auc) -> None:
+    from mri_keras import inference
+
+    # A temperature scaling fitted on this best.keras (evaluate --calibrate) stays built in.
+    calibration = inference.model_calibration(
+        inference.ModelLocation(None, best_path, config.model_dir), "keras"
+    )
     meta = export_lib.read_metadata(export_dir)
     if (
         meta
         and meta.get("best_epoch") == best_epoch
         and meta.get("run") == config.model_dir
         and meta.get("signatures") == list(export_lib.SIGNATURES)
+        and meta.get("calibration") == (calibration.to_dict() if calibration else None)
     ):
         return  # Already exported (a rerun of a finished run), with today's signatures.
     export_lib.export_from_keras_file(
@@ -390,6 +397,7 @@ def _export_best(config, best_path, export_dir, best_epoch, best_auc) -> None:
             "val_malignant_auc": best_auc,
             "run": config.model_dir,
         },
+        calibration=calibration,
     )
 
 

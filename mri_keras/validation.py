@@ -132,7 +132,9 @@ def _predict_export(predictor, records_dir, split, exam_ids, batch_size, tta_mod
     for batch in records.batch(batch_size):
         out = serving(examples=batch)
         parsed = tf.io.parse_example(batch, spec)
-        probs.append(out["probabilities"].numpy())
+        # The model's own probabilities (an export written with a calibration scales
+        # "probabilities"; evaluate reports both scales itself).
+        probs.append(out.get("probabilities_uncalibrated", out["probabilities"]).numpy())
         labels.append(parsed[schema.KEY_LABELS].numpy())
         ids.extend(v.decode() for v in out["exam_id"].numpy())
         pids.extend(v.decode() for v in parsed[schema.KEY_PATIENT_ID].numpy())

@@ -43,6 +43,7 @@ RESULT_COLUMNS = (
     "cols",
     "input",
     "tta",
+    "calibrated",
     "heatmap_npy",
     "error",
 )
@@ -129,7 +130,7 @@ def _csv_row(row: dict) -> dict:
             side, task = label.split("_", 1)
             out[label] = f"{row[side][task]:.6f}"
         out.update(slices=row["shape"][0], rows=row["shape"][1], cols=row["shape"][2])
-        out.update(input=row["input"], tta=row["tta"])
+        out.update(input=row["input"], tta=row["tta"], calibrated=int(row["calibrated"]))
         out["heatmap_npy"] = row.get("heatmap", {}).get("npy", "")
     return out
 
