@@ -215,7 +215,7 @@ class Predictor:
         if self.source == "export":
             feed = {p: tf.convert_to_tensor(phases[p], tf.float32) for p in self.phases}
             return _positive_probs(self._serving(**feed))
-        volume = preprocess_phases(phases, self.input_config)[tf.newaxis]  # (1, S, H, W, 1)
+        volume = preprocess_phases(phases, self.input_config)[tf.newaxis]  # (1, S, H, W, C)
         if self._keras_fn is None:
             model = self.keras_model
             self._keras_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -223,7 +223,8 @@ class Predictor:
 
 
 def preprocess_phases(phases: Mapping[str, np.ndarray], input_config):
-    """`input_pipeline.preprocess` on numpy/tensor phases; returns a (S, H, W, 1) tensor."""
+    """`input_pipeline.preprocess` on numpy/tensor phases; returns a (S, H, W, C) tensor
+    (C = ``input_config.channels``)."""
     import tensorflow as tf
 
     from mri_keras import input_pipeline

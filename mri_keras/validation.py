@@ -31,8 +31,11 @@ def _predict_fn(model):
         # A weak reference: a value that held the model strongly would keep its key (and every
         # trained model) alive for the life of the process.
         model_ref = weakref.ref(model)
+        channels = model.inputs[0].shape[-1]  # One per input variant (InputConfig.channels).
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, 1], tf.float32)])
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, None, None, None, channels], tf.float32)]
+        )
         def fn(volume):
             out = model_ref()(volume, training=False)
             # (batch, 4): probability of the positive class of each head, LABELS order.
