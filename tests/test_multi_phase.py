@@ -257,3 +257,41 @@ def test_a_saved_single_variant_config_still_loads(tmp_path):
     config = inference.load_input_config(inference.locate_model(str(run)))
     assert config.input_variant == "t3-t0" and config.channels == 1
     assert constants.phases_needed(config.input_variant) == ("t0", "t3")
+
+
+def _write_eval(root, key, seed=None, n=40):
+    from mri_keras import evaluate, predictions_io
+
+    rng = np.random.default_rng(len(key))
+    labels = (rng.random((n, 4)) < 0.4).astype(np.int64)
+    probs = 1.0 / (1.0 + np.exp(-((2.0 * labels - 1.0) + rng.normal(size=(n, 4)))))
+    pred = predictions_io.Predictions(
+        tuple(f"e{i}" for i in range(n)), tuple(f"p{i // 2}" for i in range(n)), labels, probs
+    )
+    parts = [root, key] + ([f"seed_{seed}"] if seed is not None else []) + ["test"]
+    evaluate.write_report(
+        os.path.join(*parts), pred, {"name": key, **evaluate.summarize(pred, n_bootstrap=20)}
+    )
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_table1_prints_extra_rows_after_the_paper_under_their_own_heading(tmp_path, seeded):
+    from mri_keras import experiments
+
+    root = str(tmp_path / "eval")
+    seed = 0 if seeded else None
+    _write_eval(root, "t2sub", seed)
+    config = experiments.ExperimentsConfig(report="table1", eval_root=root, output_dir=root)
+    without = experiments.run(config)
+    assert "Beyond the paper" not in without and "channels" not in without  # The paper's table.
+    _write_eval(root, "subtractions", seed)
+    lines = experiments.run(config).splitlines()
+    heading = next(i for i, l in enumerate(lines) if "Beyond the paper" in l)
+    assert lines.index(next(l for l in lines if "Caruana ensemble" in l)) < heading
+    row = lines[heading + 1]
+    assert row.startswith("| t1 - t0, t2 - t0, t3 - t0 as 3 channels of one network |")
+    assert "not run" not in row
+    if seeded:
+        assert "(1 seed)" in row and row.endswith("| - / - |")  # No paper figure to quote.
+    keys = {r["key"] for r in __import__("csv").DictReader(open(os.path.join(root, "table1.csv")))}
+    assert "subtractions" in keys and "three_channel" not in keys  # Not run: not listed.
