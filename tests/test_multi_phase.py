@@ -295,3 +295,19 @@ def test_table1_prints_extra_rows_after_the_paper_under_their_own_heading(tmp_pa
         assert "(1 seed)" in row and row.endswith("| - / - |")  # No paper figure to quote.
     keys = {r["key"] for r in __import__("csv").DictReader(open(os.path.join(root, "table1.csv")))}
     assert "subtractions" in keys and "three_channel" not in keys  # Not run: not listed.
+
+
+def test_a_subtractions_export_takes_all_four_phases_once(tmp_path):
+    """serving_default's keyword arguments are the union of the channels' phases (t0 once)."""
+    input_config = config_lib.InputConfig(input_variant="t1sub,t2sub,t3sub")
+    model_config = config_lib.ModelConfig(width=4, blocks_per_stage=(1, 1, 1, 1), channels_3d=8)
+    model = model_lib.build_model(model_config, input_config.channels)
+    path = export.export_model(model, str(tmp_path / "export"), input_config)
+    exported = export.load_exported(path)
+    _, kwargs = exported.saved.signatures["serving_default"].structured_input_signature
+    assert sorted(kwargs) == ["t0", "t1", "t2", "t3"] and exported.phases == tuple(sorted(kwargs))
+    phases = {p: v.numpy() for p, v in _phases((3, 32, 34)).items()}
+    volume = inference.preprocess_phases(phases, input_config)[tf.newaxis]  # (1, 3, 32, 34, 3)
+    out = model(volume, training=False)
+    expected = [float(out[k][0, 1]) for k in constants.LABELS]
+    np.testing.assert_allclose(exported.predict_phases(phases), expected, atol=1e-6)
