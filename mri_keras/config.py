@@ -136,8 +136,11 @@ class InputConfig:
     """How records become model inputs.
 
     Attributes:
-      input_variant: str. One of constants.INPUT_VARIANTS (or an alias such as "t2sub").
-        Defaults to "t2-t0".
+      input_variant: str. One of constants.INPUT_VARIANTS (or an alias such as "t2sub"), or
+        a comma-separated list of different ones stacked as channels in that order ("t0,t1,t2",
+        "t1sub,t2sub,t3sub"). Kept in canonical form (``constants.canonical_input``: aliases
+        resolved, "t1-t0,t2-t0,t3-t0"), so a saved config reads back the same. Defaults to
+        "t2-t0".
       normalization: str. "zscore" (per exam) or "percentile" (clip to the
         [low, high] percentiles of the exam, then scale to [0, 1]). Defaults to "zscore".
       percentiles: (float, float). Percentiles for "percentile", 0 <= low <= high <= 100.
@@ -152,7 +155,8 @@ class InputConfig:
       shuffle_buffer: int. Exams in the train shuffle buffer; 0 holds the whole training
         split (its serialized records), which makes every epoch a uniformly random
         permutation of all training exams whatever the sharding. Defaults to 64.
-    The seed of shuffling and augmentation is not an input setting: it is the run's one seed
+    The model input has ``channels`` channels, one per listed variant. The seed of shuffling
+    and augmentation is not an input setting: it is the run's one seed
     (``TrainConfig.seed``), given to ``input_pipeline.make_dataset`` per epoch.
     """
 
@@ -167,10 +171,11 @@ class InputConfig:
     def __post_init__(self):
         try:
             _set(self, "input_variant", constants.canonical_input(self.input_variant))
-        except ValueError:
+        except constants.InputError as e:
             raise ConfigError(
                 "input_variant",
-                f"one of {constants.INPUT_VARIANTS} or an alias {tuple(constants.INPUT_ALIASES)}",
+                f"one of {constants.INPUT_VARIANTS} or an alias {tuple(constants.INPUT_ALIASES)}, "
+                f"or a comma-separated list of different ones; {e.problem}",
                 self.input_variant,
             ) from None
         check_choice(self, "normalization", constants.NORMALIZATIONS)
@@ -194,6 +199,11 @@ class InputConfig:
             raise ConfigError(
                 "shuffle_buffer", "an int >= 0 (0: the whole split)", self.shuffle_buffer
             )
+
+    @property
+    def channels(self) -> int:
+        """Channels of the model input: one per variant of ``input_variant``."""
+        return len(constants.input_channels(self.input_variant))
 
 
 def _crop_value(crop):

@@ -20,7 +20,8 @@ PHASES = ("t0", "t1", "t2", "t3")
 # Input images of the paper's Table 1. A subtraction "tK-t0" is computed at read time in
 # float32 and never stored.
 INPUT_VARIANTS = ("t0", "t1", "t2", "t3", "t1-t0", "t2-t0", "t3-t0")
-# Flagfile-friendly aliases (configs/t2sub.flags uses --input=t2sub).
+# Flagfile-friendly aliases (configs/t2sub.flags uses --input=t2sub). An input may also be a
+# comma-separated list of variants stacked as channels ("t0,t1,t2"; ``canonical_input``).
 INPUT_ALIASES = {"t1sub": "t1-t0", "t2sub": "t2-t0", "t3sub": "t3-t0"}
 
 # Per-exam intensity scaling (InputConfig.normalization).
@@ -48,21 +49,64 @@ TTA_MODES = ("none", "flip")
 TUNERS = ("hyperband", "bayesian", "random")
 
 
-def canonical_input(name: str) -> str:
-    """Maps an input variant or alias (``t2sub``) to its canonical name (``t2-t0``)."""
-    name = INPUT_ALIASES.get(name, name)
-    if name not in INPUT_VARIANTS:
-        raise ValueError(
-            f"Unknown input variant {name!r}; expected one of {INPUT_VARIANTS} "
-            f"or {tuple(INPUT_ALIASES)}."
+class InputError(ValueError):
+    """An input that is no variant or list of variants; ``problem`` says what is wrong with it
+    in a few words (e.g. "'t9' is not an input variant")."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(
+            f"Bad input: {problem}; expected one of {INPUT_VARIANTS} or an alias "
+            f"{tuple(INPUT_ALIASES)}, or a comma-separated list of different ones (e.g. "
+            "'t0,t1,t2')."
         )
-    return name
+
+    def __reduce__(self):
+        return (type(self), (self.problem,))
+
+
+def canonical_input(name: str) -> str:
+    """Canonical name of an input: one variant or a comma-separated list of them.
+
+    An element may be any variant or alias (``t2sub`` -> ``t2-t0``); a list is stacked as
+    channels in the order given, e.g. ``"t0,t1,t2"`` (nyukat/MRI_AI's ``three_channel``) or
+    ``"t1sub,t2sub,t3sub"`` -> ``"t1-t0,t2-t0,t3-t0"``. Spaces around elements are ignored.
+
+    Raises:
+      InputError (a ValueError): an element that is no variant (the message names it), an
+        empty element, or the same image twice (also through an alias: ``t2sub,t2-t0``).
+    """
+    if not isinstance(name, str):
+        raise InputError(f"{name!r} is not a string")
+    elements = [e.strip() for e in name.split(",")]
+    canonical, spelled = [], []
+    for element in elements:
+        if not element:
+            raise InputError(f"{name!r} has an empty element")
+        variant = INPUT_ALIASES.get(element, element)
+        if variant not in INPUT_VARIANTS:
+            where = f" (in {name!r})" if len(elements) > 1 else ""
+            raise InputError(f"{element!r}{where} is not an input variant")
+        if variant in canonical:
+            first = spelled[canonical.index(variant)]
+            both = "" if first == element else f" (as {first!r} and {element!r})"
+            raise InputError(f"{name!r} names {variant!r} twice{both}")
+        canonical.append(variant)
+        spelled.append(element)
+    return ",".join(canonical)
+
+
+def input_channels(input_variant: str) -> tuple:
+    """The canonical variant of each input channel, in order: ``"t0,t2sub"`` -> ``("t0",
+    "t2-t0")``; a single variant is one channel."""
+    return tuple(canonical_input(input_variant).split(","))
 
 
 def phases_needed(input_variant: str) -> tuple:
-    """The stored phases an input variant reads, e.g. ``t2-t0`` -> ``("t0", "t2")``."""
-    name = canonical_input(input_variant)
-    if "-" in name:
-        a, b = name.split("-")
-        return tuple(p for p in PHASES if p in (a, b))
-    return (name,)
+    """The stored phases an input reads, in ``PHASES`` order: ``t2-t0`` -> ``("t0", "t2")``;
+    a multi-channel input reads the union of its channels' phases (``t0,t1,t2`` ->
+    ``("t0", "t1", "t2")``)."""
+    needed = set()
+    for variant in input_channels(input_variant):
+        needed.update(variant.split("-"))
+    return tuple(p for p in PHASES if p in needed)

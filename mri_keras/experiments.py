@@ -10,9 +10,13 @@ seeds, ``EVAL_ROOT/<row>/seed_<S>/<split>/metrics.json``) for the seven input va
 (``t0 t1 t2 t3 t1sub t2sub t3sub``) and the ensembles (``mean_sub``: mean of the three
 subtraction models; ``caruana_all``: Caruana selection over all seven), and writes
 ``table1.md`` / ``table1.csv`` in the paper's layout (image, benign AUC, malignant AUC, each
-with its 95% CI). ``data_fraction`` reads ``EVAL_ROOT/frac_<percent>/<split>/metrics.json`` and
-draws ``data_fraction.png`` (AUC against the percentage of training patients, log x axis, CI
-band; with seeds: the mean over seeds with +-1 sd error bars) and ``data_fraction.csv``.
+with its 95% CI). Rows beyond the paper (``TABLE1_EXTRA_ROWS``: one network on several input
+images stacked as channels, ``configs/three_channel.flags`` and ``configs/subtractions.flags``)
+follow under their own heading when they were evaluated, and are left out otherwise; they are
+members of neither ensemble, which stay the paper's. ``data_fraction`` reads
+``EVAL_ROOT/frac_<percent>/<split>/metrics.json`` and draws ``data_fraction.png`` (AUC
+against the percentage of training patients, log x axis, CI band; with seeds: the mean over
+seeds with +-1 sd error bars) and ``data_fraction.csv``.
 Every report also writes ``report.html`` beside its files: the same tables and the figure in
 one self-contained page (`mri_keras.report`).
 ``seeds`` reads ``EVAL_ROOT/seed_<S>/{val,test}/metrics.json`` (``scripts/seeds.sh``) and
@@ -44,6 +48,8 @@ TABLE1_ENSEMBLES = (
     ("mean_sub", "Mean of t1-t0, t2-t0, t3-t0"),
     ("caruana_all", "Caruana ensemble of all seven"),
 )
+# Beyond the paper: multi-channel inputs (the row name is its flagfile, configs/<row>.flags).
+TABLE1_EXTRA_ROWS = ("three_channel", "subtractions")
 IMAGE_NAMES = {
     "t0": "t0 (pre-contrast)",
     "t1": "t1 (1st post-contrast)",
@@ -52,7 +58,10 @@ IMAGE_NAMES = {
     "t1sub": "t1 - t0",
     "t2sub": "t2 - t0",
     "t3sub": "t3 - t0",
+    "three_channel": "t0, t1, t2 as 3 channels of one network",
+    "subtractions": "t1 - t0, t2 - t0, t3 - t0 as 3 channels of one network",
 }
+EXTRA_ROWS_HEADING = "*Beyond the paper* (not in Gong et al.)"
 FRACTION_DIR = re.compile(r"^frac_(\d+(?:\.\d+)?)$")
 SEED_DIR = re.compile(r"^seed_(\d+)$")
 REPORTS = ("table1", "data_fraction", "seeds")
@@ -174,11 +183,28 @@ def _task_spread(runs, task: str) -> dict:
     return spread([m["breast_level"][task]["auc"] for _, m in runs], [s for s, _ in runs])
 
 
+def _table1_entries(eval_root: str, split: str) -> list:
+    """``[(key, image)]``: the paper's rows and ensembles, then the extra rows evaluated."""
+    entries = [(v, IMAGE_NAMES[v]) for v in TABLE1_VARIANTS] + list(TABLE1_ENSEMBLES)
+    return entries + [
+        (key, IMAGE_NAMES[key]) for key in TABLE1_EXTRA_ROWS if seed_runs(eval_root, key, split)
+    ]
+
+
+def _heading(i: int, key: str, rows: Sequence[dict], columns: int) -> list:
+    """The section heading line to print before row ``i`` (``key``), if any."""
+    cells = " |" * (columns - 1)
+    if i == len(TABLE1_VARIANTS):
+        return [f"| *Ensembles* |{cells}"]
+    if key in TABLE1_EXTRA_ROWS and rows[i - 1]["key"] not in TABLE1_EXTRA_ROWS:
+        return [f"| {EXTRA_ROWS_HEADING} |{cells}"]
+    return []
+
+
 def table1_rows(eval_root: str, split: str = "test") -> list:
     """Rows ``{key, image, benign, malignant, n_exams}`` (results dicts, None when missing)."""
     rows = []
-    entries = [(v, IMAGE_NAMES[v]) for v in TABLE1_VARIANTS] + list(TABLE1_ENSEMBLES)
-    for key, image in entries:
+    for key, image in _table1_entries(eval_root, split):
         path = os.path.join(eval_root, key, split, evaluate_lib.METRICS_FILENAME)
         row = {"key": key, "image": image, "benign": None, "malignant": None, "n_exams": None}
         if os.path.isfile(path):
@@ -211,8 +237,7 @@ def format_table1(rows: Sequence[dict], split: str = "test") -> str:
         "|---|---|---|",
     ]
     for i, row in enumerate(rows):
-        if i == len(TABLE1_VARIANTS):
-            lines.append("| *Ensembles* | | |")
+        lines += _heading(i, row["key"], rows, 3)
         lines.append(f"| {row['image']} | {_cell(row['benign'])} | {_cell(row['malignant'])} |")
     compared = [r for r in rows if r.get("vs_best")]
     if compared:
@@ -232,7 +257,7 @@ def format_table1(rows: Sequence[dict], split: str = "test") -> str:
 
 
 def _is_seeded(eval_root: str, split: str) -> bool:
-    keys = list(TABLE1_VARIANTS) + [k for k, _ in TABLE1_ENSEMBLES]
+    keys = list(TABLE1_VARIANTS) + [k for k, _ in TABLE1_ENSEMBLES] + list(TABLE1_EXTRA_ROWS)
     return any(r[0] is not None for k in keys for r in seed_runs(eval_root, k, split))
 
 
@@ -267,7 +292,7 @@ def table1_seed_rows(eval_root: str, split: str = "test") -> list:
     ci_high, p_value}``.
     """
     rows = []
-    for key, image in [(v, IMAGE_NAMES[v]) for v in TABLE1_VARIANTS] + list(TABLE1_ENSEMBLES):
+    for key, image in _table1_entries(eval_root, split):
         runs = seed_runs(eval_root, key, split)
         row = {
             "key": key,
@@ -303,8 +328,7 @@ def format_table1_seeds(rows: Sequence[dict], split: str = "test") -> str:
         "|---|---|---|---|---|",
     ]
     for i, row in enumerate(rows):
-        if i == len(TABLE1_VARIANTS):
-            lines.append("| *Ensembles* | | | | |")
+        lines += _heading(i, row["key"], rows, 5)
         benign, malignant = PAPER_TABLE1.get(row["key"], (None, None))
         paper = f"{benign:.4f}" if benign is not None else "-"
         paper += f" / {malignant:.4f}" if malignant is not None else " / -"

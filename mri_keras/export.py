@@ -225,7 +225,7 @@ def export_from_keras_file(
     """Exports the weights in ``keras_path`` (e.g. best.keras, saved in the serving
     architecture of ``model_config``) into a float32 model (optionally calibrated)."""
     serving_config = serving_model_config(model_config)
-    model = model_lib.build_model(serving_config)
+    model = model_lib.build_model(serving_config, input_config.channels)
     model.load_weights(keras_path)
     return export_model(
         model,

@@ -263,11 +263,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_integer("seed", 0, "Seed of initialisation, subsampling and augmentation.", **fv)
     # Input pipeline.
-    flags.DEFINE_enum(
+    flags.DEFINE_string(
         "input",
         "t2sub",
-        list(constants.INPUT_VARIANTS) + list(constants.INPUT_ALIASES),
-        "Input image (paper's Table 1): a phase or a subtraction (t2sub = t2-t0).",
+        f"Input image (paper's Table 1): a phase or a subtraction, one of "
+        f"{', '.join(constants.INPUT_VARIANTS + tuple(constants.INPUT_ALIASES))} (t2sub = t2-t0); "
+        "or a comma-separated list of different ones stacked as channels, e.g. t0,t1,t2 or "
+        "t1sub,t2sub,t3sub (each channel normalised on its own).",
         **fv,
     )
     flags.DEFINE_enum(

@@ -6,10 +6,12 @@ Left, exactly the axes of the volumes `tfrecords_tools.dicom_reader.load_exam` r
 TFRecords store):
 
 - ``gradient`` (default): the absolute gradient of the target with respect to the input
-  volume, at full resolution. Best on the synthetic cohort's pointing game
-  (``scripts/bench/pointing_game.py``, a ``configs/demo.flags`` t2-t0 model: maximum inside an
-  annotated malignant lesion in 9 of 16 val+test exams, 3 of 8 test exams; a random voxel
-  0.2%), where lesions are a few voxels wide and the 3D block's grid is 3 x 3 in-plane.
+  volume, at full resolution (a multi-channel input, e.g. ``t0,t1,t2``: the sum over
+  channels of the absolute gradients, the L1 norm of the per-voxel gradient). Best on the
+  synthetic cohort's pointing game (``scripts/bench/pointing_game.py``, a
+  ``configs/demo.flags`` t2-t0 model: maximum inside an annotated malignant lesion in 9 of
+  16 val+test exams, 3 of 8 test exams; a random voxel 0.2%), where lesions are a few voxels
+  wide and the 3D block's grid is 3 x 3 in-plane.
 - ``hirescam``: HiResCAM (Draelos & Carin, 2020) on the output of the 3D residual
   block (layer ``block3d_out``, ``(S, H/32, W/32, C)``): the element-wise product of the
   features and the target's gradient, summed over channels, ReLU. The heads read the block
@@ -124,7 +126,7 @@ def saliency(
     Args:
       model: keras.Model (the Doubly Deep CNN, or any functional model with a 5-D feature map
         and heads keyed by LABELS).
-      volume: float32 ``(S, H, W, 1)`` preprocessed input (`input_pipeline.preprocess`).
+      volume: float32 ``(S, H, W, C)`` preprocessed input (`input_pipeline.preprocess`).
       target: str. See `target_labels`. Defaults to "malignant".
       method: str. One of METHODS. Defaults to "gradient".
       layer_name: str. Grad-CAM feature layer. Defaults to "block3d_out".
@@ -138,9 +140,9 @@ def saliency(
         raise ValueError(f"method must be one of {METHODS}. Received: method={method!r}")
     labels = target_labels(target)
     x = tf.convert_to_tensor(volume, tf.float32)
-    if x.shape.rank != 4 or x.shape[-1] != 1:
-        raise ValueError(f"volume must be (S, H, W, 1). Received shape: {x.shape}")
-    x = x[tf.newaxis]  # (1, S, H, W, 1)
+    if x.shape.rank != 4:
+        raise ValueError(f"volume must be (S, H, W, C). Received shape: {x.shape}")
+    x = x[tf.newaxis]  # (1, S, H, W, C)
     shape = tuple(int(v) for v in volume.shape[:3])
     if method == "gradient":
         return _input_gradient(model, x, labels)
@@ -151,14 +153,14 @@ def saliency(
 
 
 def _input_gradient(model, x, labels) -> np.ndarray:
-    """|d target / d input|, normalised: (S, H, W)."""
+    """|d target / d input| summed over channels, normalised: (S, H, W)."""
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
         tape.watch(x)
         score = _log_odds(model(x, training=False), labels)
-    grad = tape.gradient(score, x)  # (1, S, H, W, 1)
-    return _normalise(tf.abs(grad[0, ..., 0]).numpy())
+    grad = tape.gradient(score, x)  # (1, S, H, W, C)
+    return _normalise(tf.reduce_sum(tf.abs(grad[0]), axis=-1).numpy())
 
 
 def _cam(model, x, labels, layer_name, shape, hires: bool) -> np.ndarray:
@@ -190,11 +192,12 @@ def exam_saliency(
     """Preprocesses raw phases with the model's input config and computes the saliency.
 
     Returns:
-      (heatmap (S, H, W) float32 in [0, 1], image (S, H, W) float32: the model's input).
+      (heatmap (S, H, W) float32 in [0, 1], image (S, H, W) float32: the model's input, its
+      first channel for a multi-channel input, e.g. t1-t0 of ``t1sub,t2sub,t3sub``).
     """
     from mri_keras import inference
 
-    volume = inference.preprocess_phases(phases, input_config)  # (S, H, W, 1)
+    volume = inference.preprocess_phases(phases, input_config)  # (S, H, W, C)
     heat = saliency(model, volume, target=target, method=method)
     return heat, np.asarray(volume)[..., 0]
 

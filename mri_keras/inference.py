@@ -282,7 +282,8 @@ def model_calibration(location: ModelLocation, source: str):
 
 
 def preprocess_phases(phases: Mapping[str, np.ndarray], input_config):
-    """`input_pipeline.preprocess` on numpy/tensor phases; returns a (S, H, W, 1) tensor."""
+    """`input_pipeline.preprocess` on numpy/tensor phases; returns a (S, H, W, C) tensor
+    (C = ``input_config.channels``)."""
     import tensorflow as tf
 
     from mri_keras import input_pipeline

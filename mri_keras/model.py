@@ -5,10 +5,11 @@ backend. The one backend-specific piece, slice-chunked recomputation of the trun
 backward pass (``ModelConfig.remat_chunk > 0``), lives in ``mri_keras.remat_tf`` and is only
 available on the TensorFlow backend.
 
-Shapes (default config, an exam of S slices of H x W):
+Shapes (default config, an exam of S slices of H x W and C input channels: 1 for one input
+variant, C for a list such as t0,t1,t2; ``InputConfig.channels``):
 
-    volume                      (batch, S, H, W, 1)
-    fold slices into the batch  (batch*S, H, W, 1)
+    volume                      (batch, S, H, W, C)
+    fold slices into the batch  (batch*S, H, W, C)
     stem conv 5x5/2 + ReLU      (batch*S, H/2, W/2, 64)
     max-pool 3x3/2              (batch*S, H/4, W/4, 64)
     stage 1..4 (2 blocks each)  (batch*S, H/32, W/32, 512)
@@ -236,18 +237,20 @@ def apply_residual_block_3d(x, filters, name, dtype=None, blocks=None):
     return layers.ReLU(name=f"{name}_out", dtype=dtype)(y)
 
 
-def build_trunk(config: ModelConfig) -> keras.Model:
+def build_trunk(config: ModelConfig, channels: int = 1) -> keras.Model:
     """The per-slice 2D trunk, ending in the 1x1 collapse conv.
 
     Args:
       config: ModelConfig.
+      channels: int. Input channels (the stem conv's input depth). Defaults to 1.
 
     Returns:
-      keras.Model named "trunk": (n, H, W, 1) -> (n, ceil(H/32), ceil(W/32), 1).
+      keras.Model named "trunk": (n, H, W, channels) -> (n, ceil(H/32), ceil(W/32), 1).
     """
+    _check_positive_int("channels", channels)
     dtype = config.dtype_policy
     layer_maker = _blocks_of(config)
-    image = keras.Input(shape=(None, None, 1), name="slice")  # (n, H, W, 1)
+    image = keras.Input(shape=(None, None, channels), name="slice")  # (n, H, W, C)
     x = layer_maker.conv(2, config.width, config.stem_kernel, "stem_conv", strides=2, relu=True)(
         image
     )  # (n, H/2, W/2, width)
@@ -272,28 +275,34 @@ def _blocks_of(config: ModelConfig) -> _Blocks:
     return _Blocks(config.init, config.norm, config.norm_groups, config.dtype_policy)
 
 
-def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:  # noqa: B008 - frozen
+def build_model(
+    config: ModelConfig = ModelConfig(),  # noqa: B008 - frozen
+    channels: int = 1,
+) -> keras.Model:
     """Builds the Doubly Deep CNN.
 
     Args:
       config: ModelConfig. Defaults to the paper's model (11,611,785 parameters).
+      channels: int. Channels of the input volume, ``InputConfig.channels`` (1 for one input
+        variant, 3 for ``t0,t1,t2``); only the stem conv's kernel depends on it (each extra
+        channel adds ``stem_kernel**2 * width`` weights). Defaults to 1.
 
     Returns:
-      keras.Model with input "volume" (batch, S, H, W, 1) float32 and a dict of outputs
+      keras.Model with input "volume" (batch, S, H, W, channels) float32 and a dict of outputs
       {label: (batch, 2) float32 softmax} keyed by constants.LABELS.
 
     Raises:
-      ValueError: remat_chunk > 0 on a non-TensorFlow backend (ModelConfig checks its fields
-        itself when it is made).
+      ValueError: remat_chunk > 0 on a non-TensorFlow backend, or channels not a positive int
+        (ModelConfig checks its fields itself when it is made).
     """
     _check_backend(config)
     dtype = config.dtype_policy
-    trunk = build_trunk(config)
-    volume = keras.Input(shape=(None, None, None, 1), name="volume")  # (batch, S, H, W, 1)
+    trunk = build_trunk(config, channels)
+    volume = keras.Input(shape=(None, None, None, channels), name="volume")  # (batch, S, H, W, C)
     if config.slice_mode == "time_distributed":
         maps = SliceTimeDistributed(trunk, name="trunk_td")(volume)  # (batch, S, h, w, 1)
     else:
-        folded = FoldSlices(name="fold_slices")(volume)  # (batch*S, H, W, 1)
+        folded = FoldSlices(name="fold_slices")(volume)  # (batch*S, H, W, C)
         if config.remat_chunk:
             # Same weights as `trunk`; recomputed chunk by chunk in the backward pass.
             trunk_layer = remat_tf.SliceChunkedTrunk(
@@ -347,7 +356,9 @@ def _conv_out(n, stride):
     return -(-n // stride)  # "same" padding: ceil(n / stride)
 
 
-def count_flops(config: ModelConfig, slices: int, height: int, width: int) -> int:
+def count_flops(
+    config: ModelConfig, slices: int, height: int, width: int, channels: int = 1
+) -> int:
     """Analytic forward FLOPs of one exam: 2 x multiply-accumulates of every conv and dense.
 
     Bias adds, ReLUs, residual adds, pooling and softmax are not counted (< 1% at the
@@ -358,15 +369,21 @@ def count_flops(config: ModelConfig, slices: int, height: int, width: int) -> in
       slices: int. S.
       height: int. H.
       width: int. W.
+      channels: int. Input channels. Defaults to 1.
 
     Returns:
       int FLOPs for one exam (batch 1).
     """
-    for name, value in (("slices", slices), ("height", height), ("width", width)):
+    for name, value in (
+        ("slices", slices),
+        ("height", height),
+        ("width", width),
+        ("channels", channels),
+    ):
         _check_positive_int(name, value)
     macs = 0
     h, w, c = _conv_out(height, 2), _conv_out(width, 2), config.width
-    macs += h * w * c * config.stem_kernel**2 * 1  # stem
+    macs += h * w * c * config.stem_kernel**2 * channels  # stem
     h, w = _conv_out(h, 2), _conv_out(w, 2)  # max-pool
     for stage, (mult, blocks) in enumerate(zip(STAGE_MULTIPLIERS, config.blocks_per_stage)):
         filters = config.width * mult

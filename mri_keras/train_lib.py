@@ -163,7 +163,7 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
     steps = math.ceil(info.num_train / strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = model_lib.build_model(config.model)
+        model = model_lib.build_model(config.model, config.input.channels)
         optimizer = schedules.make_optimizer(config, steps)
         optimizer.build(model.trainable_variables)
     run_state = tf.Variable("", dtype=tf.string, trainable=False, name="run_state")
@@ -288,7 +288,9 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
         # Order matters for crash safety: candidate file, then checkpoint, then rename.
         if improved and is_chief:
             if portable is None:
-                portable = model_lib.build_model(export_lib.serving_model_config(config.model))
+                portable = model_lib.build_model(
+                    export_lib.serving_model_config(config.model), config.input.channels
+                )
             export_lib.copy_weights(model, portable)
             portable.save(run_dir_lib.candidate_path(model_dir, epoch + 1))
         # The epoch's time includes its share of the bookkeeping below, so the checkpoint

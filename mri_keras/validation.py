@@ -32,13 +32,16 @@ def _predict_fn(model, tta_mode: str = "none"):
         # A weak reference: a value that held the model strongly would keep its key (and every
         # trained model) alive for the life of the process.
         model_ref = weakref.ref(model)
+        channels = model.inputs[0].shape[-1]  # One per input variant (InputConfig.channels).
 
         def probs(volume):
             out = model_ref()(volume, training=False)
             # (batch, 4): probability of the positive class of each head, LABELS order.
             return tf.stack([tf.cast(out[k][:, 1], tf.float32) for k in constants.LABELS], -1)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, None], tf.float32)])
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, None, None, None, channels], tf.float32)]
+        )
         def fn(volume):
             return tta.averaged(probs, volume, tta_mode)
 

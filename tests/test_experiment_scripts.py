@@ -35,7 +35,7 @@ def test_table1_script_trains_evaluates_ensembles_and_prints_the_table(tmp_path)
         f"--data_dir={data}",
         f"--output_dir={out}",
         "--scale=demo",
-        "--variants=t1sub,t2sub",
+        "--variants=t1sub,t2sub,subtractions",  # A row beyond the paper: 3 channels.
         "--epochs=1",
         "--n_bootstrap=20",
         "--",
@@ -43,9 +43,10 @@ def test_table1_script_trains_evaluates_ensembles_and_prints_the_table(tmp_path)
     )
     rows = list(csv.DictReader(open(out / "table1.csv")))
     # Long format: one row per (table row, task); rows of images not trained stay empty.
-    # Two single-image rows and both ensembles (mean of the subtractions, Caruana over all).
+    # Two single-image rows, the 3-channel row and both ensembles (mean of the subtractions,
+    # Caruana over all the paper's rows).
     measured = {r["key"] for r in rows if r["auc"]}
-    assert len(measured) == 4, measured
+    assert len(measured) == 5 and "subtractions" in measured, measured
     for v in ("t1sub", "t2sub"):
         assert any(v in key for key in measured), (v, measured)
     assert {r["task"] for r in rows} == {"benign", "malignant"}
@@ -59,6 +60,13 @@ def test_table1_script_trains_evaluates_ensembles_and_prints_the_table(tmp_path)
     assert "<th>Malignant AUC</th>" in (out / "report.html").read_text()
     for key in ("t1sub", "t2sub", "mean_sub", "caruana_all"):
         assert (out / "eval" / key / "test" / "report.html").exists(), key
+    # The extra row trained on its flagfile's input and stayed out of both ensembles.
+    config = json.load(open(out / "models" / "subtractions" / "config.json"))
+    assert config["input"]["input_variant"] == "t1-t0,t2-t0,t3-t0"
+    for ensemble in ("caruana_all", "mean_sub"):
+        members = json.load(open(out / "eval" / ensemble / "ensemble.json"))["members"]
+        assert "subtractions" not in json.dumps(members), (ensemble, members)
+    assert "| *Beyond the paper* (not in Gong et al.) | | |" in stdout
 
 
 @pytest.mark.slow

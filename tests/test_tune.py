@@ -446,8 +446,8 @@ def test_six_trials_in_one_process_free_their_models_and_bounded_rss(
     models, rss = [], []
     build = model_lib.build_model
 
-    def tracked_build(config):
-        model = build(config)
+    def tracked_build(config, *args, **kwargs):
+        model = build(config, *args, **kwargs)
         models.append(weakref.ref(model))
         return model
 

@@ -87,10 +87,10 @@ def bare_step_ms(config, shape, steps: int = 60) -> float:
     from mri_keras import model as model_lib
 
     keras.utils.set_random_seed(0)
-    model = model_lib.build_model(config.model)
+    model = model_lib.build_model(config.model, config.input.channels)
     optimizer = schedules.make_optimizer(config, 100)
     optimizer.build(model.trainable_variables)
-    volume = tf.random.normal((1, *shape, 1))
+    volume = tf.random.normal((1, *shape, config.input.channels))
     targets = {k: tf.constant([[1.0, 0.0]]) for k in constants.LABELS}
     iterator = iter(tf.data.Dataset.from_tensors((volume, targets)).repeat())
     step = train_lib._make_train_step(model, optimizer, tf.distribute.get_strategy(), False)
