@@ -89,20 +89,14 @@ def align(a: predictions_io.Predictions, b: predictions_io.Predictions, path_a: 
         message names the files and the first such exam.
     """
     path_a, path_b = _csv_path(path_a), _csv_path(path_b)
-    in_b = set(b.exam_ids)
-    only_a = [e for e in a.exam_ids if e not in in_b]
-    if only_a:
-        raise ValueError(
-            f"{path_b} lacks exam {only_a[0]} of {path_a} ({len(only_a)} exam(s) missing); "
-            "a paired comparison needs the same exams in both files"
-        )
-    in_a = set(a.exam_ids)
-    only_b = [e for e in b.exam_ids if e not in in_a]
-    if only_b:
-        raise ValueError(
-            f"{path_a} lacks exam {only_b[0]} of {path_b} ({len(only_b)} exam(s) missing); "
-            "a paired comparison needs the same exams in both files"
-        )
+    for one, path_one, other, path_other in ((a, path_a, b, path_b), (b, path_b, a, path_a)):
+        in_other = set(other.exam_ids)
+        missing = [e for e in one.exam_ids if e not in in_other]
+        if missing:
+            raise ValueError(
+                f"{path_other} lacks exam {missing[0]} of {path_one} ({len(missing)} exam(s) "
+                "missing); a paired comparison needs the same exams in both files"
+            )
     b = b.reindex(a.exam_ids)
     for i, exam in enumerate(a.exam_ids):
         if a.patient_ids[i] != b.patient_ids[i]:

@@ -178,6 +178,19 @@ def percentile_interval(values, confidence: float = DEFAULT_CONFIDENCE):
     return low, high
 
 
+def _binary_scores(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    """Flat int64 0/1 labels and float64 scores, checked: same length, finite scores."""
+    y = np.asarray(y_true).astype(np.int64).reshape(-1)
+    s = np.asarray(y_score, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"y_true and y_score differ in length: {y.shape} vs {s.shape}")
+    if np.any((y != 0) & (y != 1)):
+        raise ValueError("y_true must be 0/1.")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("y_score holds NaN or infinite values.")
+    return y, s
+
+
 class _WeightedAuc:
     """AUC of fixed (y_true, y_score) under varying non-negative sample weights.
 
@@ -186,14 +199,7 @@ class _WeightedAuc:
     """
 
     def __init__(self, y_true, y_score):
-        y = np.asarray(y_true).astype(np.int64).reshape(-1)
-        s = np.asarray(y_score, dtype=np.float64).reshape(-1)
-        if y.shape != s.shape:
-            raise ValueError(f"y_true and y_score differ in length: {y.shape} vs {s.shape}")
-        if np.any((y != 0) & (y != 1)):
-            raise ValueError("y_true must be 0/1.")
-        if not np.all(np.isfinite(s)):
-            raise ValueError("y_score holds NaN or infinite values.")
+        y, s = _binary_scores(y_true, y_score)
         self._pos = y.astype(np.float64)
         self._neg = 1.0 - self._pos
         _, self._inv = np.unique(s, return_inverse=True)
@@ -222,14 +228,7 @@ class WeightedRoc:
     """
 
     def __init__(self, y_true, y_score):
-        y = np.asarray(y_true).astype(np.int64).reshape(-1)
-        s = np.asarray(y_score, dtype=np.float64).reshape(-1)
-        if y.shape != s.shape:
-            raise ValueError(f"y_true and y_score differ in length: {y.shape} vs {s.shape}")
-        if np.any((y != 0) & (y != 1)):
-            raise ValueError("y_true must be 0/1.")
-        if not np.all(np.isfinite(s)):
-            raise ValueError("y_score holds NaN or infinite values.")
+        y, s = _binary_scores(y_true, y_score)
         unique, inverse = np.unique(s, return_inverse=True)  # ascending
         self._pos = y.astype(np.float64)
         self._index = (unique.size - 1) - inverse.reshape(-1)  # rank from the highest score

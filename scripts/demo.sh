@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the bundled synthetic cohort, end to end:
 #   synthetic DICOM archive -> TFRecords -> trained Doubly Deep CNN (configs/demo.flags)
-#   -> evaluation on the test split (AUCs with 95% CIs) -> prediction with heatmaps on one
-#   test exam -> a short report.
+#   -> evaluation on val and test (AUCs with 95% CIs, operating points, calibration,
+#   report.html) -> prediction with heatmaps on one test exam -> a short report.
 # Creates .venv (with the python3 on PATH) and installs the package if needed. Idempotent:
 # a rerun reuses the cohort, the records, a finished training run, the evaluation and the
 # prediction.
@@ -111,18 +111,19 @@ step 3 "Train the Doubly Deep CNN (configs/demo.flags; resumes if interrupted)"
 "$PY" -m mri_keras.train --flagfile=configs/demo.flags --data_dir="$RECORDS" \
   --model_dir="$MODEL_DIR" $TRAIN_FLAGS
 
-step 4 "Evaluate on the test split (breast-level AUCs, 95% bootstrap CIs by patient)"
+step 4 "Evaluate on val and test (breast-level AUCs, 95% bootstrap CIs by patient; a threshold chosen on val, applied to test)"
 # Kept when it evaluated this best.keras with these settings (a rerun of a finished demo).
-if [ "$EVAL_DIR/metrics.json" -nt "$MODEL_DIR/best.keras" ] && "$PY" - "$EVAL_DIR/metrics.json" "$N_BOOTSTRAP" "$TTA" <<'PYEOF' 2>/dev/null
+if [ "$EVAL_DIR/test/metrics.json" -nt "$MODEL_DIR/best.keras" ] && [ -f "$EVAL_DIR/val/metrics.json" ] \
+    && "$PY" - "$EVAL_DIR/test/metrics.json" "$N_BOOTSTRAP" "$TTA" <<'PYEOF' 2>/dev/null
 import json, sys
 m = json.load(open(sys.argv[1]))
 same = m["breast_level"]["malignant"]["n_bootstrap"] == int(sys.argv[2])
-sys.exit(0 if same and m.get("tta", "none") == sys.argv[3] else 1)
+sys.exit(0 if same and m.get("tta", "none") == sys.argv[3] and "validation_threshold" in m else 1)
 PYEOF
 then
   echo "Reusing $EVAL_DIR"
 else
-  "$PY" -m mri_keras.evaluate --model="$MODEL_DIR" --data_dir="$RECORDS" --split=test \
+  "$PY" -m mri_keras.evaluate --model="$MODEL_DIR" --data_dir="$RECORDS" --split=val,test \
     --output_dir="$EVAL_DIR" --n_bootstrap="$N_BOOTSTRAP" --name=demo --tta="$TTA"
 fi
 
@@ -153,7 +154,7 @@ else
 fi
 
 step 6 "Report"
-"$PY" - "$EVAL_DIR/metrics.json" "$MODEL_DIR/metrics.csv" <<'PYEOF'
+"$PY" - "$EVAL_DIR/test/metrics.json" "$MODEL_DIR/metrics.csv" <<'PYEOF'
 import csv, json, math, sys
 m = json.load(open(sys.argv[1]))
 def fmt(r):
@@ -166,6 +167,12 @@ print(f"Test split: {c['exams']} exams, {c['patients']} patients, {c['breasts']}
 print("  breast-level malignant AUC:", fmt(m["breast_level"]["malignant"]))
 print("  breast-level benign AUC:   ", fmt(m["breast_level"]["benign"]))
 print("  exam-level malignant AUC:  ", fmt(m["exam_level"]["malignant"]))
+op = (m.get("validation_threshold") or {}).get("malignant") or {}
+if op.get("test"):
+    t = op["test"]
+    print(f"  malignant, threshold {op['threshold']:.3f} chosen on val at {op['operating_point']}: "
+          f"test sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f} "
+          f"(TP {t['tp']}, FP {t['fp']}, TN {t['tn']}, FN {t['fn']})")
 rows = list(csv.DictReader(open(sys.argv[2])))
 def auc(r):
     v = float(r["val_malignant_auc"] or "nan")
@@ -181,7 +188,8 @@ Artefacts (all under $OUT):
   records/           TFRecords, manifest.json, failures.csv
   private/           pseudonym key and id map (keep these private; never inside records/)
   model/             best.keras, export/ (SavedModel), metrics.csv, tensorboard/, checkpoints/
-  evaluation/        predictions.csv, metrics.json, roc.png
+  evaluation/        val/ and test/: predictions.csv, metrics.json, roc.png, reliability.png,
+                     decision_curve.png/.csv, report.html (everything on one page)
   prediction/        prediction.json, heatmaps/ (PNG overlays + heatmap.npy)
 Total time: $(( $(date +%s) - START )) s
 TXT

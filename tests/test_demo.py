@@ -36,20 +36,24 @@ def test_reduced_demo_runs_end_to_end_and_reruns_idempotently(tmp_path):
         "model/best.keras",
         "model/export/saved_model.pb",
         "model/metrics.csv",
-        "evaluation/predictions.csv",
-        "evaluation/metrics.json",
-        "evaluation/roc.png",
+        "evaluation/test/predictions.csv",
+        "evaluation/test/metrics.json",
+        "evaluation/test/roc.png",
+        "evaluation/test/report.html",
+        "evaluation/val/metrics.json",
         "prediction/prediction.json",
         "prediction/heatmaps/heatmap.npy",
     ):
         assert (out / rel).exists(), rel
-    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    metrics = json.loads((out / "evaluation" / "test" / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["counts"]["exams"] >= 1
+    assert metrics["tta"] == "flip" and "validation_threshold" in metrics  # The recipe's.
     prediction = json.loads((out / "prediction" / "prediction.json").read_text())
     for side in ("left", "right"):
         for task in ("benign", "malignant"):
             assert 0.0 <= prediction[side][task] <= 1.0
     assert prediction["input"] == "t2-t0" and prediction["slices"] == 8
+    assert prediction["tta"] == "flip"
     assert "breast-level malignant AUC" in first.stdout
     assert "Artefacts (all under" in first.stdout
     # The key and id map are never inside the records directory.
@@ -62,7 +66,7 @@ def test_reduced_demo_runs_end_to_end_and_reruns_idempotently(tmp_path):
     assert "Reusing" in second.stdout
     for what in ("cohort", "records", "evaluation", "prediction"):  # Nothing redone.
         assert f"Reusing {out / what}" in second.stdout, what
-    assert json.loads((out / "evaluation" / "metrics.json").read_text()) == metrics
+    assert json.loads((out / "evaluation" / "test" / "metrics.json").read_text()) == metrics
     assert (out / "records" / "manifest.json").stat().st_mtime_ns == mtime
 
 
