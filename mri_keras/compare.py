@@ -18,6 +18,8 @@ otherwise the comparison is refused, naming the file and the first exam that dif
 
 from __future__ import annotations
 
+from tfrecords_tools import quiet_tf  # noqa: F401  # isort: skip (first: quiets TF's start-up)
+
 import dataclasses
 import json
 import os
