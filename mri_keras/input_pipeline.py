@@ -2,7 +2,7 @@
 
 Order (Model Garden ``input_reader``): shard files from the manifest -> shard by input pipeline
 -> shuffle files (train) -> ``interleave(TFRecordDataset)`` -> keep ``exam_ids`` -> shuffle
-records (train) -> ``map(parse -> preprocess -> augment)`` -> ``batch(1)`` -> ``prefetch``.
+records (train) -> ``map(parse -> preprocess -> augment -> batch axis)`` -> ``prefetch``.
 Everything after the file list is TF ops; nothing calls back into Python per exam.
 
 The ``exam_ids`` filter runs before the shuffle buffer and the full parse: it reads only the
@@ -542,7 +542,9 @@ def make_dataset(
                     "patient_id": parsed[schema.KEY_PATIENT_ID],
                 },
             )
-        return out
+        # One exam per batch: a batch axis of static size 1, added in place. ``batch(1)`` would
+        # copy every exam once more (at 128 x 448 x 448: +45 ms of CPU per exam, ~17%).
+        return tf.nest.map_structure(lambda t: t[tf.newaxis], out)
 
     if training:
         map_fn = lambda pair, element_seed: to_example(*pair, element_seed)  # noqa: E731
@@ -552,7 +554,6 @@ def make_dataset(
     # ~1 s per dataset built (measured: half the bookkeeping of a demo epoch).
     map_fn = tf.autograph.experimental.do_not_convert(map_fn)
     ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seeded or not training)
-    ds = ds.batch(1, drop_remainder=True)  # Never drops; makes the batch dim static.
     ds = ds.prefetch(tf.data.AUTOTUNE)
     # tf.data's autotuning thread backs off exponentially (10 ms, 20 ms, ... 60 s) and an
     # iterator's destruction waits for its next wake-up: training dropped each epoch's
