@@ -48,6 +48,7 @@ def write_synthetic_records(
     width: int,
     num_shards: int = 4,
     seed: int = 0,
+    phases=None,
 ) -> str:
     """Writes ``num_exams`` random 4-phase exams as a ``train`` split with a manifest.
 
@@ -57,6 +58,7 @@ def write_synthetic_records(
       slices, height, width: int. Shape of every exam.
       num_shards: int. Shard files (at most num_exams). Defaults to 4.
       seed: int. Seed of the voxels and labels. Defaults to 0.
+      phases: optional phases to store. Defaults to all four (as the converter stores them).
 
     Returns:
       ``directory``.
@@ -67,6 +69,7 @@ def write_synthetic_records(
     from tfrecords_tools import schema
 
     os.makedirs(directory, exist_ok=True)
+    stored = tuple(phases or schema.PHASES)
     rng = np.random.default_rng(seed)
     num_shards = max(1, min(num_shards, num_exams))
     names = [
@@ -80,9 +83,11 @@ def write_synthetic_records(
         base = rng.gamma(2.0, 150.0, size=shape)
         # As the converter writes them: the scanner's 16-bit integers with a rescale.
         volumes = {
-            p: np.rint(base * (1.0 + 0.3 * k)).astype(np.int16) for k, p in enumerate(schema.PHASES)
+            p: np.rint(base * (1.0 + 0.3 * k)).astype(np.int16)
+            for k, p in enumerate(schema.PHASES)
+            if p in stored
         }
-        rescale = {p: (1.6875, -16.0) for p in schema.PHASES}
+        rescale = {p: (1.6875, -16.0) for p in stored}
         labels = [int(v) for v in rng.integers(0, 2, size=4)]
         exam_id, patient_id = f"bench{i:05d}", f"benchpatient{i:05d}"
         writers[i % num_shards].write(
@@ -95,7 +100,7 @@ def write_synthetic_records(
         w.close()
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
-        "phases": list(schema.PHASES),
+        "phases": list(stored),
         "labels": list(schema.LABELS),
         "splits": {
             "train": {
@@ -409,6 +414,7 @@ def measure_placements(
     input_variant: str = "t2-t0",
     repeats: int = 3,
     accelerator_tflops: float = 300.0,
+    stored_phases=None,
 ) -> list:
     """CPU and bytes per exam of the two preprocessing placements, and what one GPU needs.
 
@@ -427,6 +433,7 @@ def measure_placements(
       repeats: int. Timed epochs (median). Defaults to 3.
       accelerator_tflops: float. Achieved TFLOP/s of one accelerator on the train step (e.g.
         300 = an H100-class GPU at ~30% of its ~990 bf16 dense peak). Defaults to 300.
+      stored_phases: optional phases the synthetic records store. Defaults to all four.
 
     Returns:
       One ``{"benchmark": "placement", "placement", "cpu_ms_per_exam",
@@ -446,7 +453,9 @@ def measure_placements(
     with tempfile.TemporaryDirectory(prefix="pipeline_placements_") as tmp:
         synthetic = records_dir is None
         if synthetic:
-            records_dir = write_synthetic_records(tmp, num_exams, slices, height, width)
+            records_dir = write_synthetic_records(
+                tmp, num_exams, slices, height, width, phases=stored_phases
+            )
         files = _split_files(records_dir, split, input_variant)
         record_mb = sum(os.path.getsize(p) for p in files) / 1e6
         step = tf.function(lambda batch: preprocessing.preprocess_batch(batch, config))
@@ -474,6 +483,8 @@ def measure_placements(
             for placement in placements:  # Alternating: a load change hits all of them.
                 runs[placement].append(epoch(placement))
     common = {"records": "synthetic" if synthetic else records_dir, "repeats": repeats}
+    if synthetic:
+        common["stored_phases"] = list(stored_phases or ("t0", "t1", "t2", "t3"))
     if synthetic:
         common["shape"] = [slices, height, width]
     if hasattr(os, "getloadavg"):
@@ -540,6 +551,7 @@ def main(argv):
             input_variant=f.input_variant,
             repeats=f.repeats,
             accelerator_tflops=f.accelerator_tflops,
+            stored_phases=f.stored_phases or None,
         ):
             print(json.dumps(result), flush=True)
         return
@@ -594,6 +606,12 @@ def _define_flags():
         False,
         "Measure CPU and bytes per exam of --preprocess_on=cpu and =device, and the CPU cores "
         "and read GB/s one accelerator needs (default 8 exams).",
+    )
+    flags.DEFINE_list(
+        "stored_phases",
+        [],
+        "With --placements: phases the synthetic records store (default all four, as the "
+        "converter writes them; t0,t2 = only what t2-t0 reads).",
     )
     flags.DEFINE_float(
         "accelerator_tflops",
