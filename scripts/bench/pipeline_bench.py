@@ -482,7 +482,11 @@ def measure_placements(
         for _ in range(repeats):
             for placement in placements:  # Alternating: a load change hits all of them.
                 runs[placement].append(epoch(placement))
-    common = {"records": "synthetic" if synthetic else records_dir, "repeats": repeats}
+    common = {
+        "records": "synthetic" if synthetic else records_dir,
+        "repeats": repeats,
+        "malloc": "default" if os.environ.get("MRI_KERAS_DEFAULT_MALLOC") == "1" else "tuned",
+    }
     if synthetic:
         common["stored_phases"] = list(stored_phases or ("t0", "t1", "t2", "t3"))
     if synthetic:
@@ -537,6 +541,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    from tfrecords_tools import memory
+
+    # As training does (mri_keras.train): reuse freed exam-sized blocks instead of mapping and
+    # page-faulting them afresh; MRI_KERAS_DEFAULT_MALLOC=1 measures glibc's defaults.
+    memory.tune_malloc()
     slices, height, width = f.slices, f.height, f.width
     if f.shape:
         slices, height, width = (int(v) for v in f.shape)
