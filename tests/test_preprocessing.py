@@ -158,3 +158,14 @@ def test_placement_benchmark_reports_both_paths_and_the_gpu_budget():
     budget = results[-1]
     assert budget["benchmark"] == "gpu_budget" and budget["step_tflop"] > 0
     assert budget["cores_per_gpu_device"] > 0 and budget["read_gb_per_s"] > 0
+
+
+def test_preprocess_on_setting_is_checked_and_auto_resolves_by_hardware():
+    from mri_keras import config as config_lib
+    from mri_keras import train_lib
+
+    with pytest.raises(config_lib.ConfigError, match="preprocess_on must be one of"):
+        train_lib.TrainConfig(data_dir="d", model_dir="m", preprocess_on="gpu")
+    assert train_lib.resolve_preprocess_on("device") == "device"
+    expected = "device" if tf.config.list_physical_devices("GPU") else "cpu"
+    assert train_lib.resolve_preprocess_on("auto") == expected
