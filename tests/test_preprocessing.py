@@ -75,7 +75,9 @@ AUGMENTED = dict(flip=True, crop=0.75, crop_slices=2)
     "variant, normalization, augment",
     [(v, "zscore", False) for v in constants.INPUT_VARIANTS]
     + [(v, "zscore", True) for v in ("t0", "t2-t0", "t3-t0")]
-    + [("t2-t0", "percentile", False), ("t1", "percentile", True)],
+    + [("t2-t0", "percentile", False), ("t1", "percentile", True)]
+    # Several variants stacked as channels, each normalised on its own.
+    + [("t0,t1,t2", "zscore", True), ("t1sub,t2sub,t3sub", "percentile", False)],
 )
 def test_device_path_matches_cpu_path(records_dir, variant, normalization, augment):
     config = InputConfig(
