@@ -219,7 +219,9 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
         device_input=config.input if on_device else None,
         bucket_spec=bucket_spec,
     )
-    val_dataset = validation.validation_dataset(config.data_dir, config.val_split, config.input)
+    val_dataset = validation.validation_dataset(
+        config.data_dir, config.val_split, config.input, preprocess_on=preprocess_on
+    )
     callbacks = keras.callbacks.CallbackList(list(extra_callbacks or []), model=model)
     model.stop_training = False
 

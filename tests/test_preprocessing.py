@@ -171,3 +171,21 @@ def test_preprocess_on_setting_is_checked_and_auto_resolves_by_hardware():
     assert train_lib.resolve_preprocess_on("device") == "device"
     expected = "device" if tf.config.list_physical_devices("GPU") else "cpu"
     assert train_lib.resolve_preprocess_on("auto") == expected
+
+
+def test_validation_on_device_scores_like_validation_on_cpu(records_dir):
+    from mri_keras import model as model_lib
+    from mri_keras import validation
+    from mri_keras.config import ModelConfig
+
+    model = model_lib.build_model(
+        ModelConfig(width=4, blocks_per_stage=(1, 1, 1, 1), channels_3d=8, stem_kernel=3)
+    )
+    config = InputConfig(input_variant="t2-t0")
+    scored = {}
+    for on in ("cpu", "device"):
+        ds = validation.validation_dataset(records_dir, "train", config, preprocess_on=on)
+        scored[on] = validation.predict_split(model, records_dir, "train", config, dataset=ds)
+    assert scored["cpu"].exam_ids == scored["device"].exam_ids
+    np.testing.assert_array_equal(scored["cpu"].labels, scored["device"].labels)
+    np.testing.assert_allclose(scored["cpu"].probs, scored["device"].probs, rtol=1e-5, atol=1e-6)
