@@ -85,78 +85,21 @@ def input_image(phases: Mapping[str, tf.Tensor], input_variant: str) -> tf.Tenso
             f"missing {missing}. Received phases: {sorted(phases)}"
         )
     as_float = {p: tf.cast(phases[p], tf.float32) for p in needed}
-    channels = []
-    for variant in constants.input_channels(name):
-        if "-" in variant:
-            post, pre = variant.split("-")
-            channels.append(as_float[post] - as_float[pre])
-        else:
-            channels.append(as_float[variant])
-    return tf.stack(channels, axis=-1)
+    return tf.stack(preprocessing.input_image(as_float, name), axis=-1)
 
 
-def _zscore(x: tf.Tensor) -> tf.Tensor:
-    mean = tf.reduce_mean(x)
-    centred = x - mean
-    std = tf.sqrt(tf.reduce_mean(tf.square(centred)))
-    # A constant exam has no contrast to scale; leave it centred (all zeros).
-    return centred / tf.where(std > 0.0, std, tf.ones_like(std))
-
-
-def percentile(x: tf.Tensor, low: float, high: float) -> tuple[tf.Tensor, tf.Tensor]:
-    """The ``low`` and ``high`` percentiles of all values of ``x``.
-
-    Linear interpolation between order statistics, as ``numpy.percentile``'s default. Only the
-    two tails are sorted (``tf.math.top_k``), which for the usual (0.5, 99.5) is a small
-    fraction of the cost of sorting the whole volume.
-
-    Args:
-      x: float32 tensor of any shape with at least one element.
-      low: float in [0, 100].
-      high: float in [low, 100].
-
-    Returns:
-      (low value, high value), float32 scalars.
-    """
-    flat = tf.reshape(x, [-1])
-    n = tf.size(flat, out_type=tf.int64)
-    last = tf.cast(n - 1, tf.float64)
-
-    def order_statistics(q, values):
-        # values sorted so that position `pos` counts from the end they start at.
-        pos = q / 100.0 * last
-        below = tf.floor(pos)
-        frac = tf.cast(pos - below, tf.float32)
-        i = tf.cast(below, tf.int64)
-        k = tf.minimum(i + 2, n)
-        top = tf.math.top_k(values, k=tf.cast(k, tf.int32), sorted=True).values
-        a = top[i]
-        b = top[tf.minimum(i + 1, k - 1)]
-        return a, b, frac
-
-    # Smallest values first: top_k of -x.
-    a, b, frac = order_statistics(tf.constant(low, tf.float64), -flat)
-    low_value = -a + (-b + a) * frac
-    # Largest values first, counted from the top.
-    a, b, frac = order_statistics(tf.constant(100.0 - high, tf.float64), flat)
-    high_value = a + (b - a) * frac
-    return low_value, high_value
-
-
-def _percentile_scale(x: tf.Tensor, low: float, high: float) -> tf.Tensor:
-    lo, hi = percentile(x, low, high)
-    span = hi - lo
-    clipped = tf.clip_by_value(x, lo, hi) - lo
-    # A constant exam (span 0) maps to zeros instead of NaN.
-    return clipped / tf.where(span > 0.0, span, tf.ones_like(span))
+# The percentiles of ``normalization="percentile"`` (``mri_keras.preprocessing``, keras.ops).
+percentile = preprocessing.percentile
 
 
 def preprocess(phases: Mapping[str, tf.Tensor], config: InputConfig) -> tf.Tensor:
     """Stored phases of one exam -> the model input (input variant + normalisation).
 
     THE preprocessing of mri_keras: training, evaluation, the SavedModel's serving signature
-    and ``mri_keras.predict`` all call this, so they cannot disagree. TF ops only; works on one
-    unbatched exam inside a ``tf.function`` whose S, H, W are unknown.
+    and ``mri_keras.predict`` all call this, so they cannot disagree; its arithmetic (input
+    variant, normalisation) is ``mri_keras.preprocessing``'s, the definition the train step
+    runs on the accelerator with ``--preprocess_on=device``. Works on one unbatched exam inside
+    a ``tf.function`` whose S, H, W are unknown.
 
     Args:
       phases: mapping phase name -> ``(S, H, W)`` tensor (any real dtype; computed in float32)
@@ -171,17 +114,10 @@ def preprocess(phases: Mapping[str, tf.Tensor], config: InputConfig) -> tf.Tenso
       its ``[percentiles[0], percentiles[1]]`` percentiles and scaled to ``[0, 1]``.
     """
     x = input_image(phases, config.input_variant)  # (S, H, W, C), C static
-    # InputConfig has checked the normalisation and the percentiles.
-    if config.normalization == "zscore":
-        scale = _zscore
-    else:
-
-        def scale(channel):
-            return _percentile_scale(channel, *config.percentiles)
-
     # Per channel: a phase and a subtraction differ in scale by an order of magnitude, and a
     # shared statistic would let one channel's range flatten the others.
-    return tf.stack([scale(x[..., c]) for c in range(x.shape[-1])], axis=-1)
+    channels = [preprocessing.normalize(x[..., c], config) for c in range(x.shape[-1])]
+    return tf.stack(channels, axis=-1)
 
 
 def crop_spec(crop) -> tuple[str, object] | None:

@@ -7,11 +7,15 @@ parses each record into its stored 16-bit phases and their rescale, and draws th
 TensorFlow, so the same definition runs under ``KERAS_BACKEND=jax`` on a machine without it
 (``scripts/bench/gpu_step.py``).
 
-It computes what the CPU path (``input_pipeline.preprocess`` then ``augment``) computes, to
-float32 rounding: the one difference is the rescale, always ``v * float32(slope) +
-float32(intercept)`` here, where the CPU path falls back to float64 for rescales that float32
-cannot apply exactly (``tfrecords_tools.schema.decode_volume``); ``tests/test_preprocessing.py``
-checks every input variant and normalisation, with and without augmentation.
+The arithmetic is one definition: the CPU path (``input_pipeline.preprocess``, which the
+export, evaluation and prediction call) computes its input image and normalisation with
+:func:`input_image` and :func:`normalize` from here (keras.ops are TF ops under the TensorFlow
+backend). What differs is data movement and the rescale: the CPU path crops and flips with its
+own tf.data-tuned ops, and rescales in float64 where float32 cannot apply a rescale exactly
+(``tfrecords_tools.schema.decode_volume``), where this module always computes ``v *
+float32(slope) + float32(intercept)``. ``tests/test_preprocessing.py`` checks both paths agree
+to float32 rounding on every input variant, stored dtype and normalisation, with and without
+augmentation.
 
 An element of the device stream is a dict (batch axis first, one exam per batch), per phase
 ``p`` the keys of :func:`stored_keys`: ``p`` int16 ``(1, S, H, W)`` (16-bit records; uint16
@@ -23,6 +27,7 @@ training stream, ``crop_begin`` and ``crop_size`` int32 ``(1, 3)`` (slices, rows
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from keras import ops
@@ -78,8 +83,44 @@ def _zscore(x):
     return centred / ops.where(std > 0.0, std, ops.ones_like(std))
 
 
+def _tail_statistic(values, q: float, n):
+    """The value at position ``q / 100 * (n - 1)`` of ``values`` sorted in descending order,
+    interpolated linearly; only the top ``i + 2`` values are sorted (``ops.top_k``)."""
+    if isinstance(n, int):  # Static size (JAX, or a known shape): Python arithmetic, static k.
+        pos = q / 100.0 * (n - 1)
+        i = int(math.floor(pos))
+        frac, k = pos - i, min(i + 2, n)
+        top = ops.top_k(values, k, sorted=True)[0]
+        return top[i] + (top[min(i + 1, k - 1)] - top[i]) * frac
+    pos = q / 100.0 * ops.cast(n - 1, "float64")
+    below = ops.floor(pos)
+    frac = ops.cast(pos - below, "float32")
+    i = ops.cast(below, "int32")
+    k = ops.minimum(i + 2, n)
+    top = ops.top_k(values, k, sorted=True)[0]
+    a, b = top[i], top[ops.minimum(i + 1, k - 1)]
+    return a + (b - a) * frac
+
+
+def percentile(x, low: float, high: float):
+    """The ``low`` and ``high`` percentiles of all values of ``x`` (float32 scalars).
+
+    Linear interpolation between order statistics, as ``numpy.percentile``'s default. Only the
+    two tails are sorted (``ops.top_k``), which for the usual (0.5, 99.5) is a small fraction
+    of the cost of sorting the whole volume.
+    """
+    flat = ops.reshape(x, [-1])
+    n = flat.shape[0]
+    if n is None:  # Unknown size in a TensorFlow graph.
+        n = ops.cast(ops.size(flat), "int32")
+    # Smallest values first: the top of -x.
+    low_value = -_tail_statistic(-flat, low, n)
+    high_value = _tail_statistic(flat, 100.0 - high, n)
+    return low_value, high_value
+
+
 def _percentile_scale(x, low: float, high: float):
-    lo, hi = ops.unstack(ops.quantile(ops.reshape(x, [-1]), [low / 100.0, high / 100.0]))
+    lo, hi = percentile(x, low, high)
     span = hi - lo
     clipped = ops.clip(x, lo, hi) - lo
     # A constant exam (span 0) maps to zeros instead of NaN.
@@ -87,7 +128,8 @@ def _percentile_scale(x, low: float, high: float):
 
 
 def normalize(x, config: InputConfig):
-    """Per-exam normalisation of ``config.normalization`` (as ``input_pipeline.preprocess``)."""
+    """Per-exam normalisation of one channel (``config.normalization``; InputConfig has checked
+    it and the percentiles); ``input_pipeline.preprocess`` calls it too."""
     if config.normalization == "zscore":
         return _zscore(x)
     return _percentile_scale(x, *config.percentiles)
