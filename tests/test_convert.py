@@ -652,3 +652,22 @@ def test_body_box_margin_symmetry_and_empty_exams():
     assert box == (slice(0, 4), slice(4, 10), slice(1, 29))
     empty = body_crop.body_box({"t0": np.zeros((2, 4, 6))})
     assert empty == (slice(0, 2), slice(0, 4), slice(0, 6))
+
+
+def test_phases_option_stores_only_those_phases(tmp_path, cohort):
+    root, _ = cohort
+    assert convert(_config(tmp_path, root, out="two", phases=("t2", "t0"))).ok
+    assert convert(_config(tmp_path, root, out="all")).ok
+    two, full = str(tmp_path / "two"), str(tmp_path / "all")
+    manifest = schema.read_manifest(two)
+    assert manifest["phases"] == ["t0", "t2"] and manifest["flags"]["phases"] == ["t0", "t2"]
+    whole = _records(full)
+    for exam_id, (_, rec) in _records(two).items():
+        assert rec["phases"] == ("t0", "t2")
+        for p in ("t0", "t2"):
+            np.testing.assert_array_equal(rec[p], whole[exam_id][1][p])
+    assert sum(map(len, _shard_bytes(two).values())) < 0.6 * sum(
+        map(len, _shard_bytes(full).values())
+    )
+    with pytest.raises(ValueError, match="phases must be a non-empty subset"):
+        _config(tmp_path, root, phases=("t4",))

@@ -135,6 +135,7 @@ class _ConvertExam(beam.DoFn):
             self.options,
             files=files,
             crop_to_body=self.config.crop_to_body,
+            phases=self.config.phases,
         )
         meta = beam_files.load_meta(self.work_dir, ckey)
         if meta is not None:
@@ -151,6 +152,7 @@ class _ConvertExam(beam.DoFn):
                 self.key,
                 self.options,
                 crop_to_body=self.config.crop_to_body,
+                phases=self.config.phases,
             )
         if done.record is None:
             failure = dict(done.meta)

@@ -79,6 +79,10 @@ class ConvertConfig:
         side); the manifest's shapes are the cut ones. Measured (BENCHMARKS.md, "Feeding an
         accelerator"): 0.88x the bytes and 0.84x the read CPU per synthetic exam, 0.97x on
         pydicom's MR images, which fill their field of view. Defaults to False.
+      phases: tuple of str. The phases each record stores, a subset of ``schema.PHASES`` (in
+        that order). Training reads whole records, so storing only what the input needs (t0
+        and t2 for the paper's t2-t0) halves what every epoch reads; an input needing a phase
+        not stored is refused when training starts. Defaults to all four.
       progress: bool. Print a progress line to stderr.
     """
 
@@ -94,7 +98,16 @@ class ConvertConfig:
     num_workers: int = 0
     max_obliquity_deg: float = 15.0
     crop_to_body: bool = False
+    phases: tuple = schema.PHASES
     progress: bool = True
+
+    def __post_init__(self):
+        phases = tuple(self.phases)
+        if not phases or any(p not in schema.PHASES for p in phases):
+            raise ValueError(
+                f"phases must be a non-empty subset of {schema.PHASES}. Received: {phases}"
+            )
+        object.__setattr__(self, "phases", tuple(p for p in schema.PHASES if p in phases))
 
     def key_file(self) -> str:
         if self.pseudonym_key_file:
@@ -123,6 +136,7 @@ class ConvertConfig:
         """The settings as the manifest records them (those that change the output)."""
         flags = dataclasses.asdict(self)
         flags["split_ratios"] = list(self.split_ratios)
+        flags["phases"] = list(self.phases)
         flags["pseudonym_key_file"] = self.key_file()
         flags["id_map"] = self.id_map_file()
         flags.pop("progress")
@@ -165,6 +179,7 @@ class _Task:
     key: bytes
     options: dicom_reader.ReaderOptions
     crop_to_body: bool = False
+    phases: tuple = schema.PHASES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +200,7 @@ class ExamRecord:
 
 
 def read_exam(
-    exam, exam_dir, exam_id, labels, overrides, key, options, crop_to_body=False
+    exam, exam_dir, exam_id, labels, overrides, key, options, crop_to_body=False, phases=None
 ) -> ExamRecord:
     """Reads one exam folder and encodes its record: the one conversion of an exam that both
     converters run (``convert`` in its worker processes, ``beam_lib`` in its DoFn).
@@ -199,6 +214,7 @@ def read_exam(
       key: bytes. The pseudonym key (the patient pseudonym is made here).
       options: dicom_reader.ReaderOptions.
       crop_to_body: bool. Cut the exam to the body's box (``ConvertConfig.crop_to_body``).
+      phases: optional phases to store (``ConvertConfig.phases``). Defaults to all.
 
     Returns:
       ExamRecord; a broken exam gives a failure, never an exception.
@@ -215,16 +231,20 @@ def read_exam(
     read_s = time.perf_counter() - start
     patient_id = pseudonym.Pseudonymizer(key).patient(exam_data.patient_id)
     volumes = exam_data.volumes
+    rescale = exam_data.rescale
+    if phases is not None:
+        volumes = {p: v for p, v in volumes.items() if p in phases}
+        rescale = {p: r for p, r in rescale.items() if p in phases}
     if crop_to_body:
         values = {
-            p: schema.voxel_values(v, *exam_data.rescale.get(p, schema.IDENTITY_RESCALE))
+            p: schema.voxel_values(v, *rescale.get(p, schema.IDENTITY_RESCALE))
             for p, v in volumes.items()
         }
         box = body_crop.body_box(values)
         volumes = {p: np.ascontiguousarray(v) for p, v in body_crop.crop(volumes, box).items()}
     # Byte for byte schema.encode_example, without its three copies of the voxels.
     record = record_encoder.encode_record(
-        exam_id, patient_id, volumes, exam_data.spacing, labels, exam_data.rescale
+        exam_id, patient_id, volumes, exam_data.spacing, labels, rescale
     )
     meta = {
         "exam_id": exam_id,
@@ -256,6 +276,7 @@ def _convert_one(task: _Task, pending: record_cache.PendingRecords) -> dict:
         task.key,
         task.options,
         crop_to_body=task.crop_to_body,
+        phases=task.phases,
     )
     if done.record is None:
         return done.meta
@@ -439,6 +460,7 @@ def _start(config: ConvertConfig) -> _Run:
             pseudo.fingerprint(),
             options,
             crop_to_body=config.crop_to_body,
+            phases=config.phases,
         )
         task = _Task(
             row.exam,
@@ -451,6 +473,7 @@ def _start(config: ConvertConfig) -> _Run:
             key,
             options,
             config.crop_to_body,
+            config.phases,
         )
         run.tasks[row.exam] = task
         meta = record_cache.load_meta(work_dir, ckey)

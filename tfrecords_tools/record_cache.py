@@ -41,7 +41,15 @@ def _exam_fingerprint(exam_dir: str) -> list:
 
 
 def cache_key(
-    exam, exam_dir, labels, overrides, key_fingerprint, options, files=None, crop_to_body=False
+    exam,
+    exam_dir,
+    labels,
+    overrides,
+    key_fingerprint,
+    options,
+    files=None,
+    crop_to_body=False,
+    phases=schema.PHASES,
 ) -> str:
     """The cache key of one exam's record (changes whenever the record could).
 
@@ -56,8 +64,11 @@ def cache_key(
         caller listed them (object storage); None: listed here from ``exam_dir``.
       crop_to_body: bool. The record is cut to the body's box (``ConvertConfig.crop_to_body``);
         part of the key only when True, so the keys of earlier runs stay valid.
+      phases: the phases stored (``ConvertConfig.phases``); in the key only when not all four.
     """
     extra = {"crop_to_body": True} if crop_to_body else {}
+    if tuple(phases) != schema.PHASES:
+        extra["phases"] = list(phases)
     payload = json.dumps(
         {
             **extra,
