@@ -36,6 +36,8 @@ DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 DEFAULT_SLICE_BUCKETS = (32, 48, 64, 96, 128, 160, 192, 256)
 DEFAULT_SIZE_BUCKETS = (128, 192, 256, 320, 384, 448, 512)
+# Where training's per-voxel preprocessing runs (``TrainConfig.preprocess_on``).
+PREPROCESS_ON = ("auto", "cpu", "device")
 
 # Training options beyond the paper (the paper: "glorot", "none", "constant").
 INITS = ("glorot", "he_zero_residual")

@@ -375,6 +375,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "With --jit_compile: heights/widths training exams are padded/cropped (centred) to.",
         **fv,
     )
+    flags.DEFINE_enum(
+        "preprocess_on",
+        "auto",
+        list(constants.PREPROCESS_ON),
+        "Where the per-voxel preprocessing (rescale, subtraction, normalisation, crop, flip) "
+        "runs: cpu (tf.data), device (inside the train step, on the accelerator; tf.data only "
+        "parses and draws the augmentation) or auto (device when there is a GPU).",
+        **fv,
+    )
     flags.DEFINE_integer(
         "remat",
         0,
@@ -536,6 +545,7 @@ TRAIN_FLAGS: dict[str, FlagField] = {
     "jit_compile": FlagField(("jit_compile",)),
     "slice_buckets": FlagField(("slice_buckets",), _buckets("slice_buckets"), _texts),
     "size_buckets": FlagField(("size_buckets",), _buckets("size_buckets"), _texts),
+    "preprocess_on": FlagField(("preprocess_on",)),
     "remat": FlagField(("model.remat_chunk",)),
     "strategy": FlagField(("strategy",)),
     "cpu_replicas": FlagField(("cpu_replicas",)),

@@ -48,6 +48,7 @@ RESUMABLE_FIELDS = (
     "strategy",
     "cpu_replicas",
     "jit_compile",
+    "preprocess_on",
     "overwrite",
     "verbose",
     "model.remat_chunk",

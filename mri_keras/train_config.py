@@ -48,6 +48,12 @@ class TrainConfig:
         ``constants.DEFAULT_SLICE_BUCKETS``.
       size_buckets: tuple of ints. Height/width buckets used with jit_compile. Defaults to
         ``constants.DEFAULT_SIZE_BUCKETS``.
+      preprocess_on: str. Where the per-voxel preprocessing (rescale, subtraction,
+        normalisation, crop, flip) runs: "cpu" (in tf.data), "device" (tf.data only parses
+        the stored phases and draws the augmentation; ``mri_keras.preprocessing`` runs inside
+        the train step, on the accelerator) or "auto" (device when TensorFlow sees a GPU, else
+        cpu: on a CPU-only machine both run on the same cores and tf.data's parallel map is the
+        better place). Same numbers either way (float32 rounding). Defaults to "auto".
       overwrite: bool. Delete an existing run in model_dir and start over. Defaults to False.
       init_weights: str. Weights file (.keras / .weights.h5) to start from instead of a random
         initialisation (ignored when resuming). Defaults to "" (none).
@@ -71,6 +77,7 @@ class TrainConfig:
     jit_compile: bool = False
     slice_buckets: tuple[int, ...] = constants.DEFAULT_SLICE_BUCKETS
     size_buckets: tuple[int, ...] = constants.DEFAULT_SIZE_BUCKETS
+    preprocess_on: str = "auto"
     overwrite: bool = False
     init_weights: str = ""
     val_split: str = "val"
@@ -97,6 +104,7 @@ class TrainConfig:
         object.__setattr__(self, "slice_buckets", spec.slice_buckets)
         object.__setattr__(self, "size_buckets", spec.size_buckets)
         config_lib.check_choice(self, "val_split", ("val", "test"))
+        config_lib.check_choice(self, "preprocess_on", constants.PREPROCESS_ON)
 
     def to_json_dict(self) -> dict:
         """The settings as plain JSON values (what config.json holds)."""

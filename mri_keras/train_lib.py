@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from mri_keras import buckets as buckets_lib
-from mri_keras import constants, input_pipeline, schedules, validation
+from mri_keras import constants, input_pipeline, preprocessing, schedules, validation
 from mri_keras import export as export_lib
 from mri_keras import model as model_lib
 from mri_keras import run_dir as run_dir_lib
@@ -57,8 +57,17 @@ from mri_keras.train_data import inspect_data
 __all__ = ["SetupError", "TrainConfig", "train"]
 
 
-def _make_train_step(model, optimizer, strategy, jit_compile: bool):
-    """``train_step(iterator) -> mean loss over the global batch`` (a tf.function)."""
+def _make_train_step(
+    model, optimizer, strategy, jit_compile: bool, device_input=None, bucket_spec=None
+):
+    """``train_step(iterator) -> mean loss over the global batch`` (a tf.function).
+
+    With ``device_input`` (an InputConfig) the iterator yields stored phases (``make_dataset``
+    with ``preprocess_on="device"``) and each replica preprocesses its exam on its own device
+    (``preprocessing.preprocess_batch``) before the forward pass; with ``bucket_spec`` too,
+    the preprocessed volume is then fitted to its bucket there, as the CPU path does in tf.data,
+    so the XLA-compiled pass still sees a bounded number of shapes.
+    """
     num_replicas = strategy.num_replicas_in_sync
     scale = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     variables = model.trainable_variables
@@ -76,6 +85,10 @@ def _make_train_step(model, optimizer, strategy, jit_compile: bool):
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
     def replica_step(volume, targets):
+        if device_input is not None:
+            volume = preprocessing.preprocess_batch(volume, device_input)
+            if bucket_spec is not None:
+                volume = buckets_lib.fit_to_bucket(volume, bucket_spec)
         loss, grads = forward_backward(volume, targets)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
@@ -193,8 +206,22 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
     if is_chief:
         run_dir_lib.write_metrics_csv(os.path.join(model_dir, METRICS_NAME), history)
         writer = tf.summary.create_file_writer(os.path.join(model_dir, TENSORBOARD_DIR))
-    train_step = _make_train_step(model, optimizer, strategy, config.jit_compile)
-    val_dataset = validation.validation_dataset(config.data_dir, config.val_split, config.input)
+    preprocess_on = resolve_preprocess_on(config.preprocess_on)
+    bucket_spec = None
+    if config.jit_compile:
+        bucket_spec = buckets_lib.BucketSpec(config.slice_buckets, config.size_buckets)
+    on_device = preprocess_on == "device"
+    train_step = _make_train_step(
+        model,
+        optimizer,
+        strategy,
+        config.jit_compile,
+        device_input=config.input if on_device else None,
+        bucket_spec=bucket_spec,
+    )
+    val_dataset = validation.validation_dataset(
+        config.data_dir, config.val_split, config.input, preprocess_on=preprocess_on
+    )
     callbacks = keras.callbacks.CallbackList(list(extra_callbacks or []), model=model)
     model.stop_training = False
 
@@ -214,10 +241,10 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
             num_exams=steps * replicas_per_pipeline,
             # One seeded stream per epoch: a resumed epoch sees what the original run would.
             seed=config.seed * 100_003 + epoch,
+            preprocess_on=preprocess_on,
         )
-        if config.jit_compile:
-            spec = buckets_lib.BucketSpec(config.slice_buckets, config.size_buckets)
-            ds = ds.map(buckets_lib.bucket_map_fn(spec), num_parallel_calls=tf.data.AUTOTUNE)
+        if bucket_spec is not None and not on_device:
+            ds = ds.map(buckets_lib.bucket_map_fn(bucket_spec), num_parallel_calls=tf.data.AUTOTUNE)
         return ds
 
     # best.keras is saved in the serving architecture (float32, no recomputation, plain
@@ -345,6 +372,15 @@ def train(config: TrainConfig, *, extra_callbacks=None) -> dict:
     return result
 
 
+def resolve_preprocess_on(preprocess_on: str) -> str:
+    """``TrainConfig.preprocess_on`` with "auto" resolved: "device" when TensorFlow sees a
+    GPU, else "cpu" (on a CPU-only machine both placements share the same cores, and the tf.data
+    map overlaps the step)."""
+    if preprocess_on != "auto":
+        return preprocess_on
+    return "device" if tf.config.list_physical_devices("GPU") else "cpu"
+
+
 def _retire_in_background(holder: list) -> threading.Thread:
     """Drops an epoch's dataset iterator (and dataset) in another thread.
 
@@ -419,7 +455,8 @@ def _startup_summary(config, strategy, info, model, steps, resuming, latest) -> 
         f"  input:         {config.input.input_variant} (phases "
         f"{', '.join(constants.phases_needed(config.input.input_variant))}), "
         f"{config.input.normalization}, flip={config.input.flip}, crop={config.input.crop}, "
-        f"crop_slices={config.input.crop_slices}",
+        f"crop_slices={config.input.crop_slices}, preprocessing on "
+        f"{resolve_preprocess_on(config.preprocess_on)}",
         f"  model:         width {config.model.width}, "
         f"blocks {tuple(config.model.blocks_per_stage)}, init {config.model.init}, "
         f"norm {config.model.norm}, "

@@ -13,7 +13,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from mri_keras import constants, input_pipeline, predictions_io, tta
+from mri_keras import constants, input_pipeline, predictions_io, preprocessing, tta
 from mri_keras import metrics as metrics_lib
 from tfrecords_tools import schema
 
@@ -23,6 +23,7 @@ _PREDICT_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def clear_predict_cache() -> None:
     """Drops the compiled prediction functions kept per model (a sweep frees each trial's)."""
     _PREDICT_FNS.clear()
+    _DEVICE_PREPROCESS.clear()
 
 
 def _predict_fn(model, tta_mode: str = "none"):
@@ -49,11 +50,36 @@ def _predict_fn(model, tta_mode: str = "none"):
     return fn
 
 
-def validation_dataset(records_dir: str, split: str, input_config, *, exam_ids=None):
-    """The dataset ``predict_split`` reads: every exam of a split, unaugmented, with ids."""
+def validation_dataset(
+    records_dir: str, split: str, input_config, *, exam_ids=None, preprocess_on: str = "cpu"
+):
+    """The dataset ``predict_split`` reads: every exam of a split, unaugmented, with ids;
+    with ``preprocess_on="device"`` its stored phases, preprocessed where the model runs."""
     return input_pipeline.make_dataset(
-        records_dir, split, input_config, training=False, exam_ids=exam_ids, with_ids=True
+        records_dir,
+        split,
+        input_config,
+        training=False,
+        exam_ids=exam_ids,
+        with_ids=True,
+        preprocess_on=preprocess_on,
     )
+
+
+_DEVICE_PREPROCESS: dict = {}
+
+
+def _device_preprocess(input_config):
+    """``preprocessing.preprocess_batch`` (no augmentation) as a tf.function per input config:
+    the validation step's half of ``--preprocess_on=device``, the definition training uses."""
+    fn = _DEVICE_PREPROCESS.get(input_config)
+    if fn is None:
+        fn = tf.function(
+            lambda batch: preprocessing.preprocess_batch(batch, input_config, augment=False),
+            reduce_retracing=True,
+        )
+        _DEVICE_PREPROCESS[input_config] = fn
+    return fn
 
 
 def predict_split(
@@ -110,6 +136,8 @@ def predict_split(
     fn = _predict_fn(model, tta_mode)
     ids, pids, labels, probs = [], [], [], []
     for volume, targets, meta in ds:
+        if isinstance(volume, dict):  # Stored phases (validation_dataset(preprocess_on="device")).
+            volume = _device_preprocess(input_config)(volume)
         probs.append(fn(volume).numpy())
         positive = [targets[k][:, 1].numpy() for k in constants.LABELS]
         labels.append(np.stack(positive, -1).round().astype(np.int64))

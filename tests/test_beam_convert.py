@@ -103,6 +103,20 @@ def test_beam_writes_what_the_local_converter_writes(cohort):
     assert "hand/" not in log.getvalue() and "varied/" not in log.getvalue()
 
 
+def test_beam_crops_to_the_body_as_the_local_converter_does(cohort):
+    base, root, _, _ = cohort
+    configs = {
+        name: _config(base, root, root / "labels.csv", base / f"{name}_body", crop_to_body=True)
+        for name in ("local", "beam")
+    }
+    convert(configs["local"], stream=io.StringIO())
+    beam_lib.convert(configs["beam"], [], stream=io.StringIO())
+    files, manifest, _, _ = _outputs(configs["beam"])
+    want_files, want_manifest, _, _ = _outputs(configs["local"])
+    assert files == want_files and manifest == want_manifest
+    assert manifest["flags"]["crop_to_body"] is True
+
+
 def test_rerun_resumes_from_the_cache_and_leaves_no_stale_or_partial_shard(tmp_path):
     root = tmp_path / "dicom"
     _cohort(

@@ -16,7 +16,7 @@ import pydicom.data
 import pytest
 from pydicom.uid import generate_uid
 
-from tfrecords_tools import dicom_reader, labels_csv, record_cache, schema, splits
+from tfrecords_tools import body_crop, dicom_reader, labels_csv, record_cache, schema, splits
 from tfrecords_tools.convert_lib import ConvertConfig, convert
 from tfrecords_tools.records import Records
 
@@ -611,3 +611,63 @@ def test_record_encoder_matches_schema_bytes(phases):
         assert record_encoder.encode_record(*int_args) == schema.encode_example(*int_args)
     with pytest.raises(ValueError, match="labels"):
         record_encoder.encode_record(*args[:4], (0, 2, 0, 0))
+
+
+# ---- --crop_to_body ----------------------------------------------------------------------------
+
+
+def _body_in_air(ds, t, k):
+    """Noise only in a patch off the centre; zero (air) elsewhere."""
+    rng = np.random.default_rng(100 * t + k)
+    pixels = np.zeros((ds.Rows, ds.Columns), np.int16)
+    pixels[12:20, 6:15] = rng.integers(200, 1000, (8, 9))
+    ds.PixelData = pixels.tobytes()
+
+
+def test_crop_to_body_cuts_air_keeps_the_centre_and_the_labels(tmp_path):
+    root = tmp_path / "cohort"
+    exams = _standard_exams(n_patients=2, exams_per_patient=1)
+    _cohort(str(root), exams, size=32, extra=_body_in_air)
+    assert convert(_config(tmp_path, root, out="whole")).ok
+    assert convert(_config(tmp_path, root, out="cut", crop_to_body=True)).ok
+    manifest = schema.read_manifest(str(tmp_path / "cut"))
+    assert manifest["flags"]["crop_to_body"] is True
+    whole, cut = _records(str(tmp_path / "whole")), _records(str(tmp_path / "cut"))
+    assert sorted(whole) == sorted(cut)
+    for exam_id, (split, rec) in cut.items():
+        full = whole[exam_id][1]
+        box = body_crop.body_box({p: full[p] for p in schema.PHASES})
+        width = full["shape"][2]
+        assert box[2].start == width - box[2].stop  # Cols symmetric: the midline stays put.
+        assert rec["shape"][1] < full["shape"][1] and rec["shape"][2] < width
+        for p in schema.PHASES:
+            np.testing.assert_array_equal(rec[p], full[p][box])
+        assert rec["labels"].tolist() == full["labels"].tolist() and split == whole[exam_id][0]
+
+
+def test_body_box_margin_symmetry_and_empty_exams():
+    volume = np.zeros((5, 20, 30), np.float32)
+    volume[1:3, 5:9, 2:10] = 100.0  # Body on the right of the image only.
+    box = body_crop.body_box({"t0": volume, "t2": volume}, margin=1)
+    assert box == (slice(0, 4), slice(4, 10), slice(1, 29))
+    empty = body_crop.body_box({"t0": np.zeros((2, 4, 6))})
+    assert empty == (slice(0, 2), slice(0, 4), slice(0, 6))
+
+
+def test_phases_option_stores_only_those_phases(tmp_path, cohort):
+    root, _ = cohort
+    assert convert(_config(tmp_path, root, out="two", phases=("t2", "t0"))).ok
+    assert convert(_config(tmp_path, root, out="all")).ok
+    two, full = str(tmp_path / "two"), str(tmp_path / "all")
+    manifest = schema.read_manifest(two)
+    assert manifest["phases"] == ["t0", "t2"] and manifest["flags"]["phases"] == ["t0", "t2"]
+    whole = _records(full)
+    for exam_id, (_, rec) in _records(two).items():
+        assert rec["phases"] == ("t0", "t2")
+        for p in ("t0", "t2"):
+            np.testing.assert_array_equal(rec[p], whole[exam_id][1][p])
+    assert sum(map(len, _shard_bytes(two).values())) < 0.6 * sum(
+        map(len, _shard_bytes(full).values())
+    )
+    with pytest.raises(ValueError, match="phases must be a non-empty subset"):
+        _config(tmp_path, root, phases=("t4",))

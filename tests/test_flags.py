@@ -93,6 +93,7 @@ def _configs():
             jit_compile=True,
             slice_buckets=(8, 16),
             size_buckets=(64,),
+            preprocess_on="device",
             overwrite=True,
             init_weights="/runs/b/best.keras",
             verbose=1,

@@ -127,7 +127,15 @@ class _ConvertExam(beam.DoFn):
         exam_dir = beam_files.join(self.config.dicom_root, *exam.split("/"))
         files = beam_files.exam_files(exam_dir)
         ckey = record_cache.cache_key(
-            exam, exam_dir, labels, overrides, self.fingerprint, self.options, files=files
+            exam,
+            exam_dir,
+            labels,
+            overrides,
+            self.fingerprint,
+            self.options,
+            files=files,
+            crop_to_body=self.config.crop_to_body,
+            phases=self.config.phases,
         )
         meta = beam_files.load_meta(self.work_dir, ckey)
         if meta is not None:
@@ -136,7 +144,15 @@ class _ConvertExam(beam.DoFn):
             return
         with beam_files.local_exam(exam_dir, files) as local_dir:
             done = convert_lib.read_exam(
-                exam, local_dir, exam_id, labels, overrides, self.key, self.options
+                exam,
+                local_dir,
+                exam_id,
+                labels,
+                overrides,
+                self.key,
+                self.options,
+                crop_to_body=self.config.crop_to_body,
+                phases=self.config.phases,
             )
         if done.record is None:
             failure = dict(done.meta)

@@ -75,7 +75,7 @@ def build_manifest(plans: dict, metas: list, num_labelled: int, num_failures: in
         }
     return {
         "schema_version": schema.SCHEMA_VERSION,
-        "phases": list(schema.PHASES),
+        "phases": list(flags.get("phases", schema.PHASES)),
         "labels": list(schema.LABELS),
         "voxel_dtypes": {
             name: sum(m["voxel_dtype"] == name for m in metas)

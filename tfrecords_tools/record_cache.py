@@ -40,7 +40,17 @@ def _exam_fingerprint(exam_dir: str) -> list:
     return listing
 
 
-def cache_key(exam, exam_dir, labels, overrides, key_fingerprint, options, files=None) -> str:
+def cache_key(
+    exam,
+    exam_dir,
+    labels,
+    overrides,
+    key_fingerprint,
+    options,
+    files=None,
+    crop_to_body=False,
+    phases=schema.PHASES,
+) -> str:
     """The cache key of one exam's record (changes whenever the record could).
 
     Args:
@@ -52,9 +62,16 @@ def cache_key(exam, exam_dir, labels, overrides, key_fingerprint, options, files
       options: dicom_reader.ReaderOptions.
       files: list of [relative path, size, modification time] of the exam's files, where the
         caller listed them (object storage); None: listed here from ``exam_dir``.
+      crop_to_body: bool. The record is cut to the body's box (``ConvertConfig.crop_to_body``);
+        part of the key only when True, so the keys of earlier runs stay valid.
+      phases: the phases stored (``ConvertConfig.phases``); in the key only when not all four.
     """
+    extra = {"crop_to_body": True} if crop_to_body else {}
+    if tuple(phases) != schema.PHASES:
+        extra["phases"] = list(phases)
     payload = json.dumps(
         {
+            **extra,
             "converter": CONVERTER_VERSION,
             "schema": schema.SCHEMA_VERSION,
             "exam": exam,

@@ -269,6 +269,51 @@ def decode_volume(raw, dtype_name, rescale, shape):
     return tf.reshape(values, shape)
 
 
+def decode_stored(raw, dtype_name, rescale, shape):
+    """One phase's stored bytes, left as stored, for rescaling elsewhere (e.g. on a GPU).
+
+    No arithmetic on the voxels: 16-bit records give their bytes as int16 (uint16 bitcast, a
+    flag says so), float32 records as float32. ``mri_keras.preprocessing`` turns the result
+    into voxel values in float32: ``(v + 65536 * (unsigned and v < 0)) * slope + intercept``.
+
+    Args:
+      raw, dtype_name, rescale: string scalar tensors, as for ``decode_volume``.
+      shape: int32[3] tensor ``(S, H, W)``.
+
+    Returns:
+      ``(int16 (S, H, W), float32 (0, H, W), rescale)`` for a 16-bit record, ``(int16 (0, H,
+      W), float32 (S, H, W), rescale)`` for a float32 one (the empty one costs nothing and
+      concatenating the two along slices gives the stored values whatever the dtype);
+      ``rescale`` is float32 ``(3,)``: slope, intercept, 1.0 if stored as uint16 else 0.0.
+    """
+    import tensorflow as tf
+
+    names = list(VOXEL_DTYPES)
+    index = tf.reduce_max(
+        tf.where(tf.equal(dtype_name, tf.constant(names)), tf.range(len(names)), -1)
+    )
+    checked = tf.debugging.Assert(
+        index >= 0, ["Record voxel_dtype is not one of", names, "Received:", dtype_name]
+    )
+    with tf.control_dependencies([checked]):
+        index = tf.identity(index)
+    empty_shape = tf.concat([[0], shape[1:]], 0)
+    is_float = tf.equal(index, names.index("float32"))
+
+    def as_int16():
+        values = tf.io.decode_raw(raw, tf.int16, little_endian=True)
+        return tf.reshape(values, shape), tf.zeros(empty_shape, tf.float32)
+
+    def as_float32():
+        values = tf.io.decode_raw(raw, tf.float32, little_endian=True)
+        return tf.zeros(empty_shape, tf.int16), tf.reshape(values, shape)
+
+    ints, floats = tf.cond(is_float, as_float32, as_int16)
+    slope_intercept = tf.cast(tf.io.decode_raw(rescale, tf.float64, little_endian=True), tf.float32)
+    unsigned = tf.cast(tf.equal(index, names.index("uint16")), tf.float32)
+    return ints, floats, tf.concat([slope_intercept, [unsigned]], 0)
+
+
 def _float32_exact(slope, intercept):
     """True where float32 arithmetic gives ``voxel_values``' float64 result for 16-bit values.
 

@@ -16,7 +16,10 @@ them dropped from it before each read (``cold``: both read the disk).
 
 Usage: ``python scripts/bench/pipeline_bench.py [--num_exams=24] [--slices=16] [--stages] ...``
 prints one JSON object per line (``--stages`` first adds the CPU cost of each pipeline
-stage). ``scripts/bench/model.py`` imports :func:`measure_pipeline`.
+stage). ``--shape=128,448,448`` (or ``--placements``) instead measures the two preprocessing
+placements (``--preprocess_on=cpu`` / ``device``: CPU ms and MB per exam, exams/s per core)
+and, from ``model.count_flops`` and ``--accelerator_tflops``, the CPU cores and read GB/s one
+GPU needs (``measure_placements``). ``scripts/bench/model.py`` imports :func:`measure_pipeline`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def write_synthetic_records(
     width: int,
     num_shards: int = 4,
     seed: int = 0,
+    phases=None,
 ) -> str:
     """Writes ``num_exams`` random 4-phase exams as a ``train`` split with a manifest.
 
@@ -54,6 +58,7 @@ def write_synthetic_records(
       slices, height, width: int. Shape of every exam.
       num_shards: int. Shard files (at most num_exams). Defaults to 4.
       seed: int. Seed of the voxels and labels. Defaults to 0.
+      phases: optional phases to store. Defaults to all four (as the converter stores them).
 
     Returns:
       ``directory``.
@@ -64,6 +69,7 @@ def write_synthetic_records(
     from tfrecords_tools import schema
 
     os.makedirs(directory, exist_ok=True)
+    stored = tuple(phases or schema.PHASES)
     rng = np.random.default_rng(seed)
     num_shards = max(1, min(num_shards, num_exams))
     names = [
@@ -77,9 +83,11 @@ def write_synthetic_records(
         base = rng.gamma(2.0, 150.0, size=shape)
         # As the converter writes them: the scanner's 16-bit integers with a rescale.
         volumes = {
-            p: np.rint(base * (1.0 + 0.3 * k)).astype(np.int16) for k, p in enumerate(schema.PHASES)
+            p: np.rint(base * (1.0 + 0.3 * k)).astype(np.int16)
+            for k, p in enumerate(schema.PHASES)
+            if p in stored
         }
-        rescale = {p: (1.6875, -16.0) for p in schema.PHASES}
+        rescale = {p: (1.6875, -16.0) for p in stored}
         labels = [int(v) for v in rng.integers(0, 2, size=4)]
         exam_id, patient_id = f"bench{i:05d}", f"benchpatient{i:05d}"
         writers[i % num_shards].write(
@@ -92,7 +100,7 @@ def write_synthetic_records(
         w.close()
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
-        "phases": list(schema.PHASES),
+        "phases": list(stored),
         "labels": list(schema.LABELS),
         "splits": {
             "train": {
@@ -391,12 +399,171 @@ def measure_stages(
     return results
 
 
+# A training step costs about 3x the forward FLOPs (model.count_flops).
+_STEP_FLOPS_PER_FORWARD = 3
+
+
+def measure_placements(
+    records_dir: str | None = None,
+    slices: int = 16,
+    height: int = 224,
+    width: int = 224,
+    num_exams: int = 8,
+    *,
+    split: str = "train",
+    input_variant: str = "t2-t0",
+    repeats: int = 3,
+    accelerator_tflops: float = 300.0,
+    stored_phases=None,
+) -> list:
+    """CPU and bytes per exam of the two preprocessing placements, and what one GPU needs.
+
+    Both read the same records with ``make_dataset(..., training=True)`` (shuffle, flip, 0.9
+    in-plane crop; warm page cache): ``cpu`` does all the per-voxel work in tf.data (today's
+    path); ``device`` only parses the stored 16-bit phases and draws the augmentation, leaving
+    the per-voxel work to the step (``mri_keras.preprocessing``). ``device_on_cpu`` adds that
+    step-side preprocessing run on this CPU (what ``--preprocess_on=device`` costs a CPU-only
+    machine).
+
+    Args:
+      records_dir: str or None. Records to read; None writes ``num_exams`` synthetic exams.
+      slices, height, width: int. Synthetic exam shape, and the shape the FLOPs are counted at.
+      num_exams: int. Synthetic exams (one epoch). Defaults to 8.
+      split, input_variant: str. What is read. Defaults to "train", "t2-t0".
+      repeats: int. Timed epochs (median). Defaults to 3.
+      accelerator_tflops: float. Achieved TFLOP/s of one accelerator on the train step (e.g.
+        300 = an H100-class GPU at ~30% of its ~990 bf16 dense peak). Defaults to 300.
+      stored_phases: optional phases the synthetic records store. Defaults to all four.
+
+    Returns:
+      One ``{"benchmark": "placement", "placement", "cpu_ms_per_exam",
+      "exams_per_s_per_core", "record_mb_per_exam", "to_device_mb_per_exam", ...}`` per
+      placement, then ``{"benchmark": "gpu_budget", ...}``: the step's TFLOP (paper model),
+      exams/s of one accelerator at ``accelerator_tflops``, and per placement the CPU cores
+      and GB/s of record reads (every epoch from disk) that keep it fed.
+    """
+    import tensorflow as tf
+
+    from mri_keras import config as config_lib
+    from mri_keras import input_pipeline, preprocessing
+    from mri_keras import model as model_lib
+
+    config = config_lib.InputConfig(input_variant=input_variant, flip=True, crop=0.9)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pipeline_placements_") as tmp:
+        synthetic = records_dir is None
+        if synthetic:
+            records_dir = write_synthetic_records(
+                tmp, num_exams, slices, height, width, phases=stored_phases
+            )
+        files = _split_files(records_dir, split, input_variant)
+        record_mb = sum(os.path.getsize(p) for p in files) / 1e6
+        step = tf.function(lambda batch: preprocessing.preprocess_batch(batch, config))
+
+        def epoch(placement):
+            on = "cpu" if placement == "cpu" else "device"
+            ds = input_pipeline.make_dataset(
+                records_dir, split, config, training=True, preprocess_on=on
+            )
+            start, cpu = time.perf_counter(), time.process_time()
+            count, nbytes = 0, 0
+            for volume, _ in ds:
+                if placement == "device_on_cpu":
+                    volume = step(volume)
+                parts = volume.values() if isinstance(volume, dict) else [volume]
+                nbytes += sum(int(tf.size(v)) * v.dtype.size for v in parts)
+                count += 1
+            return time.perf_counter() - start, time.process_time() - cpu, count, nbytes
+
+        placements = ("cpu", "device", "device_on_cpu")
+        for placement in placements:
+            epoch(placement)  # Warm-up: page cache, kernels, tracing.
+        runs = {p: [] for p in placements}
+        for _ in range(repeats):
+            for placement in placements:  # Alternating: a load change hits all of them.
+                runs[placement].append(epoch(placement))
+    common = {
+        "records": "synthetic" if synthetic else records_dir,
+        "repeats": repeats,
+        "malloc": "default" if os.environ.get("MRI_KERAS_DEFAULT_MALLOC") == "1" else "tuned",
+    }
+    if synthetic:
+        common["stored_phases"] = list(stored_phases or ("t0", "t1", "t2", "t3"))
+    if synthetic:
+        common["shape"] = [slices, height, width]
+    if hasattr(os, "getloadavg"):
+        common["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    cpu_ms = {}
+    for placement in placements:
+        count = runs[placement][0][2]
+        wall = statistics.median(r[0] for r in runs[placement])
+        cpu = statistics.median(r[1] for r in runs[placement])
+        cpu_ms[placement] = 1e3 * cpu / count
+        results.append(
+            dict(
+                benchmark="placement",
+                placement=placement,
+                exams=count,
+                cpu_ms_per_exam=round(cpu_ms[placement], 2),
+                exams_per_s_per_core=round(1e3 / cpu_ms[placement], 2),
+                exams_per_s=round(count / wall, 2),
+                record_mb_per_exam=round(record_mb / count, 2),
+                to_device_mb_per_exam=round(runs[placement][0][3] / count / 1e6, 2),
+                input_variant=config.input_variant,
+                augment="shuffle+flip+crop0.9",
+                **common,
+            )
+        )
+    step_flops = _STEP_FLOPS_PER_FORWARD * model_lib.count_flops(
+        config_lib.ModelConfig(), slices, height, width
+    )
+    gpu_exams_per_s = accelerator_tflops * 1e12 / step_flops
+    mb_per_exam = record_mb / runs["cpu"][0][2]
+    budget = dict(
+        benchmark="gpu_budget",
+        shape=[slices, height, width],
+        step_tflop=round(step_flops / 1e12, 3),
+        accelerator_tflops=accelerator_tflops,
+        gpu_exams_per_s=round(gpu_exams_per_s, 1),
+        read_gb_per_s=round(gpu_exams_per_s * mb_per_exam / 1e3, 2),
+        **{
+            f"cores_per_gpu_{p}": round(gpu_exams_per_s * cpu_ms[p] / 1e3, 1)
+            for p in ("cpu", "device")
+        },
+    )
+    results.append(budget)
+    return results
+
+
 def main(argv):
     from absl import app, flags
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    from tfrecords_tools import memory
+
+    # As training does (mri_keras.train): reuse freed exam-sized blocks instead of mapping and
+    # page-faulting them afresh; MRI_KERAS_DEFAULT_MALLOC=1 measures glibc's defaults.
+    memory.tune_malloc()
+    slices, height, width = f.slices, f.height, f.width
+    if f.shape:
+        slices, height, width = (int(v) for v in f.shape)
+    if f.placements or f.shape:
+        for result in measure_placements(
+            records_dir=f.records_dir,
+            slices=slices,
+            height=height,
+            width=width,
+            num_exams=f.num_exams if f["num_exams"].present else 8,
+            split=f.split,
+            input_variant=f.input_variant,
+            repeats=f.repeats,
+            accelerator_tflops=f.accelerator_tflops,
+            stored_phases=f.stored_phases or None,
+        ):
+            print(json.dumps(result), flush=True)
+        return
     if f.stages:
         for result in measure_stages(
             records_dir=f.records_dir,
@@ -437,6 +604,30 @@ def _define_flags():
     flags.DEFINE_string("input_variant", "t2-t0", "Input variant.")
     flags.DEFINE_integer("repeats", 3, "Timed epochs per measurement (median reported).")
     flags.DEFINE_boolean("cold", True, "Also measure with the files dropped from the page cache.")
+    flags.DEFINE_list(
+        "shape",
+        [],
+        "S,H,W (e.g. 128,448,448, the paper's scale): measure the two preprocessing "
+        "placements at this shape (--placements) instead of the default benchmarks.",
+    )
+    flags.DEFINE_boolean(
+        "placements",
+        False,
+        "Measure CPU and bytes per exam of --preprocess_on=cpu and =device, and the CPU cores "
+        "and read GB/s one accelerator needs (default 8 exams).",
+    )
+    flags.DEFINE_list(
+        "stored_phases",
+        [],
+        "With --placements: phases the synthetic records store (default all four, as the "
+        "converter writes them; t0,t2 = only what t2-t0 reads).",
+    )
+    flags.DEFINE_float(
+        "accelerator_tflops",
+        300.0,
+        "Achieved train-step TFLOP/s of one accelerator for the budget (300: H100-class at "
+        "~30%% of its bf16 dense peak).",
+    )
     flags.DEFINE_boolean(
         "stages",
         False,
