@@ -168,10 +168,12 @@ print("  breast-level malignant AUC:", fmt(m["breast_level"]["malignant"]))
 print("  breast-level benign AUC:   ", fmt(m["breast_level"]["benign"]))
 print("  exam-level malignant AUC:  ", fmt(m["exam_level"]["malignant"]))
 op = (m.get("validation_threshold") or {}).get("malignant") or {}
+def rate(v):  # null: undefined (e.g. no malignant breast in the split)
+    return "n/a" if v is None else f"{v:.3f}"
 if op.get("test"):
     t = op["test"]
     print(f"  malignant, threshold {op['threshold']:.3f} chosen on val at {op['operating_point']}: "
-          f"test sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f} "
+          f"test sensitivity {rate(t['sensitivity'])}, specificity {rate(t['specificity'])} "
           f"(TP {t['tp']}, FP {t['fp']}, TN {t['tn']}, FN {t['fn']})")
 rows = list(csv.DictReader(open(sys.argv[2])))
 def auc(r):
