@@ -259,6 +259,7 @@ def evaluation_html(summary: dict, figures=(), title: str | None = None) -> str:
     facts = [
         ["Split", summary.get("split", "")],
         ["Input", summary.get("input_variant", "")],
+        ["Test-time augmentation", summary.get("tta", "")],
         [
             "Exams / patients / breasts",
             f"{c.get('exams')} / {c.get('patients')} / {c.get('breasts')}",
