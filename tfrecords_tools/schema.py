@@ -227,6 +227,22 @@ def feature_spec(phases: Sequence[str]) -> dict:
     return spec
 
 
+def _voxel_dtype_index(dtype_name):
+    """Position of a record's ``voxel_dtype`` string in ``VOXEL_DTYPES`` (a graph assertion
+    names the value when it is none of them)."""
+    import tensorflow as tf
+
+    names = list(VOXEL_DTYPES)
+    index = tf.reduce_max(
+        tf.where(tf.equal(dtype_name, tf.constant(names)), tf.range(len(names)), -1)
+    )
+    checked = tf.debugging.Assert(
+        index >= 0, ["Record voxel_dtype is not one of", names, "Received:", dtype_name]
+    )
+    with tf.control_dependencies([checked]):
+        return tf.identity(index)
+
+
 def decode_volume(raw, dtype_name, rescale, shape):
     """One phase's stored bytes -> float32 ``(S, H, W)`` voxel values, with TF ops.
 
@@ -245,14 +261,7 @@ def decode_volume(raw, dtype_name, rescale, shape):
         return lambda: tf.cast(tf.io.decode_raw(raw, tf_dtype, little_endian=True), tf.float32)
 
     names = list(VOXEL_DTYPES)
-    index = tf.reduce_max(
-        tf.where(tf.equal(dtype_name, tf.constant(names)), tf.range(len(names)), -1)
-    )
-    checked = tf.debugging.Assert(
-        index >= 0, ["Record voxel_dtype is not one of", names, "Received:", dtype_name]
-    )
-    with tf.control_dependencies([checked]):
-        index = tf.identity(index)
+    index = _voxel_dtype_index(dtype_name)
     flat = tf.switch_case(index, [as_float(tf.as_dtype(VOXEL_DTYPES[n])) for n in names])
     slope_intercept = tf.io.decode_raw(rescale, tf.float64, little_endian=True)
     slope, intercept = slope_intercept[0], slope_intercept[1]
@@ -289,14 +298,7 @@ def decode_stored(raw, dtype_name, rescale, shape):
     import tensorflow as tf
 
     names = list(VOXEL_DTYPES)
-    index = tf.reduce_max(
-        tf.where(tf.equal(dtype_name, tf.constant(names)), tf.range(len(names)), -1)
-    )
-    checked = tf.debugging.Assert(
-        index >= 0, ["Record voxel_dtype is not one of", names, "Received:", dtype_name]
-    )
-    with tf.control_dependencies([checked]):
-        index = tf.identity(index)
+    index = _voxel_dtype_index(dtype_name)
     empty_shape = tf.concat([[0], shape[1:]], 0)
     is_float = tf.equal(index, names.index("float32"))
 
