@@ -32,12 +32,9 @@ def check_mode(mode: str) -> str:
 
 
 def mirror(volume: tf.Tensor) -> tf.Tensor:
-    """Mirrors ``(..., S, H, W, C)`` volumes along the col axis (patient left <-> right)."""
-    if volume.shape[-1] == 1:
-        # As in input_pipeline.augment: reversing without the unit channel axis is far faster
-        # on CPU (Eigen indexes element by element otherwise).
-        return tf.reverse(volume[..., 0], axis=[-1])[..., tf.newaxis]
-    return tf.reverse(volume, axis=[-2])
+    """Mirrors ``(..., S, H, W, C)`` volumes along the col axis (patient left <-> right), as
+    the flip augmentation does (`input_pipeline.mirror_cols`)."""
+    return input_pipeline.mirror_cols(volume)
 
 
 def sides_back(probs: tf.Tensor) -> tf.Tensor:
